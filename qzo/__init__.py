@@ -1,0 +1,28 @@
+"""qzo: zeroth-order fine-tuning of 4/8-bit quantized LLMs with seed-replayed noise.
+
+    model, tok = qzo.load("smollm2-135m", quant="nf4")
+    params = qzo.lora(model, r=8, target_modules=["q_proj", "v_proj"])
+    opt = qzo.ZO(params, strategy=qzo.SPSA(), rule=qzo.SGD(lr=1e-3), eps=1e-2)
+    loss = opt.step(lambda: model(**batch).loss)
+"""
+
+import warnings
+
+__version__ = "0.1.0"
+
+# bitsandbytes warns on every int8 matmul on CPU that fp32 inputs are cast to fp16: expected.
+warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+
+from . import noise  # noqa: E402
+from .errors import ConfigError, DataError, ModelSourceError, NonFiniteLossError, QzoError  # noqa: E402
+from .load import load  # noqa: E402
+from .lora import lora  # noqa: E402
+from .optim import ZO, StepRecord  # noqa: E402
+from .params import ParamSet, Trainable  # noqa: E402
+from .rules import SGD, Rule  # noqa: E402
+from .strategies import SPSA, Estimate, Strategy  # noqa: E402
+
+__all__ = [
+    "load", "lora", "ZO", "StepRecord", "SPSA", "SGD", "Strategy", "Rule", "Estimate", "ParamSet", "Trainable",
+    "noise", "QzoError", "ConfigError", "DataError", "ModelSourceError", "NonFiniteLossError", "__version__",
+]

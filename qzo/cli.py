@@ -1,0 +1,88 @@
+"""The ``qzo`` command: ``train``, ``chat``, ``cache``.
+
+Errors a user can fix (:class:`qzo.errors.QzoError`) print as one ``error:`` line and exit
+with status 2; a NaN/inf loss exits with status 3 after saying which step and which
+checkpoint is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import NonFiniteLossError, QzoError
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qzo", description="Zeroth-order fine-tuning of 4/8-bit quantized LLMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train LoRA adapters with ZO steps (no CONFIG: the CPU demo)")
+    t.add_argument("config", nargs="?", help="YAML recipe; omitted: the built-in demo recipe")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.lr=2e-4 (repeatable)")
+    t.add_argument("--resume", metavar="RUN", help="continue a run directory from its last checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+    c = sub.add_parser("chat", help="chat with a run (base + adapter) or a model")
+    c.add_argument("source", help="a run directory, or a model source (folder, .gguf, smollm2-135m)")
+    c.add_argument("--prompt", help="one-shot: answer this prompt and exit")
+    c.add_argument("--max-new-tokens", type=int, default=128)
+    c.add_argument("--system", help="system prompt")
+
+    k = sub.add_parser("cache", help="show or clear qzo's cache of converted models")
+    k.add_argument("--clear", action="store_true", help="delete every cached conversion")
+    return p
+
+
+def _train(args) -> int:
+    from .trainer import train
+
+    # With no CONFIG the built-in defaults run: they are the demo recipe
+    # (configs/smollm2-135m/demo.yaml spells them out; a test keeps the two equal).
+    train(args.config, args.overrides, args.resume, progress=not args.no_progress)
+    return 0
+
+
+def _chat(args) -> int:
+    from .chat import chat_loop, load_for_chat, reply
+
+    model, tok = load_for_chat(args.source)
+    if args.prompt is not None:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        messages.append({"role": "user", "content": args.prompt})
+        reply(model, tok, messages, args.max_new_tokens, stream=sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    chat_loop(model, tok, args.max_new_tokens, args.system)
+    return 0
+
+
+def _cache(args) -> int:
+    from .cache import cache_dir, clear_cache
+
+    if args.clear:
+        freed = clear_cache()
+        print(f"cleared {cache_dir()} ({freed / 2**20:.1f} MiB)")
+    else:
+        print(cache_dir())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"train": _train, "chat": _chat, "cache": _cache}
+    try:
+        return handlers[args.command](args)
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except QzoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

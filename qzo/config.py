@@ -1,0 +1,186 @@
+"""Run configuration: defaults, YAML loading, ``--set key=value`` overrides and validation.
+
+The defaults are the CPU demo recipe (``configs/smollm2-135m/demo.yaml`` spells them out
+with comments; a test keeps the two equal), so ``qzo train`` with no file runs the demo.
+A config is a nested dict with the fixed sections below. Every key must exist in
+``DEFAULTS`` (a typo is an error that lists the valid keys), values are checked against the
+default's type, and impossible values are rejected with the valid range.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = ["DEFAULTS", "load_config", "apply_overrides", "validate", "flat_keys", "get"]
+
+DEFAULTS: dict = {
+    "model": {
+        "source": "smollm2-135m",  # folder, .gguf, built-in name or hub id
+        "quant": "nf4",  # nf4 | fp4 | int8 | none
+        "double_quant": False,
+        "dtype": None,  # compute dtype; null: float32 on CPU, bfloat16 on CUDA
+        "device_map": None,  # null: auto with a GPU, cpu without
+        "max_memory": None,  # e.g. {"cuda:0": "6GiB", "cpu": "48GiB"}
+        "offload_folder": None,
+        "trust_remote_code": False,
+    },
+    "lora": {"r": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"]},
+    "data": {
+        "train": "builtin:demo_train",  # JSONL of {"messages": [...]}
+        "eval": "builtin:demo_eval",  # null: hold out data.eval_fraction of train
+        "eval_fraction": 0.1,
+    },
+    "optim": {
+        "strategy": "spsa",
+        "rule": "sgd",
+        "lr": 1e-3,
+        "eps": 1e-2,
+        "weight_decay": 0.0,
+    },
+    "train": {
+        "steps": 200,
+        "batch_size": 8,
+        "max_len": 96,
+        "eval_every": 50,  # steps between held-out evaluations (also at step 0 and the end)
+        "eval_batch_size": 16,
+        "save_every": 50,  # steps between checkpoints (also at the end)
+        "keep_checkpoints": 2,
+        "seed": 0,
+    },
+    "out_dir": None,  # run directory; null: runs/<name>-<time>
+}
+
+_CHOICES = {
+    ("model", "quant"): ("nf4", "fp4", "int8", "none"),
+    ("model", "dtype"): (None, "float32", "bfloat16", "float16"),
+    ("optim", "strategy"): ("spsa",),
+    ("optim", "rule"): ("sgd",),
+}
+_POSITIVE = {("optim", "lr"), ("optim", "eps"), ("lora", "alpha")}
+_AT_LEAST_ONE = {("lora", "r"), ("train", "steps"), ("train", "batch_size"), ("train", "eval_every"),
+                 ("train", "eval_batch_size"), ("train", "save_every"), ("train", "keep_checkpoints")}
+# Keys whose default is None take these types.
+_NULLABLE_TYPES = {
+    ("model", "dtype"): (str,),
+    ("model", "device_map"): (str, dict),
+    ("model", "max_memory"): (dict,),
+    ("model", "offload_folder"): (str,),
+    ("data", "eval"): (str,),
+    ("out_dir",): (str,),
+}
+
+
+def flat_keys(tree: dict = DEFAULTS, prefix: str = "") -> list[str]:
+    """Every valid dotted key, e.g. ``optim.lr``."""
+    keys = []
+    for k, v in tree.items():
+        if isinstance(v, dict) and (prefix + k) not in ("model.max_memory",):
+            keys.extend(flat_keys(v, prefix + k + "."))
+        else:
+            keys.append(prefix + k)
+    return keys
+
+
+def get(cfg: dict, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _merge(base: dict, update: dict, where: str = "") -> None:
+    for k, v in update.items():
+        key = f"{where}{k}"
+        if k not in base:
+            valid = [x for x in flat_keys() if x.startswith(where)] if where else list(DEFAULTS)
+            raise ConfigError(f"unknown config key {key!r}; valid keys here: {', '.join(valid)}")
+        if isinstance(base[k], dict) and isinstance(v, dict):
+            _merge(base[k], v, key + ".")
+        elif isinstance(base[k], dict) and key != "model.max_memory":
+            raise ConfigError(f"config key {key!r} is a section; give it a mapping of "
+                              f"{', '.join(base[k])}, not {v!r}")
+        else:
+            base[k] = v
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
+    """Defaults, then the YAML file (if any), then ``key=value`` overrides; validated."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        _merge(cfg, data)
+    apply_overrides(cfg, overrides or [])
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings; values are parsed as YAML (``1e-3``, ``[a, b]``, ``null``)."""
+    valid = flat_keys()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key not in valid:
+            raise ConfigError(f"unknown config key {key!r} in --set; valid keys: {', '.join(valid)}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        parts = key.split(".")
+        node = cfg
+        for part in parts[:-1]:
+            node = node[part]
+        node[parts[-1]] = value
+    return cfg
+
+
+def _type_ok(default, value, key: tuple) -> bool:
+    if value is None:
+        return default is None
+    if default is None:
+        return isinstance(value, _NULLABLE_TYPES.get(key, (object,)))
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, list):
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, type(default))
+
+
+def validate(cfg: dict) -> dict:
+    """Check types, choices and ranges of every key; raises :class:`ConfigError` naming the key."""
+    for dotted in flat_keys():
+        key = tuple(dotted.split("."))
+        default, value = get(DEFAULTS, dotted), get(cfg, dotted)
+        if not _type_ok(default, value, key):
+            want = type(default).__name__ if default is not None else "/".join(t.__name__ for t in _NULLABLE_TYPES.get(key, ()))
+            raise ConfigError(f"config key {dotted!r} must be {want}, got {value!r}")
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise ConfigError(f"config key {dotted!r} is {value!r}; choose one of {', '.join(map(str, _CHOICES[key]))}")
+        if key in _POSITIVE and not value > 0:
+            raise ConfigError(f"config key {dotted!r} must be > 0, got {value}")
+        if key in _AT_LEAST_ONE and value < 1:
+            raise ConfigError(f"config key {dotted!r} must be >= 1, got {value}")
+    if not cfg["lora"]["target_modules"]:
+        raise ConfigError("config key 'lora.target_modules' is empty; name at least one layer, e.g. [q_proj, v_proj]")
+    if cfg["optim"]["weight_decay"] < 0:
+        raise ConfigError("config key 'optim.weight_decay' must be >= 0")
+    return cfg

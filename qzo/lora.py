@@ -1,0 +1,96 @@
+"""``qzo.lora``: LoRA adapters on (quantized) linear layers, as ZO trainables.
+
+peft's LoRA layers are used as they are: they already wrap bitsandbytes ``Linear4bit`` and
+``Linear8bitLt``, and the saved adapter then loads with ``peft.PeftModel.from_pretrained``
+on the same base. The adapter weights are float32 whatever the base dtype, so the
+round trip of +eps z / -eps z perturbations does not drift (bf16 would lose ~3 digits).
+
+Names are peft's saved-adapter keys (``base_model.model.<module>.lora_A.weight``), so the
+noise stream of each tensor is tied to what it is in the saved file, not to its position.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import QzoError
+from .params import ParamSet, Trainable
+from .noise import stream_id
+
+__all__ = ["lora", "LoraParams", "linear_module_names"]
+
+
+def linear_module_names(model) -> list[str]:
+    """Short names (last path component) of every linear-like layer, for error messages."""
+    names = set()
+    for full, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.add(full.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+class LoraParams(ParamSet):
+    """The LoRA tensors of a model (a :class:`~qzo.params.ParamSet`) plus what saving needs.
+
+    Attributes:
+        peft_model: the ``peft.PeftModel`` wrapping the same model object.
+        model: the original model, now with LoRA layers injected in place.
+    """
+
+    def __init__(self, items, peft_model, model):
+        super().__init__(items)
+        self.peft_model = peft_model
+        self.model = model
+
+    def save_adapter(self, folder) -> None:
+        """Write a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+        self.peft_model.save_pretrained(str(folder))
+
+
+def lora(
+    model,
+    r: int = 8,
+    alpha: float = 16,
+    target_modules: list[str] | tuple[str, ...] = ("q_proj", "v_proj"),
+    seed: int = 0,
+) -> LoraParams:
+    """Inject LoRA adapters into ``model`` (in place) and return them as ZO trainables.
+
+    Args:
+        model: a causal LM from :func:`qzo.load` (quantized or not).
+        r: adapter rank.
+        alpha: scaling numerator (the adapter output is scaled by alpha / r).
+        target_modules: short module names to adapt, e.g. ``["q_proj", "v_proj"]``.
+        seed: torch seed for the A matrices' init (B starts at zero, as in LoRA).
+
+    Returns:
+        :class:`LoraParams`; call the original ``model`` as before, the adapters are in it.
+    """
+    import peft
+
+    if r < 1:
+        raise QzoError(f"lora.r must be >= 1, got {r}")
+    targets = list(target_modules)
+    if not targets:
+        raise QzoError("lora.target_modules is empty; name at least one linear layer, e.g. ['q_proj', 'v_proj']")
+    existing = linear_module_names(model)
+    unknown = [t for t in targets if t not in existing]
+    if unknown:
+        raise QzoError(f"lora.target_modules {unknown} match no module in this model; linear layers here are: "
+                       f"{', '.join(existing)}")
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = peft.get_peft_model(model, config)
+    peft_model.eval()
+    items = []
+    for name, p in peft_model.named_parameters():
+        if "lora_" not in name:
+            continue
+        if p.dtype != torch.float32:
+            with torch.no_grad():
+                p.data = p.data.float()
+        p.requires_grad_(False)  # ZO never builds a graph; no .grad buffers either
+        saved = name.replace(".default.", ".")
+        items.append(Trainable(saved, p.data, stream_id(saved)))
+    return LoraParams(items, peft_model, model)

@@ -1,0 +1,206 @@
+"""``qzo.ZO``: the zeroth-order optimizer loop that strategies and rules plug into.
+
+One ``step(closure)``: the strategy perturbs and evaluates through a probe (every
+perturbation is seed-replayed in place, nothing the size of the trainables is stored), the
+rule applies the update fused with the restore, and a :class:`StepRecord` (seeds,
+coefficients, losses, lr) is kept as ``last_record`` for the step log. With the log, a run
+is reproducible from the base model and the config alone (the replay contract).
+
+Step seeds are a pure function of ``(seed, step, j)``, so resuming needs only the step
+counter: a resumed run draws exactly the seeds the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from .errors import NonFiniteLossError
+from .noise import _mix64
+from .params import ParamSet, as_param_set
+from .perturb import perturb_
+from .rules import SGD, Rule
+from .strategies import SPSA, Estimate, Strategy
+
+__all__ = ["ZO", "StepRecord", "step_seed"]
+
+
+def step_seed(base_seed: int, step: int, index: int) -> int:
+    """The ``index``-th seed of step ``step`` for a run seeded with ``base_seed`` (< 2**63)."""
+    return _mix64(_mix64(_mix64(base_seed) ^ step) ^ (index + 1)) & 0x7FFFFFFFFFFFFFFF
+
+
+@dataclass
+class StepRecord:
+    """What one step did: enough to replay it exactly (one line of the step log)."""
+
+    step: int
+    seeds: list[int]
+    direction: list[tuple[int, float]]
+    grad: float
+    losses: list[float]
+    loss: float
+    lr: float
+    forwards: int
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["direction"] = [[int(s), float(c)] for s, c in self.direction]
+        return d
+
+
+class _Probe:
+    """The strategy's handle on the trainables and the closure for one step."""
+
+    def __init__(self, opt: "ZO", closure: Callable[[], object]):
+        self._opt = opt
+        self._closure = closure
+        self.eps = opt.eps
+        self.applied: dict[int, float] = {}
+        self.losses: list[float] = []
+
+    def perturb(self, terms: list[tuple[int, float]]) -> None:
+        seeds = [int(s) for s, _ in terms]
+        coefs = [float(c) for _, c in terms]
+        for t in self._opt.params:
+            perturb_(t.tensor, t.stream, seeds, coefs)
+        for s, c in zip(seeds, coefs):
+            self.applied[s] = self.applied.get(s, 0.0) + c
+
+    def evaluate(self) -> float:
+        with torch.no_grad():
+            value = self._closure()
+        self._opt.forwards += 1
+        loss = float(value.detach().float().item() if isinstance(value, torch.Tensor) else value)
+        self.losses.append(loss)
+        if not math.isfinite(loss):
+            self.restore()
+            step = self._opt.steps + 1
+            raise NonFiniteLossError(
+                f"loss is {loss} at step {step} (evaluation {len(self.losses)} of the step); the "
+                "trainables were restored to their values before the step. Lower optim.lr or optim.eps, "
+                "or check the data for empty targets.",
+                step=step,
+            )
+        return loss
+
+    def restore(self) -> None:
+        """Undo every perturbation applied during this step."""
+        terms = [(s, -c) for s, c in self.applied.items() if c != 0.0]
+        if terms:
+            self.perturb(terms)
+
+
+class ZO:
+    """Zeroth-order optimizer: forward passes only, seed-replayed in-place perturbations.
+
+    Args:
+        params: what to train: ``qzo.lora(...)``'s result, a ``ParamSet``, or (as with torch
+            optimizers) an iterable of tensors or of ``(name, tensor)`` pairs.
+        strategy: how directions are drawn and the slope estimated (default ``qzo.SPSA()``).
+        rule: how the estimate becomes an update (default ``qzo.SGD(lr=1e-4)``); ``lr=`` is a
+            shortcut that builds ``SGD(lr)`` when ``rule`` is not given.
+        eps: perturbation scale.
+        seed: base seed of the run; step seeds are derived from it and the step number.
+
+    Example::
+
+        opt = qzo.ZO(params, strategy=qzo.SPSA(), rule=qzo.SGD(lr=1e-3), eps=1e-2)
+        loss = opt.step(lambda: model(**batch).loss)
+    """
+
+    def __init__(
+        self,
+        params,
+        strategy: Strategy | None = None,
+        rule: Rule | str | None = None,
+        eps: float = 1e-3,
+        seed: int = 0,
+        lr: float | None = None,
+    ):
+        self.params: ParamSet = as_param_set(params)
+        self.strategy = strategy if strategy is not None else SPSA()
+        if rule is None or rule == "sgd":
+            rule = SGD(lr=lr if lr is not None else 1e-4)
+        elif isinstance(rule, str):
+            raise ValueError(f"unknown rule {rule!r}; this version knows 'sgd' (or pass a qzo rule object)")
+        elif lr is not None:
+            raise ValueError("pass lr to the rule object (e.g. qzo.SGD(lr=...)), not to both")
+        self.rule = rule
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        self.eps = float(eps)
+        self.seed = int(seed)
+        self.steps = 0
+        self.forwards = 0
+        self.last_record: StepRecord | None = None
+
+    @property
+    def lr(self) -> float:
+        return self.rule.lr
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for a step (constant here; schedules hook in by overriding this)."""
+        return self.rule.lr
+
+    def _draw_seeds(self, step: int) -> Callable[[int], list[int]]:
+        drawn = [0]
+
+        def draw(n: int) -> list[int]:
+            seeds = [step_seed(self.seed, step, drawn[0] + j) for j in range(n)]
+            drawn[0] += n
+            return seeds
+
+        return draw
+
+    def step(self, closure: Callable[[], object]) -> float:
+        """One ZO step. ``closure()`` returns the scalar loss (it is called under no-grad).
+
+        Returns the step's training loss. Raises :class:`qzo.errors.NonFiniteLossError` (with
+        the trainables restored) if any evaluation is NaN or inf.
+        """
+        step = self.steps + 1
+        lr = self.lr_at(step)
+        probe = _Probe(self, closure)
+        est: Estimate = self.strategy.estimate(probe, self._draw_seeds(step))
+        if not math.isfinite(est.grad):
+            probe.restore()
+            raise NonFiniteLossError(f"projected gradient is {est.grad} at step {step}; trainables restored", step)
+        self.rule.apply(self.params, est, lr)
+        self.steps = step
+        self.last_record = StepRecord(
+            step=step,
+            seeds=list(est.seeds),
+            direction=list(est.direction),
+            grad=est.grad,
+            losses=list(est.losses),
+            loss=est.loss,
+            lr=lr,
+            forwards=self.forwards,
+        )
+        return est.loss
+
+    def state_dict(self) -> dict:
+        """Everything besides the trainables needed to continue bit-exactly."""
+        return {
+            "steps": self.steps,
+            "forwards": self.forwards,
+            "seed": self.seed,
+            "eps": self.eps,
+            "strategy": self.strategy.state_dict(),
+            "rule": self.rule.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        self.forwards = int(state["forwards"])
+        self.seed = int(state["seed"])
+        self.eps = float(state["eps"])
+        self.strategy.load_state_dict(state.get("strategy", {}))
+        self.rule.load_state_dict(state.get("rule", {}))
+
+    def __repr__(self) -> str:
+        return f"ZO({self.params.numel:,} values, strategy={self.strategy!r}, rule={self.rule!r}, eps={self.eps})"

@@ -1,0 +1,98 @@
+"""What zeroth-order optimization trains: an ordered set of named tensors with stream ids.
+
+Every trainable tensor gets a *stream id*, the second half of the noise key (see
+``qzo.noise``). It is derived from the tensor's name, so the noise a tensor receives does
+not depend on which other tensors are trained or in what order they are listed. Tensors
+passed without names are named by position (``"0"``, ``"1"``, ...), as torch optimizers do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+
+from .noise import stream_id
+
+__all__ = ["Trainable", "ParamSet"]
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """One trained tensor: its stable name, the live tensor (updated in place), its stream id."""
+
+    name: str
+    tensor: torch.Tensor
+    stream: int
+
+
+class ParamSet:
+    """An ordered collection of :class:`Trainable` tensors, the ``params`` argument of ``qzo.ZO``.
+
+    Build it from a ``ParamSet``, from an iterable of tensors, or from an iterable of
+    ``(name, tensor)`` pairs (for example ``model.named_parameters()``).
+    """
+
+    def __init__(self, params):
+        if isinstance(params, ParamSet):
+            items = list(params.items)
+        else:
+            items = [self._as_trainable(i, p) for i, p in enumerate(params)]
+        if not items:
+            raise ValueError("ZO got an empty parameter list: pass at least one tensor to train")
+        names = [t.name for t in items]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate trainable names {dupes}: every tensor needs its own name")
+        for t in items:
+            if not t.tensor.is_floating_point():
+                raise TypeError(f"trainable {t.name!r} has dtype {t.tensor.dtype}; ZO trains floating-point tensors")
+            if not t.tensor.is_contiguous():
+                raise ValueError(f"trainable {t.name!r} is not contiguous; pass tensor.contiguous() storage")
+        self.items: list[Trainable] = items
+
+    @staticmethod
+    def _as_trainable(index: int, p) -> Trainable:
+        if isinstance(p, Trainable):
+            return p
+        if isinstance(p, torch.Tensor):
+            name, tensor = str(index), p
+        elif isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[1], torch.Tensor):
+            name, tensor = str(p[0]), p[1]
+        else:
+            raise TypeError(f"params item {index} is {type(p).__name__}; expected a tensor or a (name, tensor) pair")
+        return Trainable(name, tensor, stream_id(name))
+
+    def __iter__(self) -> Iterator[Trainable]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def numel(self) -> int:
+        """Total number of trained values."""
+        return sum(t.tensor.numel() for t in self.items)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Name -> detached CPU copy of each trained tensor (what a checkpoint stores)."""
+        return {t.name: t.tensor.detach().to("cpu", copy=True).contiguous() for t in self.items}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy saved values into the live tensors; names and shapes must match exactly."""
+        missing = [t.name for t in self.items if t.name not in state]
+        extra = sorted(set(state) - {t.name for t in self.items})
+        if missing or extra:
+            raise ValueError(f"checkpoint does not match the trainables: missing {missing[:5]}, unexpected {extra[:5]}")
+        with torch.no_grad():
+            for t in self.items:
+                src = state[t.name]
+                if src.shape != t.tensor.shape:
+                    raise ValueError(f"{t.name}: checkpoint shape {tuple(src.shape)} != {tuple(t.tensor.shape)}")
+                t.tensor.copy_(src)
+
+
+def as_param_set(params: "ParamSet | Iterable") -> ParamSet:
+    """``params`` as a :class:`ParamSet` (no copy when it already is one)."""
+    return params if isinstance(params, ParamSet) else ParamSet(params)

@@ -1,0 +1,91 @@
+"""The one in-place primitive every strategy and rule is built from (torch reference).
+
+    x <- scale * x + sum_j a_j * z(s_j, k) [+ b * mu]
+
+in one pass over ``x`` (chunk by chunk). The order of float operations is part of the
+contract (kernels follow it): ``delta = sum_j a_j z_j`` accumulated in float32 in the order
+given, then ``mu``'s term, then ``x = round(scale * float(x) + delta)``, rounded to
+``x.dtype`` once. SPSA is one seed; a guiding vector is several seeds with +-1/|group|; a fused
+restore-and-update is the undo coefficients plus the update coefficients of the same seeds
+summed per seed, so it costs the same single pass as a perturbation. ``scale`` carries
+decoupled weight decay into that same pass. The noise is regenerated per chunk and never
+held for a whole tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import noise
+
+__all__ = ["perturb_", "combine"]
+
+
+def combine(*terms: Sequence[tuple[int, float]]) -> tuple[list[int], list[float]]:
+    """Merge lists of ``(seed, coefficient)`` into one, summing coefficients of equal seeds.
+
+    Seeds keep first-seen order so the float summation order is fixed (bit-exact replay);
+    zero coefficients are dropped (they would cost a noise pass for nothing).
+    """
+    order: list[int] = []
+    total: dict[int, float] = {}
+    for term in terms:
+        for seed, coef in term:
+            if seed not in total:
+                order.append(seed)
+                total[seed] = 0.0
+            total[seed] += float(coef)
+    seeds = [s for s in order if total[s] != 0.0]
+    return seeds, [total[s] for s in seeds]
+
+
+@torch.no_grad()
+def perturb_(
+    x: torch.Tensor,
+    stream: int,
+    seeds: Sequence[int],
+    coefs: Sequence[float],
+    mu: torch.Tensor | None = None,
+    mu_coef: float = 0.0,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """In place: ``x = scale * x + sum_j coefs[j] * z(seeds[j], stream) + mu_coef * mu``.
+
+    Args:
+        x: contiguous floating-point tensor, updated in place.
+        stream: the tensor's stream id.
+        seeds, coefs: the noise terms (same length).
+        mu: optional dense float32 tensor with ``x``'s shape (LDSD's learned mean).
+        mu_coef: its coefficient.
+        scale: multiplies ``x`` first (decoupled weight decay); 1.0 leaves it.
+
+    Returns:
+        ``x``.
+    """
+    if len(seeds) != len(coefs):
+        raise ValueError(f"{len(seeds)} seeds but {len(coefs)} coefficients")
+    if not x.is_contiguous():
+        raise ValueError("perturb_ needs a contiguous tensor")
+    if mu is not None and mu.shape != x.shape:
+        raise ValueError(f"mu shape {tuple(mu.shape)} != x shape {tuple(x.shape)}")
+    use_mu = mu is not None and mu_coef != 0.0
+    if not seeds and not use_mu and scale == 1.0:
+        return x
+    flat = x.view(-1)
+    mu_flat = mu.reshape(-1) if use_mu else None
+    numel = flat.numel()
+    for start in range(0, numel, noise.CHUNK):
+        end = min(start + noise.CHUNK, numel)
+        count = end - start
+        delta = torch.zeros(count, dtype=torch.float32, device=x.device)
+        for seed, coef in zip(seeds, coefs):
+            delta.add_(noise.randn(seed, stream, count, offset=start, device=x.device), alpha=float(coef))
+        if use_mu:
+            delta.add_(mu_flat[start:end].to(torch.float32), alpha=float(mu_coef))
+        base = flat[start:end].to(torch.float32)
+        if scale != 1.0:
+            base = base * scale
+        flat[start:end] = (base + delta).to(x.dtype)
+    return x

@@ -1,0 +1,101 @@
+"""Strategies: how a ZO step chooses its random direction and estimates the slope along it.
+
+A strategy never touches tensors. It talks to a :class:`Probe`, which perturbs every
+trainable by a seed-replayed combination of noise and evaluates the loss, and returns an
+:class:`Estimate`: the direction as ``(seed, coefficient)`` terms, the projected gradient
+``grad`` along it, and what perturbation is still applied to the trainables. The update
+rule (``qzo.rules``) then turns that into a parameter change, fused with undoing the
+leftover perturbation in one pass. This split is what lets steered strategies (MeZO-GV,
+Greedy, LDSD) plug in beside SPSA without touching the loop or the rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+__all__ = ["Estimate", "Probe", "Strategy", "SPSA"]
+
+
+class Probe(Protocol):
+    """What a strategy may do during a step (implemented by ``qzo.ZO``)."""
+
+    eps: float
+
+    def perturb(self, terms: list[tuple[int, float]]) -> None:
+        """Add ``sum coef * z(seed)`` to every trainable, in place."""
+
+    def evaluate(self) -> float:
+        """Run the closure once at the current (perturbed) values; returns a finite float."""
+
+
+@dataclass
+class Estimate:
+    """The result of a strategy's step, before the update.
+
+    Attributes:
+        direction: ``(seed, coef)`` terms of the update direction d = sum coef * z(seed).
+        grad: projected gradient along d; the plain SGD update is ``theta -= lr * grad * d``.
+        applied: ``(seed, coef)`` terms of the perturbation still on the trainables
+            (x = theta + sum coef * z); the rule undoes it in the same pass as the update.
+        losses: every loss evaluated this step, in evaluation order.
+        loss: the step's reported training loss.
+        seeds: every seed drawn this step (for the step log and replay).
+    """
+
+    direction: list[tuple[int, float]]
+    grad: float
+    applied: list[tuple[int, float]]
+    losses: list[float]
+    loss: float
+    seeds: list[int] = field(default_factory=list)
+
+
+class Strategy:
+    """Base class. Subclasses implement :meth:`estimate` and say their cost in forwards."""
+
+    #: closure evaluations per step.
+    forwards_per_step: int = 0
+
+    def estimate(self, probe: Probe, draw_seeds: Callable[[int], list[int]]) -> Estimate:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Strategy state for checkpoints (stateless strategies return ``{}``)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+class SPSA(Strategy):
+    """MeZO's two-point estimate along one Gaussian direction (Malladi et al., 2023).
+
+    Per step: draw seed s, evaluate f(theta + eps z) and f(theta - eps z), and estimate
+    g = (f+ - f-) / (2 eps) along d = z. Costs 2 forwards a step. The reported loss is
+    (f+ + f-) / 2, as MeZO logs it. The trainables are left at theta - eps z; the rule's
+    fused pass restores and updates at once.
+    """
+
+    forwards_per_step = 2
+
+    def estimate(self, probe: Probe, draw_seeds: Callable[[int], list[int]]) -> Estimate:
+        (seed,) = draw_seeds(1)
+        eps = probe.eps
+        probe.perturb([(seed, eps)])
+        f_plus = probe.evaluate()
+        probe.perturb([(seed, -2.0 * eps)])
+        f_minus = probe.evaluate()
+        grad = (f_plus - f_minus) / (2.0 * eps)
+        return Estimate(
+            direction=[(seed, 1.0)],
+            grad=grad,
+            applied=[(seed, -eps)],
+            losses=[f_plus, f_minus],
+            loss=0.5 * (f_plus + f_minus),
+            seeds=[seed],
+        )

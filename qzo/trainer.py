@@ -1,0 +1,269 @@
+"""``qzo train``: config -> run directory, read top to bottom.
+
+    setup (run dir, model, LoRA, data, optimizer) -> initial eval -> steps
+    (log, eval, checkpoint) -> final eval, adapter, summary
+
+Run directory (``out_dir``)::
+
+    config.yaml      the resolved config (what ``--resume`` reads back)
+    steps.jsonl      the step log: per step the seeds, coefficients, losses, lr, forwards, time
+    metrics.jsonl    per step: step, forwards, loss, wall_s; eval_loss on evaluation steps
+    checkpoints/     step-NNNNNN/ with only the trained tensors + optimizer state (atomic)
+    adapter/         PEFT adapter of the final values (loads with PeftModel.from_pretrained)
+    summary.json     initial and final held-out loss, steps, forwards, wall time
+
+Determinism: step seeds and batches are pure functions of ``(train.seed, step)``, so a run
+resumed from a checkpoint produces the same bytes as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import yaml
+
+from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .config import ConfigError, load_config, validate
+from .data import Batcher, ChatDataset, eval_loss, model_input_device, read_chat_jsonl
+from .errors import NonFiniteLossError, QzoError
+from .load import load
+from .lora import LoraParams, lora
+from .optim import ZO
+from .rules import SGD
+from .strategies import SPSA
+
+__all__ = ["train", "build_optimizer", "load_run_model", "Session"]
+
+# Keys a resumed run may change: they do not alter the trajectory of earlier steps.
+RESUMABLE_KEYS = ("train.steps", "train.eval_every", "train.save_every", "train.keep_checkpoints",
+                  "train.eval_batch_size")
+
+
+def build_optimizer(cfg: dict, params) -> ZO:
+    """The ``qzo.ZO`` a config describes."""
+    o = cfg["optim"]
+    strategies = {"spsa": SPSA}
+    rules = {"sgd": lambda: SGD(lr=o["lr"], weight_decay=o["weight_decay"])}
+    return ZO(params, strategy=strategies[o["strategy"]](), rule=rules[o["rule"]](), eps=o["eps"],
+              seed=cfg["train"]["seed"])
+
+
+def load_model_and_lora(cfg: dict):
+    """Base model (quantized, placed) with LoRA injected, per ``cfg``."""
+    m = cfg["model"]
+    model, tok = load(m["source"], m["quant"], double_quant=m["double_quant"], dtype=m["dtype"],
+                      device_map=m["device_map"], max_memory=m["max_memory"], offload_folder=m["offload_folder"],
+                      trust_remote_code=m["trust_remote_code"])
+    if tok is None:
+        raise QzoError("this model source has no tokenizer; training on chat data needs one")
+    params = lora(model, r=cfg["lora"]["r"], alpha=cfg["lora"]["alpha"], target_modules=cfg["lora"]["target_modules"],
+                  seed=cfg["train"]["seed"])
+    return model, tok, params
+
+
+def load_datasets(cfg: dict, tok) -> tuple[ChatDataset, ChatDataset]:
+    d, max_len = cfg["data"], cfg["train"]["max_len"]
+    train_ds = ChatDataset.from_jsonl(tok, d["train"], max_len)
+    if d["eval"]:
+        return train_ds, ChatDataset.from_jsonl(tok, d["eval"], max_len)
+    return train_ds.split(d["eval_fraction"], cfg["train"]["seed"])
+
+
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / "config.yaml").is_file() and (Path(path) / "steps.jsonl").exists()
+
+
+def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> dict:
+    """The resolved config of a run, with the overrides a resume may apply."""
+    run_dir = Path(run_dir)
+    if not is_run_dir(run_dir):
+        raise QzoError(f"{str(run_dir)!r} is not a qzo run directory (no config.yaml / steps.jsonl); "
+                       "pass the folder a previous `qzo train` wrote")
+    base = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for item in overrides or []:
+        key = item.split("=", 1)[0].strip()
+        if key not in RESUMABLE_KEYS:
+            raise ConfigError(f"--set {key} cannot change on --resume (it would change earlier steps); "
+                              f"resumable keys: {', '.join(RESUMABLE_KEYS)}")
+    from .config import apply_overrides
+
+    cfg = apply_overrides(base, overrides or [])
+    return validate(cfg)
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the lines of steps <= last_step (a crash may have logged steps past the checkpoint)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+@dataclass
+class Session:
+    """Everything a training run holds while it runs."""
+
+    cfg: dict
+    run_dir: Path
+    model: object
+    tok: object
+    params: LoraParams
+    opt: ZO
+    train_ds: ChatDataset
+    eval_ds: ChatDataset
+    batcher: Batcher
+
+
+def _new_run_dir(cfg: dict, config_path) -> Path:
+    if cfg["out_dir"]:
+        run_dir = Path(cfg["out_dir"])
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise QzoError(f"out_dir {str(run_dir)!r} already exists and is not empty; continue it with "
+                           f"`qzo train --resume {run_dir}` or choose another with --set out_dir=...")
+    else:
+        name = Path(config_path).stem if config_path else "demo"
+        run_dir = Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg["out_dir"] = str(run_dir)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    (run_dir / "steps.jsonl").touch()
+    return run_dir
+
+
+def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
+    """Build a session: a new run from a config, or a resumed one from its last checkpoint."""
+    if resume is not None:
+        run_dir = Path(resume)
+        cfg = load_run_config(run_dir, overrides)
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    else:
+        cfg = load_config(config_path, overrides)
+        run_dir = None
+    log(f"qzo: loading {cfg['model']['source']} ({cfg['model']['quant']})")
+    model, tok, params = load_model_and_lora(cfg)
+    train_ds, eval_ds = load_datasets(cfg, tok)
+    if run_dir is None:
+        run_dir = _new_run_dir(cfg, config_path)
+    opt = build_optimizer(cfg, params)
+    batcher = Batcher(train_ds, cfg["train"]["batch_size"], cfg["train"]["seed"], tok.pad_token_id)
+    session = Session(cfg, run_dir, model, tok, params, opt, train_ds, eval_ds, batcher)
+    if resume is not None:
+        ckpt = latest_checkpoint(run_dir)
+        done = 0
+        if ckpt is not None:
+            trainables, opt_state, meta = load_checkpoint(ckpt)
+            params.load_state_dict(trainables)
+            opt.load_state_dict(opt_state)
+            done = meta["step"]
+        _truncate_jsonl(run_dir / "steps.jsonl", done)
+        _truncate_jsonl(run_dir / "metrics.jsonl", done)
+        log(f"qzo: resuming {run_dir} from step {done}")
+    return session
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _logged_wall(steps_path: Path) -> float:
+    lines = [line for line in steps_path.read_text().splitlines() if line.strip()] if steps_path.is_file() else []
+    return float(json.loads(lines[-1])["wall_s"]) if lines else 0.0
+
+
+def _save(s: Session) -> None:
+    save_checkpoint(s.run_dir, s.opt.steps, s.params.state_dict(), s.opt.state_dict(),
+                    extra={"forwards": s.opt.forwards})
+    prune_checkpoints(s.run_dir, s.cfg["train"]["keep_checkpoints"])
+
+
+def _evaluate(s: Session) -> float:
+    return eval_loss(s.model, s.eval_ds, s.cfg["train"]["eval_batch_size"], s.tok.pad_token_id)
+
+
+def run(s: Session, log=print, progress: bool = True) -> dict:
+    """Train to ``train.steps`` from wherever the session stands; returns the summary."""
+    t = s.cfg["train"]
+    device = model_input_device(s.model)
+    metrics_path, steps_path = s.run_dir / "metrics.jsonl", s.run_dir / "steps.jsonl"
+    first_step = s.opt.steps + 1
+    initial = None
+    if s.opt.steps == 0:
+        initial = _evaluate(s)
+        _append_jsonl(metrics_path, {"step": 0, "forwards": 0, "loss": None, "eval_loss": initial, "wall_s": 0.0})
+        log(f"qzo: held-out loss before training: {initial:.4f} ({len(s.eval_ds)} examples)")
+    # wall_s counts training time from here (evaluations included), continuing across resumes.
+    start_wall = time.perf_counter() - _logged_wall(steps_path)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=t["steps"], initial=s.opt.steps, desc="qzo train", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    last_eval = None
+    try:
+        for step in range(first_step, t["steps"] + 1):
+            batch = {k: v.to(device) for k, v in s.batcher.batch(step).items()}
+            try:
+                loss = s.opt.step(lambda: s.model(**batch).loss)
+            except NonFiniteLossError as exc:
+                ckpt = latest_checkpoint(s.run_dir)
+                kept = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint had been written yet"
+                raise NonFiniteLossError(f"{exc} Training stopped at step {exc.step}; {kept}.", exc.step) from None
+            wall = time.perf_counter() - start_wall
+            record = s.opt.last_record.to_json()
+            record["wall_s"] = round(wall, 4)
+            _append_jsonl(steps_path, record)
+            row = {"step": step, "forwards": s.opt.forwards, "loss": loss, "wall_s": round(wall, 4)}
+            if step % t["eval_every"] == 0 or step == t["steps"]:
+                last_eval = _evaluate(s)
+                row["eval_loss"] = last_eval
+                bar.write(f"step {step}: held-out loss {last_eval:.4f}")
+            _append_jsonl(metrics_path, row)
+            if step % t["save_every"] == 0 or step == t["steps"]:
+                _save(s)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", eval=f"{last_eval:.3f}" if last_eval is not None else "-",
+                            fwd_s=f"{s.opt.forwards / max(wall, 1e-9):.2f}" if step > first_step else "-")
+    finally:
+        bar.close()
+    return finish(s, initial, time.perf_counter() - start_wall, log)
+
+
+def finish(s: Session, initial: float | None, wall: float, log=print) -> dict:
+    """Write the adapter and summary; print before/after held-out loss."""
+    metrics = [json.loads(line) for line in (s.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None]
+    if initial is None and evals:
+        initial = evals[0]
+    final = evals[-1] if evals else None
+    s.params.save_adapter(s.run_dir / "adapter")
+    summary = {"initial_eval_loss": initial, "final_eval_loss": final, "steps": s.opt.steps,
+               "forwards": s.opt.forwards, "wall_s_this_session": round(wall, 2), "trainable_values": s.params.numel}
+    atomic_write_text(s.run_dir / "summary.json", json.dumps(summary, indent=2))
+    if final is not None and initial is not None:
+        log(f"qzo: held-out loss {initial:.4f} -> {final:.4f} after {s.opt.steps} steps "
+            f"({s.opt.forwards} forwards, {wall / 60:.1f} min); run saved in {s.run_dir}")
+    return summary
+
+
+def train(config_path=None, overrides=None, resume=None, log=print, progress: bool = True) -> dict:
+    """Run ``qzo train``: returns the summary dict (also written to ``summary.json``)."""
+    session = setup(config_path, overrides, resume, log)
+    summary = run(session, log, progress)
+    summary["run_dir"] = str(session.run_dir)
+    return summary
+
+
+def load_run_model(run_dir: Path, checkpoint: Path | None = None):
+    """Base model + LoRA with a run's latest (or given) trained values: ``(model, tok, params, cfg)``."""
+    cfg = load_run_config(run_dir)
+    model, tok, params = load_model_and_lora(cfg)
+    ckpt = checkpoint or latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise QzoError(f"run {str(run_dir)!r} has no checkpoint yet; train it first")
+    params.load_state_dict(load_checkpoint(ckpt)[0])
+    return model, tok, params, cfg
