@@ -6,12 +6,15 @@
     loss = opt.step(lambda: model(**batch).loss)
 """
 
-import warnings
+import logging
 
 __version__ = "0.1.0"
 
-# bitsandbytes warns on every int8 matmul on CPU that fp32 inputs are cast to fp16: expected.
-warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+# bitsandbytes logs on every int8 matmul that fp32 inputs are cast to fp16: expected, and it
+# would print thousands of lines per run.
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+    lambda record: "inputs will be cast" not in record.getMessage()
+)
 
 from . import noise  # noqa: E402
 from .errors import ConfigError, DataError, ModelSourceError, NonFiniteLossError, QzoError  # noqa: E402

@@ -64,7 +64,7 @@ _CHOICES = {
 _POSITIVE = {("optim", "lr"), ("optim", "eps"), ("lora", "alpha")}
 _AT_LEAST_ONE = {("lora", "r"), ("train", "steps"), ("train", "batch_size"), ("train", "eval_every"),
                  ("train", "eval_batch_size"), ("train", "save_every"), ("train", "keep_checkpoints")}
-# Keys whose default is None take these types.
+# Keys that may be null, and the types they take otherwise.
 _NULLABLE_TYPES = {
     ("model", "dtype"): (str,),
     ("model", "device_map"): (str, dict),
@@ -91,6 +91,14 @@ def get(cfg: dict, dotted: str):
     for part in dotted.split("."):
         node = node[part]
     return node
+
+
+def _set(cfg: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = cfg
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = value
 
 
 def _merge(base: dict, update: dict, where: str = "") -> None:
@@ -141,17 +149,13 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
-        parts = key.split(".")
-        node = cfg
-        for part in parts[:-1]:
-            node = node[part]
-        node[parts[-1]] = value
+        _set(cfg, key, value)
     return cfg
 
 
 def _type_ok(default, value, key: tuple) -> bool:
     if value is None:
-        return default is None
+        return default is None or key in _NULLABLE_TYPES
     if default is None:
         return isinstance(value, _NULLABLE_TYPES.get(key, (object,)))
     if isinstance(default, bool):
@@ -170,6 +174,13 @@ def validate(cfg: dict) -> dict:
     for dotted in flat_keys():
         key = tuple(dotted.split("."))
         default, value = get(DEFAULTS, dotted), get(cfg, dotted)
+        if isinstance(default, float) and isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string; users write it that way.
+            try:
+                value = float(value)
+                _set(cfg, dotted, value)
+            except ValueError:
+                pass
         if not _type_ok(default, value, key):
             want = type(default).__name__ if default is not None else "/".join(t.__name__ for t in _NULLABLE_TYPES.get(key, ()))
             raise ConfigError(f"config key {dotted!r} must be {want}, got {value!r}")

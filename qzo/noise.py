@@ -61,7 +61,8 @@ def derive_seed(seed: int, stream: int) -> int:
     """
     if seed < 0 or stream < 0:
         raise ValueError(f"seed and stream must be non-negative, got seed={seed}, stream={stream}")
-    return _mix64(_mix64(seed) ^ (stream * 0x9E3779B97F4A7C15)) & 0x7FFFFFFFFFFFFFFF
+    # The pi-digits constant keeps (0, 0) away from the all-zero key.
+    return _mix64(_mix64(seed ^ 0x243F6A8885A308D3) ^ (stream * 0x9E3779B97F4A7C15)) & 0x7FFFFFFFFFFFFFFF
 
 
 def stream_id(name: str) -> int:

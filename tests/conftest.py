@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny Llama built from a config (random init) with the real SmolLM2 tokenizer.
+
+Kernel tests run through the Triton interpreter on machines without a GPU; the variable
+must be set before triton decorates any kernel, hence here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+
+
+def tiny_config(vocab_size: int = 49152):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, **TINY)
+
+
+@pytest.fixture(scope="session")
+def smol_folder():
+    """The demo model converted once into qzo's cache (a plain HF folder with tokenizer)."""
+    from qzo.load import _convert_gguf, resolve_source
+
+    return _convert_gguf(resolve_source("smollm2-135m")[1])
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_folder):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smol_folder))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer):
+    """A tiny random-init Llama folder (fixed seed) with the SmolLM2 tokenizer and chat template."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(len(smol_tokenizer)))
+    model.save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_batch(smol_tokenizer):
+    from qzo.data import ChatDataset, collate
+
+    chats = [
+        [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "ANSWER: 4\n#qzo"}],
+        [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "ANSWER: Paris\n#qzo"}],
+    ]
+    ds = ChatDataset.from_chats(smol_tokenizer, chats, max_len=64)
+    return collate(ds.input_ids, ds.labels, smol_tokenizer.pad_token_id)

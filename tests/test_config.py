@@ -1,0 +1,58 @@
+"""Config loading: the demo recipe is the defaults; bad keys, types and values name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from qzo.config import DEFAULTS, load_config
+from qzo.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_recipe_equals_the_defaults():
+    assert load_config(ROOT / "configs/smollm2-135m/demo.yaml") == load_config(None)
+
+
+def test_every_shipped_config_validates():
+    configs = sorted((ROOT / "configs").rglob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)
+
+
+def test_overrides_parse_values():
+    cfg = load_config(None, ["optim.lr=2e-4", "lora.target_modules=[q_proj, k_proj]", "data.eval=null"])
+    assert cfg["optim"]["lr"] == 2e-4
+    assert cfg["lora"]["target_modules"] == ["q_proj", "k_proj"]
+    assert cfg["data"]["eval"] is None
+    assert DEFAULTS["optim"]["lr"] == 1e-3  # defaults untouched
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["optim.lrr=1"], r"unknown config key 'optim.lrr'.*optim.lr"),
+        (["optim.lr"], "key=value"),
+        (["optim.lr=fast"], r"'optim.lr' must be float"),
+        (["optim.lr=-1"], r"'optim.lr' must be > 0"),
+        (["model.quant=int3"], r"'model.quant'.*nf4, fp4, int8, none"),
+        (["train.steps=0"], r"'train.steps' must be >= 1"),
+        (["lora.target_modules=[]"], "target_modules"),
+    ],
+)
+def test_bad_overrides(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_bad_yaml_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n  momentum: 0.9\n")
+    with pytest.raises(ConfigError, match=r"'optim.momentum'.*optim.lr"):
+        load_config(path)
+    path.write_text("trainer:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=r"'trainer'.*model, lora"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")

@@ -1,0 +1,85 @@
+"""qzo.load sources and errors; qzo.lora on quantized layers; the adapter loads in plain peft."""
+
+import pytest
+import torch
+
+import qzo
+from qzo.errors import ModelSourceError, QzoError
+
+from conftest import tiny_config
+
+
+@pytest.mark.parametrize("quant,layer", [("nf4", "Linear4bit"), ("fp4", "Linear4bit"), ("int8", "Linear8bitLt"),
+                                         ("none", "Linear")])
+def test_load_from_config_quantizes(quant, layer):
+    model, tok = qzo.load(tiny_config(1000), quant=quant, double_quant=quant == "nf4")
+    assert tok is None
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == layer
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+def test_config_init_is_seeded():
+    a, _ = qzo.load(tiny_config(1000), quant="none", seed=1)
+    b, _ = qzo.load(tiny_config(1000), quant="none", seed=1)
+    assert torch.equal(a.model.layers[0].mlp.up_proj.weight, b.model.layers[0].mlp.up_proj.weight)
+
+
+def test_load_folder_and_lora_save_roundtrip(tiny_model_dir, tiny_batch, tmp_path):
+    import peft
+
+    model, tok = qzo.load(tiny_model_dir, quant="nf4")
+    assert tok.chat_template
+    params = qzo.lora(model, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    assert len(params) == 2 * 2 * 2 and all(t.tensor.dtype == torch.float32 for t in params)
+    assert all(".default." not in t.name and "lora_" in t.name for t in params)
+    with torch.no_grad():
+        for t in params:
+            t.tensor.add_(0.1 * torch.randn_like(t.tensor))
+        want = model(**tiny_batch).logits
+    params.save_adapter(tmp_path / "adapter")
+
+    base, _ = qzo.load(tiny_model_dir, quant="nf4")
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    with torch.no_grad():
+        got = loaded(**tiny_batch).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_target_module_lists_existing(tiny_model_dir):
+    model, _ = qzo.load(tiny_model_dir, quant="nf4")
+    with pytest.raises(QzoError, match=r"\['qkv'\] match no module.*q_proj.*v_proj"):
+        qzo.lora(model, target_modules=["qkv"])
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(ModelSourceError, match="does not exist"):
+        qzo.load(tmp_path / "no-such-model")
+    with pytest.raises(ModelSourceError, match="does not exist"):
+        qzo.load(str(tmp_path / "missing.gguf"))
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a gguf")
+    with pytest.raises(ModelSourceError, match="not a GGUF file"):
+        qzo.load(fake)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelSourceError, match="no config.json"):
+        qzo.load(tmp_path / "empty")
+    with pytest.raises(ModelSourceError, match="unknown model 'smollm3'"):
+        qzo.load("smollm3")
+    with pytest.raises(QzoError, match="unknown quant 'int4'"):
+        qzo.load(tiny_config(1000), quant="int4")
+
+
+def test_builtin_resolves_to_wheel_gguf():
+    from qzo.load import resolve_source
+
+    kind, path = resolve_source("smollm2-135m")
+    assert kind == "gguf" and path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
+
+
+def test_gguf_is_converted_once_into_the_cache(smol_folder):
+    from qzo.load import _convert_gguf, resolve_source
+
+    assert (smol_folder / "config.json").is_file() and (smol_folder / "tokenizer.json").is_file()
+    before = (smol_folder / "config.json").stat().st_mtime_ns
+    assert _convert_gguf(resolve_source("smollm2-135m")[1]) == smol_folder
+    assert (smol_folder / "config.json").stat().st_mtime_ns == before

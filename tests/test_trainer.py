@@ -1,0 +1,119 @@
+"""The trainer on a tiny model: loss goes down, checkpoints round-trip, resume is bit-exact, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qzo.checkpoint import list_checkpoints
+from qzo.cli import main
+from qzo.errors import ConfigError, QzoError
+from qzo.trainer import load_run_model, train
+
+
+@pytest.fixture
+def overfit_data(tmp_path):
+    chats = [
+        {"messages": [{"role": "user", "content": f"Say the code {i}."},
+                      {"role": "assistant", "content": "CODE CODE CODE"}]}
+        for i in range(8)
+    ]
+    path = tmp_path / "overfit.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    return path
+
+
+def _sets(model_dir, data, out_dir, **extra):
+    base = {
+        "model.source": str(model_dir), "model.quant": "nf4", "lora.r": 4,
+        "data.train": str(data), "data.eval": str(data), "optim.lr": 5e-2, "optim.eps": 1e-2,
+        "train.steps": 6, "train.batch_size": 4, "train.max_len": 48, "train.eval_every": 3,
+        "train.save_every": 3, "train.seed": 1, "out_dir": str(out_dir),
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def test_training_lowers_loss_and_writes_the_run(tiny_model_dir, overfit_data, tmp_path):
+    out = tmp_path / "run"
+    summary = train(None, _sets(tiny_model_dir, overfit_data, out, **{"train.steps": 40, "train.eval_every": 20,
+                                                                        "train.save_every": 20}), progress=False)
+    assert summary["final_eval_loss"] < summary["initial_eval_loss"] - 0.05
+    assert {p.name for p in out.iterdir()} == {"config.yaml", "steps.jsonl", "metrics.jsonl", "checkpoints",
+                                               "adapter", "summary.json"}
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(41))
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [0, 20, 40]
+    assert metrics[-1]["forwards"] == 80
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert set(steps[0]) >= {"step", "seeds", "direction", "losses", "lr", "forwards", "wall_s", "grad"}
+
+
+def test_checkpoint_files_and_reload_gives_identical_outputs(tiny_model_dir, overfit_data, tmp_path, tiny_batch):
+    out = tmp_path / "run"
+    train(None, _sets(tiny_model_dir, overfit_data, out), progress=False)
+    ckpts = list_checkpoints(out)
+    assert [c.name for c in ckpts] == ["step-000003", "step-000006"]
+    assert {p.name for p in ckpts[-1].iterdir()} == {"trainables.safetensors", "meta.json"}
+    assert not list((out / "checkpoints").glob(".tmp*"))
+    model, _, params, _ = load_run_model(out)
+    # the live model after training, rebuilt independently: same logits
+    model2, _, params2, _ = load_run_model(out)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**tiny_batch).logits, model2(**tiny_batch).logits, rtol=0, atol=0)
+    saved = json.loads((ckpts[-1] / "meta.json").read_text())
+    assert saved["step"] == 6 and saved["forwards"] == 12
+
+
+def test_resume_is_bit_exact(tiny_model_dir, overfit_data, tmp_path):
+    full, half = tmp_path / "full", tmp_path / "half"
+    train(None, _sets(tiny_model_dir, overfit_data, full), progress=False)
+    train(None, _sets(tiny_model_dir, overfit_data, half, **{"train.steps": 3}), progress=False)
+    train(None, ["train.steps=6"], resume=half, progress=False)
+    a = (full / "checkpoints/step-000006/trainables.safetensors").read_bytes()
+    b = (half / "checkpoints/step-000006/trainables.safetensors").read_bytes()
+    assert a == b
+    assert (full / "adapter/adapter_model.safetensors").read_bytes() == (half / "adapter/adapter_model.safetensors").read_bytes()
+    strip = lambda p: [{k: v for k, v in json.loads(line).items() if k != "wall_s"} for line in p.read_text().splitlines()]
+    assert strip(full / "steps.jsonl") == strip(half / "steps.jsonl")
+
+
+def test_resume_errors(tiny_model_dir, overfit_data, tmp_path):
+    with pytest.raises(QzoError, match="not a qzo run directory"):
+        train(None, [], resume=tmp_path, progress=False)
+    out = tmp_path / "run"
+    train(None, _sets(tiny_model_dir, overfit_data, out, **{"train.steps": 1}), progress=False)
+    with pytest.raises(ConfigError, match="cannot change on --resume"):
+        train(None, ["optim.lr=1.0"], resume=out, progress=False)
+    with pytest.raises(QzoError, match="already exists"):
+        train(None, _sets(tiny_model_dir, overfit_data, out), progress=False)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_model_dir, overfit_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--no-progress"]
+    for s in _sets(tiny_model_dir, overfit_data, out, **{"optim.lr": 1e30, "train.steps": 20, "train.save_every": 1}):
+        args += ["--set", s]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "error: loss is" in err and "the last good checkpoint is" in err
+    good = list_checkpoints(out)[-1]
+    step = json.loads((good / "meta.json").read_text())["step"]
+    assert f"step {step + 1}" in err
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["train", "--set", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
+        (["train", "--set", "model.source=/no/such/model"], "does not exist"),
+        (["train", "--set", "model.quant=q3"], "model.quant"),
+        (["train", "--resume", "/tmp"], "not a qzo run directory"),
+    ],
+)
+def test_cli_bad_input_is_one_line_error(argv, match, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and match in err[-1]
