@@ -21,7 +21,7 @@ import torch
 from .errors import NonFiniteLossError
 from .noise import _mix64
 from .params import ParamSet, as_param_set
-from .perturb import perturb_
+from .perturb import noise_cache, perturb_
 from .rules import SGD, Rule
 from .strategies import SPSA, Estimate, Strategy
 
@@ -165,11 +165,14 @@ class ZO:
         step = self.steps + 1
         lr = self.lr_at(step)
         probe = _Probe(self, closure)
-        est: Estimate = self.strategy.estimate(probe, self._draw_seeds(step))
-        if not math.isfinite(est.grad):
-            probe.restore()
-            raise NonFiniteLossError(f"projected gradient is {est.grad} at step {step}; trainables restored", step)
-        self.rule.apply(self.params, est, lr)
+        try:
+            est: Estimate = self.strategy.estimate(probe, self._draw_seeds(step))
+            if not math.isfinite(est.grad):
+                probe.restore()
+                raise NonFiniteLossError(f"projected gradient is {est.grad} at step {step}; trainables restored", step)
+            self.rule.apply(self.params, est, lr)
+        finally:
+            noise_cache.clear()  # the cache holds one step's noise at most (CPU path)
         self.steps = step
         self.last_record = StepRecord(
             step=step,

@@ -61,3 +61,21 @@ def test_shape_is_kept_and_noncontiguous_rejected():
 def test_combine_sums_per_seed_in_first_seen_order():
     seeds, coefs = combine([(5, 1.0), (7, 2.0)], [(7, -2.0), (5, 0.5), (9, 1.0)])
     assert seeds == [5, 9] and coefs == [1.5, 1.0]  # seed 7 cancels and is dropped
+
+
+def test_noise_cache_gives_identical_values_and_respects_its_budget(monkeypatch):
+    from qzo import perturb
+
+    x0 = torch.randn(3000)
+    monkeypatch.setattr(perturb, "noise_cache", perturb.NoiseCache(max_bytes=0))
+    uncached = x0.clone()
+    perturb_(uncached, 5, [1, 2], [0.3, -0.7])
+    cache = perturb.NoiseCache(max_bytes=4 * 3000 + 1)  # room for one chunk of 3000 floats
+    monkeypatch.setattr(perturb, "noise_cache", cache)
+    cached = x0.clone()
+    perturb_(cached, 5, [1, 2], [0.3, -0.7])
+    assert torch.equal(cached, uncached)
+    assert cache._bytes <= cache.max_bytes and len(cache._store) == 1
+    again = x0.clone()
+    perturb_(again, 5, [1, 2], [0.3, -0.7])  # one hit, one regenerated
+    assert torch.equal(again, uncached)
