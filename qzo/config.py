@@ -28,6 +28,7 @@ DEFAULTS: dict = {
         "max_memory": None,  # e.g. {"cuda:0": "6GiB", "cpu": "48GiB"}
         "offload_folder": None,
         "trust_remote_code": False,
+        "cpu_fused_4bit": True,  # bitsandbytes' fused bf16 CPU kernel for 4-bit layers (AVX512-BF16 CPUs)
     },
     "lora": {"r": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"]},
     "data": {

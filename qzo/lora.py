@@ -43,8 +43,23 @@ class LoraParams(ParamSet):
         self.model = model
 
     def save_adapter(self, folder) -> None:
-        """Write a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
-        self.peft_model.save_pretrained(str(folder))
+        """Write a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+        Written from the trainables directly, not through ``peft_model.save_pretrained``:
+        that calls ``model.state_dict()``, and on CPUs with AVX512-BF16 bitsandbytes 0.50
+        repacks every 4-bit layer for its fused kernel on the first forward and un-packs it
+        in ``state_dict()``; the round trip corrupts the layers (logits off by ~50 measured
+        on the demo model), so the live model must never go through it. The key names are
+        peft's saved-adapter keys, so ``PeftModel.from_pretrained`` loads the folder.
+        """
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.peft_model.peft_config["default"].save_pretrained(str(folder))
+        save_file(self.state_dict(), str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def lora(

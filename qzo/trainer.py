@@ -58,7 +58,7 @@ def load_model_and_lora(cfg: dict):
     m = cfg["model"]
     model, tok = load(m["source"], m["quant"], double_quant=m["double_quant"], dtype=m["dtype"],
                       device_map=m["device_map"], max_memory=m["max_memory"], offload_folder=m["offload_folder"],
-                      trust_remote_code=m["trust_remote_code"])
+                      trust_remote_code=m["trust_remote_code"], cpu_fused_4bit=m["cpu_fused_4bit"])
     if tok is None:
         raise QzoError("this model source has no tokenizer; training on chat data needs one")
     params = lora(model, r=cfg["lora"]["r"], alpha=cfg["lora"]["alpha"], target_modules=cfg["lora"]["target_modules"],

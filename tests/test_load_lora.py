@@ -83,3 +83,26 @@ def test_gguf_is_converted_once_into_the_cache(smol_folder):
     before = (smol_folder / "config.json").stat().st_mtime_ns
     assert _convert_gguf(resolve_source("smollm2-135m")[1]) == smol_folder
     assert (smol_folder / "config.json").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_state_dict_leaves_the_live_quantized_model_unchanged(fused):
+    # bitsandbytes 0.50's fused CPU path corrupts a layer when state_dict() un-packs it;
+    # qzo.load guards against that (see qzo.load._configure_cpu_4bit).
+    model, _ = qzo.load(tiny_config(1000), quant="nf4", cpu_fused_4bit=fused)
+    x = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+        model.state_dict()
+        after = model(input_ids=x).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_fused_and_plain_cpu_paths_agree_to_bf16_precision():
+    x = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for fused in (True, False):
+        model, _ = qzo.load(tiny_config(1000), quant="nf4", cpu_fused_4bit=fused)
+        with torch.no_grad():
+            logits.append(model(input_ids=x).logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=5e-2, atol=5e-2)

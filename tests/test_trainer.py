@@ -51,17 +51,20 @@ def test_training_lowers_loss_and_writes_the_run(tiny_model_dir, overfit_data, t
 
 
 def test_checkpoint_files_and_reload_gives_identical_outputs(tiny_model_dir, overfit_data, tmp_path, tiny_batch):
+    from qzo.trainer import run, setup
+
     out = tmp_path / "run"
-    train(None, _sets(tiny_model_dir, overfit_data, out), progress=False)
+    session = setup(None, _sets(tiny_model_dir, overfit_data, out), log=lambda *_: None)
+    run(session, log=lambda *_: None, progress=False)
     ckpts = list_checkpoints(out)
     assert [c.name for c in ckpts] == ["step-000003", "step-000006"]
     assert {p.name for p in ckpts[-1].iterdir()} == {"trainables.safetensors", "meta.json"}
-    assert not list((out / "checkpoints").glob(".tmp*"))
-    model, _, params, _ = load_run_model(out)
-    # the live model after training, rebuilt independently: same logits
-    model2, _, params2, _ = load_run_model(out)
+    assert not list((out / "checkpoints").glob(".*"))
     with torch.no_grad():
-        torch.testing.assert_close(model(**tiny_batch).logits, model2(**tiny_batch).logits, rtol=0, atol=0)
+        live = session.model(**tiny_batch).logits
+    model, _, params, _ = load_run_model(out)  # a fresh base + LoRA with the checkpoint's values
+    with torch.no_grad():
+        torch.testing.assert_close(model(**tiny_batch).logits, live, rtol=0, atol=0)
     saved = json.loads((ckpts[-1] / "meta.json").read_text())
     assert saved["step"] == 6 and saved["forwards"] == 12
 
@@ -117,3 +120,22 @@ def test_cli_bad_input_is_one_line_error(argv, match, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error:") and match in err[-1]
+
+
+def test_sgd_run_is_rebuilt_from_its_step_log(tiny_model_dir, overfit_data, tmp_path):
+    from safetensors.torch import load_file
+
+    import qzo
+    from qzo.replay import read_step_log, replay_sgd
+
+    out = tmp_path / "run"
+    train(None, _sets(tiny_model_dir, overfit_data, out, **{"optim.weight_decay": 0.5}), progress=False)
+    model, _ = qzo.load(tiny_model_dir, quant="nf4")
+    params = qzo.lora(model, r=4, alpha=16, target_modules=["q_proj", "v_proj"], seed=1)  # the run's init
+    init = params.state_dict()
+    replay_sgd(params, read_step_log(out), weight_decay=0.5)
+    trained = load_file(str(out / "checkpoints/step-000006/trainables.safetensors"))
+    for t in params:
+        moved = (trained[t.name] - init[t.name]).abs().max().item()
+        assert moved > 1e-3
+        torch.testing.assert_close(t.tensor, trained[t.name], rtol=0, atol=moved * 1e-3)

@@ -1,0 +1,49 @@
+"""Rebuild trained values from a run's step log (the replay contract, for state-free rules).
+
+With SGD every step is ``theta <- (1 - lr * wd) * theta - lr * grad * d`` where ``d`` is a
+seed-replayed combination of noise, and the step log records ``lr``, ``grad`` and ``d``'s
+``(seed, coefficient)`` terms. So the base model, the config (for the initial values and
+weight decay) and ``steps.jsonl`` determine the trained adapter: no checkpoint needed, and
+a log of a few hundred bytes per step is an exact, auditable record of the training.
+
+The rebuilt values equal the trained ones up to float rounding: training reaches each
+update through in-place +eps / -2 eps / restore passes, replay applies the update alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+from .params import ParamSet, as_param_set
+from .perturb import combine, noise_cache, perturb_
+
+__all__ = ["read_step_log", "replay_sgd"]
+
+
+def read_step_log(run_dir) -> list[dict]:
+    """The step records of a run directory's ``steps.jsonl``, in order."""
+    path = Path(run_dir) / "steps.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def replay_sgd(params, records: Iterable, weight_decay: float = 0.0) -> ParamSet:
+    """Apply the SGD updates of ``records`` (dicts or ``StepRecord``s) to ``params`` in place.
+
+    Args:
+        params: the trainables at their initial values (e.g. a fresh ``qzo.lora(...)`` with
+            the run's seed).
+        records: step records in order, each with ``lr``, ``grad`` and ``direction``.
+        weight_decay: the run's ``optim.weight_decay``.
+    """
+    params = as_param_set(params)
+    for r in records:
+        r = r if isinstance(r, dict) else r.to_json()
+        lr, grad = float(r["lr"]), float(r["grad"])
+        seeds, coefs = combine([(int(s), -lr * grad * float(c)) for s, c in r["direction"]])
+        scale = 1.0 - lr * weight_decay
+        for t in params:
+            perturb_(t.tensor, t.stream, seeds, coefs, scale=scale)
+        noise_cache.clear()
+    return params
