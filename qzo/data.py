@@ -121,6 +121,7 @@ class ChatDataset:
     input_ids: list[list[int]]
     labels: list[list[int]]
     source: str = ""
+    dropped: int = 0  # examples left out because truncation removed every assistant token
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -140,9 +141,7 @@ class ChatDataset:
         if not ids:
             raise DataError(f"{source or 'the data'}: every example lost all assistant tokens to truncation at "
                             f"max_len={max_len}; raise train.max_len")
-        ds = cls(ids, labels, source)
-        ds.dropped = dropped
-        return ds
+        return cls(ids, labels, source, dropped)
 
     @classmethod
     def from_jsonl(cls, tok, path, max_len: int) -> "ChatDataset":

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from .params import ParamSet
 from .perturb import combine, perturb_
-from .strategies import Estimate
+from .strategies import Component, Estimate
 
 __all__ = ["Rule", "SGD"]
 
 
-class Rule:
+class Rule(Component):
     """Base class: ``apply`` moves the trainables from ``theta + applied`` to ``theta'``."""
 
     def __init__(self, lr: float):
@@ -26,17 +26,6 @@ class Rule:
 
     def apply(self, params: ParamSet, est: Estimate, lr: float) -> None:
         raise NotImplementedError
-
-    def state_dict(self) -> dict:
-        """Rule state for checkpoints (tensors allowed); state-free rules return ``{}``."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({fields})"
 
 
 class SGD(Rule):

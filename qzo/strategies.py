@@ -51,17 +51,11 @@ class Estimate:
     seeds: list[int] = field(default_factory=list)
 
 
-class Strategy:
-    """Base class. Subclasses implement :meth:`estimate` and say their cost in forwards."""
-
-    #: closure evaluations per step.
-    forwards_per_step: int = 0
-
-    def estimate(self, probe: Probe, draw_seeds: Callable[[int], list[int]]) -> Estimate:
-        raise NotImplementedError
+class Component:
+    """What strategies and rules share: checkpointable state and a readable repr."""
 
     def state_dict(self) -> dict:
-        """Strategy state for checkpoints (stateless strategies return ``{}``)."""
+        """State for checkpoints (tensors allowed); stateless components return ``{}``."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
@@ -70,6 +64,16 @@ class Strategy:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
+
+
+class Strategy(Component):
+    """Base class. Subclasses implement :meth:`estimate` and say their cost in forwards."""
+
+    #: closure evaluations per step.
+    forwards_per_step: int = 0
+
+    def estimate(self, probe: Probe, draw_seeds: Callable[[int], list[int]]) -> Estimate:
+        raise NotImplementedError
 
 
 class SPSA(Strategy):

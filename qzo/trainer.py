@@ -147,6 +147,9 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
     log(f"qzo: loading {cfg['model']['source']} ({cfg['model']['quant']})")
     model, tok, params = load_model_and_lora(cfg)
     train_ds, eval_ds = load_datasets(cfg, tok)
+    dropped = f", {train_ds.dropped} dropped: no assistant token within train.max_len" if train_ds.dropped else ""
+    log(f"qzo: {len(train_ds)} training chats, {len(eval_ds)} held-out{dropped}; "
+        f"{params.numel:,} trainable values in {len(params)} LoRA tensors")
     if run_dir is None:
         run_dir = _new_run_dir(cfg, config_path)
     opt = build_optimizer(cfg, params)
