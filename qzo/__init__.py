@@ -22,10 +22,12 @@ from .load import load  # noqa: E402
 from .lora import lora  # noqa: E402
 from .optim import ZO, StepRecord  # noqa: E402
 from .params import ParamSet, Trainable  # noqa: E402
-from .rules import SGD, Rule  # noqa: E402
-from .strategies import SPSA, Estimate, Strategy  # noqa: E402
+from .rules import SGD, Adam, Momentum, Rule, Sign  # noqa: E402
+from .schedule import Schedule  # noqa: E402
+from .strategies import GV, LDSD, SPSA, Estimate, Greedy, Strategy  # noqa: E402
 
 __all__ = [
-    "load", "lora", "ZO", "StepRecord", "SPSA", "SGD", "Strategy", "Rule", "Estimate", "ParamSet", "Trainable",
+    "load", "lora", "ZO", "StepRecord", "SPSA", "GV", "Greedy", "LDSD", "SGD", "Momentum", "Adam", "Sign",
+    "Schedule", "Strategy", "Rule", "Estimate", "ParamSet", "Trainable",
     "noise", "QzoError", "ConfigError", "DataError", "ModelSourceError", "NonFiniteLossError", "__version__",
 ]

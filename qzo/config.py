@@ -37,11 +37,21 @@ DEFAULTS: dict = {
         "eval_fraction": 0.1,
     },
     "optim": {
-        "strategy": "spsa",
-        "rule": "sgd",
+        "strategy": "spsa",  # spsa | gv | greedy | ldsd
+        "rule": "sgd",  # sgd | momentum | adam | sign
         "lr": 1e-3,
-        "eps": 1e-2,
+        "eps": 1e-2,  # perturbation scale
         "weight_decay": 0.0,
+        "pool": 4,  # gv, greedy: candidates per step (forwards: gv pool+2, greedy pool+1)
+        "split": 0.5,  # gv: fraction of the pool in the low-loss group
+        "candidates": 8,  # ldsd: candidates per step (forwards: candidates+1)
+        "sigma": 1.0,  # ldsd: spread of candidates around the learned mean
+        "lr_mu": 4e-2,  # ldsd: learning rate of the mean
+        "momentum": 0.9,  # momentum rule: beta
+        "betas": [0.9, 0.999],  # adam rule
+        "schedule": "constant",  # constant | linear | cosine
+        "warmup_steps": 0,
+        "min_lr_ratio": 0.0,  # final lr / lr for linear and cosine
     },
     "train": {
         "steps": 200,
@@ -59,10 +69,11 @@ DEFAULTS: dict = {
 _CHOICES = {
     ("model", "quant"): ("nf4", "fp4", "int8", "none"),
     ("model", "dtype"): (None, "float32", "bfloat16", "float16"),
-    ("optim", "strategy"): ("spsa",),
-    ("optim", "rule"): ("sgd",),
+    ("optim", "strategy"): ("spsa", "gv", "greedy", "ldsd"),
+    ("optim", "rule"): ("sgd", "momentum", "adam", "sign"),
+    ("optim", "schedule"): ("constant", "linear", "cosine"),
 }
-_POSITIVE = {("optim", "lr"), ("optim", "eps"), ("lora", "alpha")}
+_POSITIVE = {("optim", "lr"), ("optim", "eps"), ("lora", "alpha"), ("optim", "sigma")}
 _AT_LEAST_ONE = {("lora", "r"), ("train", "steps"), ("train", "batch_size"), ("train", "eval_every"),
                  ("train", "eval_batch_size"), ("train", "save_every"), ("train", "keep_checkpoints")}
 # Keys that may be null, and the types they take otherwise.
@@ -166,7 +177,8 @@ def _type_ok(default, value, key: tuple) -> bool:
     if isinstance(default, int):
         return isinstance(value, int) and not isinstance(value, bool)
     if isinstance(default, list):
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+        kind = (int, float) if isinstance(default[0], float) else type(default[0])
+        return isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
     return isinstance(value, type(default))
 
 
@@ -193,6 +205,16 @@ def validate(cfg: dict) -> dict:
             raise ConfigError(f"config key {dotted!r} must be >= 1, got {value}")
     if not cfg["lora"]["target_modules"]:
         raise ConfigError("config key 'lora.target_modules' is empty; name at least one layer, e.g. [q_proj, v_proj]")
-    if cfg["optim"]["weight_decay"] < 0:
-        raise ConfigError("config key 'optim.weight_decay' must be >= 0")
+    o = cfg["optim"]
+    for key, low in (("weight_decay", 0), ("lr_mu", 0), ("warmup_steps", 0), ("min_lr_ratio", 0)):
+        if o[key] < low:
+            raise ConfigError(f"config key 'optim.{key}' must be >= {low}, got {o[key]}")
+    if o["strategy"] == "gv" and o["pool"] < 2:
+        raise ConfigError(f"config key 'optim.pool' must be >= 2 for gv, got {o['pool']}")
+    if o["pool"] < 1 or o["candidates"] < 2:
+        raise ConfigError("config keys 'optim.pool' >= 1 and 'optim.candidates' >= 2 are required")
+    if not 0 < o["split"] < 1 or not 0 <= o["momentum"] < 1 or o["min_lr_ratio"] > 1:
+        raise ConfigError("need 0 < optim.split < 1, 0 <= optim.momentum < 1, optim.min_lr_ratio <= 1")
+    if len(o["betas"]) != 2 or not all(0 <= b < 1 for b in o["betas"]):
+        raise ConfigError(f"config key 'optim.betas' must be two values in [0, 1), got {o['betas']}")
     return cfg

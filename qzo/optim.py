@@ -23,6 +23,7 @@ from .noise import _mix64
 from .params import ParamSet, as_param_set
 from .perturb import noise_cache, perturb_
 from .rules import SGD, Rule
+from .schedule import Schedule
 from .strategies import SPSA, Estimate, Strategy
 
 __all__ = ["ZO", "StepRecord", "step_seed"]
@@ -60,15 +61,18 @@ class _Probe:
         self._closure = closure
         self.eps = opt.eps
         self.applied: dict[int, float] = {}
+        self.applied_mu = 0.0
         self.losses: list[float] = []
 
-    def perturb(self, terms: list[tuple[int, float]]) -> None:
+    def perturb(self, terms: list[tuple[int, float]], mu_coef: float = 0.0) -> None:
         seeds = [int(s) for s, _ in terms]
         coefs = [float(c) for _, c in terms]
+        strategy = self._opt.strategy
         for t in self._opt.params:
-            perturb_(t.tensor, t.stream, seeds, coefs)
+            perturb_(t.tensor, t.stream, seeds, coefs, mu=strategy.mu_for(t.name), mu_coef=mu_coef)
         for s, c in zip(seeds, coefs):
             self.applied[s] = self.applied.get(s, 0.0) + c
+        self.applied_mu += mu_coef
 
     def evaluate(self) -> float:
         with torch.no_grad():
@@ -90,8 +94,8 @@ class _Probe:
     def restore(self) -> None:
         """Undo every perturbation applied during this step."""
         terms = [(s, -c) for s, c in self.applied.items() if c != 0.0]
-        if terms:
-            self.perturb(terms)
+        if terms or self.applied_mu:
+            self.perturb(terms, mu_coef=-self.applied_mu)
 
 
 class ZO:
@@ -105,6 +109,8 @@ class ZO:
             shortcut that builds ``SGD(lr)`` when ``rule`` is not given.
         eps: perturbation scale.
         seed: base seed of the run; step seeds are derived from it and the step number.
+        schedule: a :class:`qzo.schedule.Schedule` scaling the rule's lr per step
+            (default: constant).
 
     Example::
 
@@ -120,13 +126,14 @@ class ZO:
         eps: float = 1e-3,
         seed: int = 0,
         lr: float | None = None,
+        schedule: Schedule | None = None,
     ):
         self.params: ParamSet = as_param_set(params)
         self.strategy = strategy if strategy is not None else SPSA()
         if rule is None or rule == "sgd":
             rule = SGD(lr=lr if lr is not None else 1e-4)
         elif isinstance(rule, str):
-            raise ValueError(f"unknown rule {rule!r}; this version knows 'sgd' (or pass a qzo rule object)")
+            raise ValueError(f"unknown rule {rule!r}; pass 'sgd' or a rule object (qzo.SGD, qzo.Momentum, qzo.Adam, qzo.Sign)")
         elif lr is not None:
             raise ValueError("pass lr to the rule object (e.g. qzo.SGD(lr=...)), not to both")
         self.rule = rule
@@ -134,6 +141,9 @@ class ZO:
             raise ValueError(f"eps must be > 0, got {eps}")
         self.eps = float(eps)
         self.seed = int(seed)
+        self.schedule = schedule if schedule is not None else Schedule()
+        self.strategy.bind(self.params)
+        self.rule.bind(self.params)
         self.steps = 0
         self.forwards = 0
         self.last_record: StepRecord | None = None
@@ -143,8 +153,8 @@ class ZO:
         return self.rule.lr
 
     def lr_at(self, step: int) -> float:
-        """Learning rate for a step (constant here; schedules hook in by overriding this)."""
-        return self.rule.lr
+        """Learning rate of 1-based ``step``: the rule's lr times the schedule's factor."""
+        return self.rule.lr * self.schedule.factor(step)
 
     def _draw_seeds(self, step: int) -> Callable[[int], list[int]]:
         drawn = [0]
@@ -171,6 +181,7 @@ class ZO:
                 probe.restore()
                 raise NonFiniteLossError(f"projected gradient is {est.grad} at step {step}; trainables restored", step)
             self.rule.apply(self.params, est, lr)
+            self.strategy.after_update(self.params)
         finally:
             noise_cache.clear()  # the cache holds one step's noise at most (CPU path)
         self.steps = step

@@ -20,7 +20,7 @@ import torch
 
 from . import noise
 
-__all__ = ["perturb_", "combine", "NoiseCache", "noise_cache"]
+__all__ = ["perturb_", "combine", "noise_combo", "chunks", "NoiseCache", "noise_cache"]
 
 
 class NoiseCache:
@@ -87,6 +87,34 @@ def combine(*terms: Sequence[tuple[int, float]]) -> tuple[list[int], list[float]
     return seeds, [total[s] for s in seeds]
 
 
+def chunks(numel: int):
+    """``(start, end)`` of the chunks every pass walks (bounded temporaries, any tensor size)."""
+    for start in range(0, numel, noise.CHUNK):
+        yield start, min(start + noise.CHUNK, numel)
+
+
+def noise_combo(
+    stream: int,
+    seeds: Sequence[int],
+    coefs: Sequence[float],
+    start: int,
+    count: int,
+    device,
+    mu_chunk: torch.Tensor | None = None,
+    mu_coef: float = 0.0,
+) -> torch.Tensor:
+    """``sum_j coefs[j] * z(seeds[j], stream)[start:start+count] + mu_coef * mu_chunk`` in float32.
+
+    Accumulated in the order given, then the mean's term: the summation order of the contract.
+    """
+    delta = torch.zeros(count, dtype=torch.float32, device=device)
+    for seed, coef in zip(seeds, coefs):
+        delta.add_(noise_cache.get(seed, stream, count, start, torch.device(device)), alpha=float(coef))
+    if mu_chunk is not None and mu_coef != 0.0:
+        delta.add_(mu_chunk.to(torch.float32), alpha=float(mu_coef))
+    return delta
+
+
 @torch.no_grad()
 def perturb_(
     x: torch.Tensor,
@@ -121,15 +149,9 @@ def perturb_(
         return x
     flat = x.view(-1)
     mu_flat = mu.reshape(-1) if use_mu else None
-    numel = flat.numel()
-    for start in range(0, numel, noise.CHUNK):
-        end = min(start + noise.CHUNK, numel)
-        count = end - start
-        delta = torch.zeros(count, dtype=torch.float32, device=x.device)
-        for seed, coef in zip(seeds, coefs):
-            delta.add_(noise_cache.get(seed, stream, count, start, x.device), alpha=float(coef))
-        if use_mu:
-            delta.add_(mu_flat[start:end].to(torch.float32), alpha=float(mu_coef))
+    for start, end in chunks(flat.numel()):
+        delta = noise_combo(stream, seeds, coefs, start, end - start, x.device,
+                            mu_flat[start:end] if use_mu else None, mu_coef)
         base = flat[start:end].to(torch.float32)
         if scale != 1.0:
             base = base * scale

@@ -34,8 +34,9 @@ from .errors import NonFiniteLossError, QzoError
 from .load import load
 from .lora import LoraParams, lora
 from .optim import ZO
-from .rules import SGD
-from .strategies import SPSA
+from .rules import SGD, Adam, Momentum, Sign
+from .schedule import Schedule
+from .strategies import GV, LDSD, SPSA, Greedy
 
 __all__ = ["train", "build_optimizer", "load_run_model", "Session"]
 
@@ -47,10 +48,23 @@ RESUMABLE_KEYS = ("train.steps", "train.eval_every", "train.save_every", "train.
 def build_optimizer(cfg: dict, params) -> ZO:
     """The ``qzo.ZO`` a config describes."""
     o = cfg["optim"]
-    strategies = {"spsa": SPSA}
-    rules = {"sgd": lambda: SGD(lr=o["lr"], weight_decay=o["weight_decay"])}
+    strategies = {
+        "spsa": lambda: SPSA(),
+        "gv": lambda: GV(pool=o["pool"], split=o["split"]),
+        "greedy": lambda: Greedy(pool=o["pool"]),
+        "ldsd": lambda: LDSD(candidates=o["candidates"], sigma=o["sigma"], lr_mu=o["lr_mu"]),
+    }
+    wd = o["weight_decay"]
+    rules = {
+        "sgd": lambda: SGD(lr=o["lr"], weight_decay=wd),
+        "momentum": lambda: Momentum(lr=o["lr"], beta=o["momentum"], weight_decay=wd),
+        "adam": lambda: Adam(lr=o["lr"], betas=tuple(o["betas"]), weight_decay=wd),
+        "sign": lambda: Sign(lr=o["lr"], weight_decay=wd),
+    }
+    schedule = Schedule(o["schedule"], total_steps=cfg["train"]["steps"], warmup_steps=o["warmup_steps"],
+                        min_ratio=o["min_lr_ratio"])
     return ZO(params, strategy=strategies[o["strategy"]](), rule=rules[o["rule"]](), eps=o["eps"],
-              seed=cfg["train"]["seed"])
+              seed=cfg["train"]["seed"], schedule=schedule)
 
 
 def load_model_and_lora(cfg: dict):
@@ -92,7 +106,11 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> dict:
                               f"resumable keys: {', '.join(RESUMABLE_KEYS)}")
     from .config import apply_overrides
 
+    steps_before = base["train"]["steps"]
     cfg = apply_overrides(base, overrides or [])
+    if cfg["optim"]["schedule"] != "constant" and cfg["train"]["steps"] != steps_before:
+        raise ConfigError(f"train.steps cannot change on --resume with the {cfg['optim']['schedule']} schedule: "
+                          "its lr at every step depends on the total; start a new run instead")
     return validate(cfg)
 
 

@@ -48,8 +48,8 @@ def test_bad_overrides(overrides, match):
 
 def test_bad_yaml_keys(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("optim:\n  lr: 1e-3\n  momentum: 0.9\n")
-    with pytest.raises(ConfigError, match=r"'optim.momentum'.*optim.lr"):
+    path.write_text("optim:\n  lr: 1e-3\n  nesterov: true\n")
+    with pytest.raises(ConfigError, match=r"'optim.nesterov'.*optim.lr"):
         load_config(path)
     path.write_text("trainer:\n  steps: 3\n")
     with pytest.raises(ConfigError, match=r"'trainer'.*model, lora"):

@@ -139,3 +139,22 @@ def test_sgd_run_is_rebuilt_from_its_step_log(tiny_model_dir, overfit_data, tmp_
         moved = (trained[t.name] - init[t.name]).abs().max().item()
         assert moved > 1e-3
         torch.testing.assert_close(t.tensor, trained[t.name], rtol=0, atol=moved * 1e-3)
+
+
+@pytest.mark.parametrize("strategy,rule", [("gv", "momentum"), ("greedy", "sign"), ("ldsd", "adam")])
+def test_resume_is_bit_exact_for_stateful_strategies_and_rules(strategy, rule, tiny_model_dir, overfit_data,
+                                                                tmp_path):
+    extra = {"optim.strategy": strategy, "optim.rule": rule, "optim.pool": 3, "optim.candidates": 3,
+             "optim.lr": 1e-2, "train.steps": 4, "train.eval_every": 2, "train.save_every": 2}
+    full, half = tmp_path / "full", tmp_path / "half"
+    train(None, _sets(tiny_model_dir, overfit_data, full, **extra), progress=False)
+    train(None, _sets(tiny_model_dir, overfit_data, half, **{**extra, "train.steps": 2}), progress=False)
+    train(None, ["train.steps=4"], resume=half, progress=False)
+    stateful = strategy == "ldsd" or rule in ("momentum", "adam")  # mu, momentum, moments
+    names = ["trainables.safetensors"] + (["optimizer.safetensors"] if stateful else [])
+    for name in names:
+        a, b = full / "checkpoints/step-000004" / name, half / "checkpoints/step-000004" / name
+        assert a.is_file() and a.read_bytes() == b.read_bytes()
+    assert (full / "checkpoints/step-000004/optimizer.safetensors").is_file() == stateful
+    meta = json.loads((full / "checkpoints/step-000004/meta.json").read_text())
+    assert meta["forwards"] == 4 * {"gv": 5, "greedy": 4, "ldsd": 4}[strategy]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-__all__ = ["Estimate", "Probe", "Strategy", "SPSA"]
+__all__ = ["Component", "Estimate", "Probe", "Strategy"]
 
 
 class Probe(Protocol):
@@ -22,8 +22,8 @@ class Probe(Protocol):
 
     eps: float
 
-    def perturb(self, terms: list[tuple[int, float]]) -> None:
-        """Add ``sum coef * z(seed)`` to every trainable, in place."""
+    def perturb(self, terms: list[tuple[int, float]], mu_coef: float = 0.0) -> None:
+        """Add ``sum coef * z(seed)`` (+ ``mu_coef`` * the strategy's mean) to every trainable."""
 
     def evaluate(self) -> float:
         """Run the closure once at the current (perturbed) values; returns a finite float."""
@@ -41,6 +41,9 @@ class Estimate:
         losses: every loss evaluated this step, in evaluation order.
         loss: the step's reported training loss.
         seeds: every seed drawn this step (for the step log and replay).
+        direction_mu: coefficient of the strategy's dense mean (LDSD's mu) in d.
+        applied_mu: coefficient of that mean in the leftover perturbation.
+        mu: name -> mean tensor, when the strategy keeps one (else ``None``).
     """
 
     direction: list[tuple[int, float]]
@@ -49,6 +52,9 @@ class Estimate:
     losses: list[float]
     loss: float
     seeds: list[int] = field(default_factory=list)
+    direction_mu: float = 0.0
+    applied_mu: float = 0.0
+    mu: dict | None = None
 
 
 class Component:
@@ -72,34 +78,15 @@ class Strategy(Component):
     #: closure evaluations per step.
     forwards_per_step: int = 0
 
+    def bind(self, params) -> None:
+        """Called once by ``qzo.ZO`` with the trainables (to size dense state such as a mean)."""
+
+    def mu_for(self, name: str):
+        """The dense mean added with ``mu_coef`` for trainable ``name`` (``None``: no mean)."""
+        return None
+
+    def after_update(self, params) -> None:
+        """Called after the rule updated the trainables (LDSD moves its mean here)."""
+
     def estimate(self, probe: Probe, draw_seeds: Callable[[int], list[int]]) -> Estimate:
         raise NotImplementedError
-
-
-class SPSA(Strategy):
-    """MeZO's two-point estimate along one Gaussian direction (Malladi et al., 2023).
-
-    Per step: draw seed s, evaluate f(theta + eps z) and f(theta - eps z), and estimate
-    g = (f+ - f-) / (2 eps) along d = z. Costs 2 forwards a step. The reported loss is
-    (f+ + f-) / 2, as MeZO logs it. The trainables are left at theta - eps z; the rule's
-    fused pass restores and updates at once.
-    """
-
-    forwards_per_step = 2
-
-    def estimate(self, probe: Probe, draw_seeds: Callable[[int], list[int]]) -> Estimate:
-        (seed,) = draw_seeds(1)
-        eps = probe.eps
-        probe.perturb([(seed, eps)])
-        f_plus = probe.evaluate()
-        probe.perturb([(seed, -2.0 * eps)])
-        f_minus = probe.evaluate()
-        grad = (f_plus - f_minus) / (2.0 * eps)
-        return Estimate(
-            direction=[(seed, 1.0)],
-            grad=grad,
-            applied=[(seed, -eps)],
-            losses=[f_plus, f_minus],
-            loss=0.5 * (f_plus + f_minus),
-            seeds=[seed],
-        )

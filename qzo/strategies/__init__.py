@@ -1,0 +1,12 @@
+"""Strategies: how a ZO step draws its direction and estimates the slope along it.
+
+``base`` holds the interface (:class:`Strategy`, :class:`Estimate`, :class:`Probe`); one
+strategy per module.
+"""
+
+from .base import Component, Estimate, Probe, Strategy
+from .ldsd import LDSD
+from .pool import GV, Greedy
+from .spsa import SPSA
+
+__all__ = ["Component", "Estimate", "Probe", "Strategy", "SPSA", "GV", "Greedy", "LDSD"]

@@ -1,0 +1,38 @@
+"""SPSA: MeZO's two-point estimate along one Gaussian direction."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .base import Estimate, Probe, Strategy
+
+__all__ = ["SPSA"]
+
+
+class SPSA(Strategy):
+    """MeZO's two-point estimate along one Gaussian direction (Malladi et al., 2023).
+
+    Per step: draw seed s, evaluate f(theta + eps z) and f(theta - eps z), and estimate
+    g = (f+ - f-) / (2 eps) along d = z. Costs 2 forwards a step. The reported loss is
+    (f+ + f-) / 2, as MeZO logs it. The trainables are left at theta - eps z; the rule's
+    fused pass restores and updates at once.
+    """
+
+    forwards_per_step = 2
+
+    def estimate(self, probe: Probe, draw_seeds: Callable[[int], list[int]]) -> Estimate:
+        (seed,) = draw_seeds(1)
+        eps = probe.eps
+        probe.perturb([(seed, eps)])
+        f_plus = probe.evaluate()
+        probe.perturb([(seed, -2.0 * eps)])
+        f_minus = probe.evaluate()
+        grad = (f_plus - f_minus) / (2.0 * eps)
+        return Estimate(
+            direction=[(seed, 1.0)],
+            grad=grad,
+            applied=[(seed, -eps)],
+            losses=[f_plus, f_minus],
+            loss=0.5 * (f_plus + f_minus),
+            seeds=[seed],
+        )

@@ -1,0 +1,101 @@
+"""MeZO, MeZO-GV, MeZO-Greedy and LDSD written plainly: every z materialized as a dense tensor.
+
+The reference for qzo's seed-replayed, in-place, fused implementation: same generator,
+same seeds (``qzo.optim.step_seed``), textbook arithmetic on fresh copies.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qzo import noise
+from qzo.optim import step_seed
+
+
+class PlainZO:
+    """One object per run: ``named`` is a list of (name, tensor) set in place before each evaluation."""
+
+    def __init__(self, named, strategy: str, rule: str, lr: float, eps: float, seed: int, *, pool=4, split=0.5,
+                 candidates=4, sigma=1.0, lr_mu=4e-2, beta=0.9, betas=(0.9, 0.999), adam_eps=1e-8, wd=0.0):
+        self.named, self.strategy, self.rule = named, strategy, rule
+        self.lr, self.eps, self.seed, self.wd = lr, eps, seed, wd
+        self.pool, self.split, self.k, self.sigma, self.lr_mu = pool, split, candidates, sigma, lr_mu
+        self.beta, self.betas, self.adam_eps = beta, betas, adam_eps
+        self.theta = {n: t.detach().clone().float() for n, t in named}
+        zeros = lambda: {n: torch.zeros_like(v) for n, v in self.theta.items()}
+        self.mu, self.m, self.v = zeros(), zeros(), zeros()
+        self.t = 0
+        self.log = []  # per step: (seeds, losses)
+
+    def _z(self, s):
+        return {n: noise.randn(s, noise.stream_id(n), v.numel()).view_as(v) for n, v in self.theta.items()}
+
+    def _f(self, closure, delta):
+        with torch.no_grad():
+            for n, t in self.named:
+                t.copy_(self.theta[n] + delta[n])
+            return float(closure())
+
+    def step(self, closure, step):
+        eps = self.eps
+        lin = lambda terms: {n: sum(c * z[n] for c, z in terms) for n in self.theta}
+        if self.strategy == "spsa":
+            seeds = [step_seed(self.seed, step, 0)]
+            z = self._z(seeds[0])
+            fp, fm = self._f(closure, lin([(eps, z)])), self._f(closure, lin([(-eps, z)]))
+            d, losses = z, [fp, fm]
+        elif self.strategy in ("gv", "greedy", "ldsd"):
+            n = self.k if self.strategy == "ldsd" else self.pool
+            seeds = [step_seed(self.seed, step, j) for j in range(n)]
+            zs = [self._z(s) for s in seeds]
+            if self.strategy == "ldsd":
+                zs = [{k: self.mu[k] + self.sigma * z[k] for k in z} for z in zs]
+            fs = [self._f(closure, lin([(eps, z)])) for z in zs]
+            order = sorted(range(n), key=lambda i: fs[i])
+            if self.strategy == "gv":
+                nb = min(max(1, round(n * self.split)), n - 1)
+                best, rest = order[:nb], order[nb:]
+                d = lin([(1 / nb, zs[i]) for i in best] + [(-1 / len(rest), zs[i]) for i in rest])
+                fp, fm = self._f(closure, lin([(eps, d)])), self._f(closure, lin([(-eps, d)]))
+                losses = fs + [fp, fm]
+            else:
+                b = order[0]
+                d = zs[b]
+                fp, fm = fs[b], self._f(closure, lin([(-eps, d)]))
+                losses = fs + [fm]
+        g = (fp - fm) / (2 * eps)
+        self._update(g, d)
+        if self.strategy == "ldsd":
+            c = [f - (sum(fs) - f) / (n - 1) for f in fs]
+            for k in self.mu:
+                grad_mu = sum(ci * (z[k] - self.mu[k]) for ci, z in zip(c, zs)) / (n * self.sigma**2)
+                self.mu[k] = self.mu[k] - self.lr_mu * grad_mu
+        with torch.no_grad():
+            for name, t in self.named:
+                t.copy_(self.theta[name])
+        self.log.append((seeds, losses))
+        return 0.5 * (fp + fm)
+
+    def _update(self, g, d):
+        self.t += 1
+        lr, decay = self.lr, 1 - self.lr * self.wd
+        for k in self.theta:
+            gd = g * d[k]
+            if self.rule == "sgd":
+                self.theta[k] = decay * self.theta[k] - lr * gd
+            elif self.rule == "momentum":
+                self.m[k] = self.beta * self.m[k] + gd
+                self.theta[k] = decay * self.theta[k] - lr * self.m[k]
+            elif self.rule == "adam":
+                b1, b2 = self.betas
+                self.m[k] = b1 * self.m[k] + (1 - b1) * gd
+                self.v[k] = b2 * self.v[k] + (1 - b2) * gd * gd
+                mhat, vhat = self.m[k] / (1 - b1**self.t), self.v[k] / (1 - b2**self.t)
+                self.theta[k] = decay * self.theta[k] - lr * mhat / (vhat.sqrt() + self.adam_eps)
+            elif self.rule == "sign":
+                self.theta[k] = decay * self.theta[k] - lr * torch.sign(gd)
+            else:
+                raise ValueError(self.rule)
+        assert all(math.isfinite(float(v.abs().max())) for v in self.theta.values())
