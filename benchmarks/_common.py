@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+# QZO_BENCH_RESULTS redirects results (dry runs of a benchmark must not touch the committed files).
+RESULTS = Path(os.environ.get("QZO_BENCH_RESULTS", Path(__file__).parent / "results"))
 
 
 def device_name() -> str:

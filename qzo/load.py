@@ -186,7 +186,9 @@ def load(
         cpu_fused_4bit: on CPUs with AVX512-BF16, let bitsandbytes repack 4-bit layers for
             its fused kernel on the first forward (measured 1.4x faster forwards on the
             demo, but those matmuls then run in bf16 with bf16 block scales whatever
-            ``dtype`` says). ``False`` keeps the dequantize-then-matmul path in ``dtype``.
+            ``dtype`` says, and have no backward: gradients through them come out zero).
+            ``False`` keeps the dequantize-then-matmul path in ``dtype``; use it for
+            first-order training on CPU.
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode with all base weights frozen.
