@@ -46,6 +46,7 @@ class StepRecord:
     loss: float
     lr: float
     forwards: int
+    direction_mu: float = 0.0  # coefficient of the strategy's mean in the direction (LDSD)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -194,6 +195,7 @@ class ZO:
             loss=est.loss,
             lr=lr,
             forwards=self.forwards,
+            direction_mu=est.direction_mu,
         )
         return est.loss
 

@@ -40,6 +40,9 @@ def replay_sgd(params, records: Iterable, weight_decay: float = 0.0) -> ParamSet
     params = as_param_set(params)
     for r in records:
         r = r if isinstance(r, dict) else r.to_json()
+        if float(r.get("direction_mu", 0.0)) != 0.0:
+            raise ValueError(f"step {r['step']} moved along LDSD's learned mean, which the log does not hold; "
+                             "replay covers state-free strategies (SPSA, GV, Greedy) with SGD")
         lr, grad = float(r["lr"]), float(r["grad"])
         seeds, coefs = combine([(int(s), -lr * grad * float(c)) for s, c in r["direction"]])
         scale = 1.0 - lr * weight_decay
