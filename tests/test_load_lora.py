@@ -106,3 +106,15 @@ def test_fused_and_plain_cpu_paths_agree_to_bf16_precision():
         with torch.no_grad():
             logits.append(model(input_ids=x).logits)
     torch.testing.assert_close(logits[0], logits[1], rtol=5e-2, atol=5e-2)
+
+
+def test_cache_command_shows_and_clears(tmp_path, monkeypatch, capsys):
+    from qzo.cli import main
+
+    monkeypatch.setenv("QZO_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "gguf" / "m").mkdir(parents=True)
+    (tmp_path / "cache" / "gguf" / "m" / "config.json").write_text("{}" * 1000)
+    assert main(["cache"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "cache")
+    assert main(["cache", "--clear"]) == 0
+    assert "cleared" in capsys.readouterr().out and not (tmp_path / "cache").exists()
