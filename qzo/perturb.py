@@ -8,8 +8,9 @@ given, then ``mu``'s term, then ``x = round(scale * float(x) + delta)``, rounded
 ``x.dtype`` once. SPSA is one seed; a guiding vector is several seeds with +-1/|group|; a fused
 restore-and-update is the undo coefficients plus the update coefficients of the same seeds
 summed per seed, so it costs the same single pass as a perturbation. ``scale`` carries
-decoupled weight decay into that same pass. The noise is regenerated per chunk and never
-held for a whole tensor.
+decoupled weight decay into that same pass. The noise is regenerated per chunk; on CPU the
+chunks of the current step are kept in a bounded cache (:class:`NoiseCache`), never across
+steps, and the GPU kernels keep none.
 """
 
 from __future__ import annotations
