@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
 
-__all__ = ["randn", "derive_seed", "stream_id", "philox4x32"]
+__all__ = ["randn", "derive_seed", "derive_seeds", "stream_id", "philox4x32"]
 
 _MASK32 = 0xFFFFFFFF
 _KEY_A = 0x9E3779B9
@@ -63,6 +64,30 @@ def derive_seed(seed: int, stream: int) -> int:
         raise ValueError(f"seed and stream must be non-negative, got seed={seed}, stream={stream}")
     # The pi-digits constant keeps (0, 0) away from the all-zero key.
     return _mix64(_mix64(seed ^ 0x243F6A8885A308D3) ^ (stream * 0x9E3779B97F4A7C15)) & 0x7FFFFFFFFFFFFFFF
+
+
+def _mix64_np(x: np.ndarray) -> np.ndarray:
+    """:func:`_mix64` on a uint64 array (numpy's uint64 arithmetic wraps like the masked int version)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def derive_seeds(seeds, streams) -> np.ndarray:
+    """:func:`derive_seed` for every (stream, seed) pair at once: int64 array ``[len(streams), len(seeds)]``.
+
+    The kernels' per-launch key table. Vectorized because a launch over every LoRA tensor of
+    a 7B model needs a few hundred keys per step, and a Python loop over them would cost more
+    than the launch itself.
+    """
+    s = np.asarray(list(seeds), dtype=np.int64)
+    k = np.asarray(list(streams), dtype=np.int64)
+    if (s < 0).any() or (k < 0).any():
+        raise ValueError("seeds and streams must be non-negative")
+    s, k = s.astype(np.uint64)[None, :], k.astype(np.uint64)[:, None]
+    with np.errstate(over="ignore"):
+        x = _mix64_np(_mix64_np(s ^ np.uint64(0x243F6A8885A308D3)) ^ (k * np.uint64(0x9E3779B97F4A7C15)))
+    return (x & np.uint64(0x7FFFFFFFFFFFFFFF)).astype(np.int64)
 
 
 def stream_id(name: str) -> int:

@@ -20,8 +20,9 @@ from typing import Sequence
 import torch
 
 from . import noise
+from .backend import use_triton
 
-__all__ = ["perturb_", "combine", "noise_combo", "chunks", "NoiseCache", "noise_cache"]
+__all__ = ["perturb_", "perturb_params_", "combine", "noise_combo", "chunks", "NoiseCache", "noise_cache"]
 
 
 class NoiseCache:
@@ -148,6 +149,10 @@ def perturb_(
     use_mu = mu is not None and mu_coef != 0.0
     if not seeds and not use_mu and scale == 1.0:
         return x
+    if use_triton(x.device):
+        from qzo_kernels.perturb import perturb_tensor
+
+        return perturb_tensor(x, stream, seeds, coefs, mu=mu, mu_coef=mu_coef, scale=scale)
     flat = x.view(-1)
     mu_flat = mu.reshape(-1) if use_mu else None
     for start, end in chunks(flat.numel()):
@@ -158,3 +163,34 @@ def perturb_(
             base = base * scale
         flat[start:end] = (base + delta).to(x.dtype)
     return x
+
+
+@torch.no_grad()
+def perturb_params_(
+    params,
+    seeds: Sequence[int],
+    coefs: Sequence[float],
+    mu_for=None,
+    mu_coef: float = 0.0,
+    scale: float = 1.0,
+) -> None:
+    """:func:`perturb_` on every trainable of a :class:`~qzo.params.ParamSet` (same seeds and coefficients).
+
+    ``mu_for(name)`` gives each tensor's dense mean (or ``None``). This is the one entry point
+    the optimizer and the rules use, so the backend is chosen in one place: with the Triton
+    backend (``qzo.backend``) the tensors are grouped by device, dtype and whether they have a
+    mean, and each group is one multi-tensor launch.
+    """
+    groups: dict[tuple, list] = {}
+    for t in params:
+        mu = mu_for(t.name) if mu_for is not None else None
+        if use_triton(t.tensor.device):
+            groups.setdefault((t.tensor.device, t.tensor.dtype, mu is not None), []).append((t, mu))
+        else:
+            perturb_(t.tensor, t.stream, seeds, coefs, mu=mu, mu_coef=mu_coef, scale=scale)
+    if groups:
+        from qzo_kernels.perturb import perturb_many
+
+        for (_, _, has_mu), members in groups.items():
+            perturb_many([t.tensor for t, _ in members], [t.stream for t, _ in members], seeds, coefs,
+                         mus=[m for _, m in members] if has_mu else None, mu_coef=mu_coef, scale=scale)

@@ -4,6 +4,9 @@ Each walks every tensor chunk by chunk: regenerate the leftover perturbation (to
 and the direction ``d``, form the projected gradient ``grad * d``, update the rule's
 state and the trainables in the same pass. State tensors are float32, one value per
 trainable value (Momentum: 1, Adam: 2, Sign: none), and are saved in checkpoints.
+
+This chunk loop is the torch reference; with the Triton backend (``qzo.backend``) the same
+update is one fused multi-tensor launch per dtype (``qzo_kernels.update``).
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from ..params import ParamSet
-from ..perturb import chunks, noise_combo
+from ..backend import use_triton
+from ..perturb import chunks, combine, noise_combo
 from ..strategies.base import Estimate
 from .base import Rule, mu_of
 
@@ -40,12 +44,25 @@ class DenseRule(Rule):
         """New theta for one chunk; ``state`` maps state names to the chunk's views (update in place)."""
         raise NotImplementedError
 
+    #: the kernel's name for this rule (``qzo_kernels.update.RULES``)
+    kernel_rule: str = ""
+
+    def kernel_constants(self, lr: float) -> dict:
+        """The rule's constants for the fused kernel at this step (after ``self.t`` advanced)."""
+        return {}
+
     @torch.no_grad()
     def apply(self, params: ParamSet, est: Estimate, lr: float) -> None:
         self.t += 1
         undo_seeds, undo_coefs = [s for s, _ in est.applied], [c for _, c in est.applied]
         dir_seeds, dir_coefs = [s for s, _ in est.direction], [c for _, c in est.direction]
+        on_kernel = [t for t in params if use_triton(t.tensor.device)]
+        if on_kernel:
+            self._apply_kernel(on_kernel, est, lr)
+        done = {t.name for t in on_kernel}
         for t in params:
+            if t.name in done:
+                continue
             flat = t.tensor.view(-1)
             mu = mu_of(est, t.name)
             mu_flat = mu.reshape(-1) if mu is not None else None
@@ -61,6 +78,28 @@ class DenseRule(Rule):
                     theta = theta * (1.0 - lr * self.weight_decay)
                 chunk_state = {k: v[start:end] for k, v in views.items()}
                 flat[start:end] = self.chunk_update(theta, d.mul_(est.grad), chunk_state, lr).to(t.tensor.dtype)
+
+    def _apply_kernel(self, trainables, est: Estimate, lr: float) -> None:
+        from qzo_kernels.update import RULES, dense_update_many
+
+        roles = RULES[self.kernel_rule][1]  # the kernel's names for this rule's state tensors, in order
+
+        # each seed's noise is generated once and feeds both the leftover and the direction
+        seeds, _ = combine([(s, 1.0) for s, _ in est.applied], [(s, 1.0) for s, _ in est.direction])
+        undo = dict(est.applied)
+        direction = dict(est.direction)
+        groups: dict[tuple, list] = {}
+        for t in trainables:
+            mu = mu_of(est, t.name)
+            groups.setdefault((t.tensor.device, t.tensor.dtype, mu is not None), []).append((t, mu))
+        for (_, _, has_mu), members in groups.items():
+            dense_update_many(
+                self.kernel_rule, [t.tensor for t, _ in members], [t.stream for t, _ in members], seeds,
+                [undo.get(s, 0.0) for s in seeds], [direction.get(s, 0.0) for s in seeds],
+                {role: [self.state[k][t.name] for t, _ in members] for role, k in zip(roles, self.state_names)},
+                grad=est.grad, lr=lr, decay=1.0 - lr * self.weight_decay,
+                mus=[m for _, m in members] if has_mu else None, undo_mu=est.applied_mu, dir_mu=est.direction_mu,
+                **self.kernel_constants(lr))
 
     def state_dict(self) -> dict:
         return {"t": self.t, **{k: {n: v.detach().clone() for n, v in self.state[k].items()} for k in self.state_names}}
@@ -84,12 +123,16 @@ class Momentum(DenseRule):
     """
 
     state_names = ("momentum",)
+    kernel_rule = "momentum"
 
     def __init__(self, lr: float, beta: float = 0.9, weight_decay: float = 0.0):
         if not 0 <= beta < 1:
             raise ValueError(f"beta must be in [0, 1), got {beta}")
         self.beta = float(beta)
         super().__init__(lr, weight_decay)
+
+    def kernel_constants(self, lr):
+        return {"beta1": self.beta}
 
     def chunk_update(self, theta, g, state, lr):
         m = state["momentum"]
@@ -108,6 +151,7 @@ class Adam(DenseRule):
     """
 
     state_names = ("exp_avg", "exp_avg_sq")
+    kernel_rule = "adam"
 
     def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
@@ -116,6 +160,11 @@ class Adam(DenseRule):
             raise ValueError(f"need betas in [0, 1) and eps > 0, got betas={betas}, eps={eps}")
         self.betas, self.eps = (float(b1), float(b2)), float(eps)
         super().__init__(lr, weight_decay)
+
+    def kernel_constants(self, lr):
+        b1, b2 = self.betas
+        return {"beta1": b1, "beta2": b2, "step_size": lr / (1 - b1**self.t), "bias2": 1 - b2**self.t,
+                "adam_eps": self.eps}
 
     def chunk_update(self, theta, g, state, lr):
         b1, b2 = self.betas
@@ -134,6 +183,8 @@ class Sign(DenseRule):
         lr: learning rate (the step of every value is exactly lr).
         weight_decay: decoupled weight decay.
     """
+
+    kernel_rule = "sign"
 
     def chunk_update(self, theta, g, state, lr):
         return theta - lr * torch.sign(g)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..params import ParamSet
-from ..perturb import combine, perturb_
+from ..perturb import combine, perturb_params_
 from ..strategies.base import Estimate
 from .base import Rule, mu_of
 
@@ -32,5 +32,4 @@ class SGD(Rule):
 
     def apply(self, params: ParamSet, est: Estimate, lr: float) -> None:
         scale, seeds, coefs, mu_coef = self.update_terms(est, lr)
-        for t in params:
-            perturb_(t.tensor, t.stream, seeds, coefs, mu=mu_of(est, t.name), mu_coef=mu_coef, scale=scale)
+        perturb_params_(params, seeds, coefs, mu_for=lambda name: mu_of(est, name), mu_coef=mu_coef, scale=scale)
