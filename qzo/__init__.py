@@ -17,6 +17,7 @@ logging.getLogger("bitsandbytes.autograd._functions").addFilter(
 )
 
 from . import noise  # noqa: E402
+from .backend import get_backend, set_backend  # noqa: E402
 from .errors import ConfigError, DataError, ModelSourceError, NonFiniteLossError, QzoError  # noqa: E402
 from .load import load  # noqa: E402
 from .lora import lora  # noqa: E402
@@ -29,5 +30,5 @@ from .strategies import GV, LDSD, SPSA, Estimate, Greedy, Strategy  # noqa: E402
 __all__ = [
     "load", "lora", "ZO", "StepRecord", "SPSA", "GV", "Greedy", "LDSD", "SGD", "Momentum", "Adam", "Sign",
     "Schedule", "Strategy", "Rule", "Estimate", "ParamSet", "Trainable",
-    "noise", "QzoError", "ConfigError", "DataError", "ModelSourceError", "NonFiniteLossError", "__version__",
+    "noise", "set_backend", "get_backend", "QzoError", "ConfigError", "DataError", "ModelSourceError", "NonFiniteLossError", "__version__",
 ]

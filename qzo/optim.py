@@ -21,7 +21,7 @@ import torch
 from .errors import NonFiniteLossError
 from .noise import _mix64
 from .params import ParamSet, as_param_set
-from .perturb import noise_cache, perturb_
+from .perturb import noise_cache, perturb_params_
 from .rules import SGD, Rule
 from .schedule import Schedule
 from .strategies import SPSA, Estimate, Strategy
@@ -68,9 +68,7 @@ class _Probe:
     def perturb(self, terms: list[tuple[int, float]], mu_coef: float = 0.0) -> None:
         seeds = [int(s) for s, _ in terms]
         coefs = [float(c) for _, c in terms]
-        strategy = self._opt.strategy
-        for t in self._opt.params:
-            perturb_(t.tensor, t.stream, seeds, coefs, mu=strategy.mu_for(t.name), mu_coef=mu_coef)
+        perturb_params_(self._opt.params, seeds, coefs, mu_for=self._opt.strategy.mu_for, mu_coef=mu_coef)
         for s, c in zip(seeds, coefs):
             self.applied[s] = self.applied.get(s, 0.0) + c
         self.applied_mu += mu_coef
