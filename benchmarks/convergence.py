@@ -23,6 +23,8 @@ CSV are skipped). Outputs under benchmarks/results/:
                       fraction_of_spsa_forwards (forwards to reach MeZO's final loss / MeZO's)
 
     python benchmarks/convergence.py [--budget 240] [--seeds 0 1 2] [--sweep-budget 160]
+    python benchmarks/convergence.py --quick     # smoke run (CI): budget 8, one lr, one seed, results
+                                                 # to a temporary folder unless QZO_BENCH_RESULTS is set
 
 The committed results were made with --budget 160 --sweep-budget 80 --eval-every 40 (what
 fits a 2-core CPU session: about 70 minutes).
@@ -33,8 +35,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,6 +67,16 @@ FO_FORWARDS_PER_STEP = 3  # forward + backward, in forward-equivalents
 BATCH, MAX_LEN, EVAL_BATCH = 8, 96, 16
 FIELDS = ["method", "lr", "seed", "phase", "forwards", "wall_s", "eval_loss"]
 CSV_PATH = RESULTS / "convergence.csv"
+HELD_OUT_LIMIT: int | None = None  # --quick evaluates on the first chats only
+
+
+def use_results_dir(folder: Path) -> None:
+    """Send the CSV, JSON and PNG to ``folder`` (``--quick`` must not touch the committed results)."""
+    global RESULTS, CSV_PATH
+    import _common
+
+    RESULTS = _common.RESULTS = folder
+    CSV_PATH = folder / "convergence.csv"
 
 
 def load_rows() -> list[dict]:
@@ -92,6 +106,8 @@ def run_one(method: str, lr: float, seed: int, budget: int, eval_every: int, pha
     params = qzo.lora(model, r=8, alpha=16, target_modules=["q_proj", "v_proj"], seed=seed)
     train = ChatDataset.from_jsonl(tok, "builtin:demo_train", MAX_LEN)
     held = ChatDataset.from_jsonl(tok, "builtin:demo_eval", MAX_LEN)
+    if HELD_OUT_LIMIT:
+        held = ChatDataset(held.input_ids[:HELD_OUT_LIMIT], held.labels[:HELD_OUT_LIMIT], held.source)
     batches = Batcher(train, BATCH, seed, tok.pad_token_id)
     rows, wall, forwards, step = [], 0.0, 0, 0
     evaluate = lambda: eval_loss(model, held, EVAL_BATCH, tok.pad_token_id)
@@ -217,7 +233,8 @@ def plot(rows, summary, best_lr, seeds) -> Path | None:
         ax.fill_between(xs, lo, hi, alpha=0.15)
     ax.set_xlabel("forward passes")
     ax.set_ylabel("held-out loss (assistant tokens)")
-    ax.set_title(f"SmolLM2-135M NF4, LoRA r8: mean and min-max over {len(seeds)} seeds")
+    counts = sorted({info["seeds"] for info in summary["methods"].values()})
+    ax.set_title(f"SmolLM2-135M NF4, LoRA r8: mean and min-max over {'/'.join(map(str, counts))} seeds per method")
     ax.legend()
     path = RESULTS / "convergence.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -231,9 +248,18 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--eval-every", type=int, default=40)
+    ap.add_argument("--note", default="", help="a remark stored in the JSON (e.g. why some seeds are missing)")
     ap.add_argument("--summarize-only", action="store_true",
                     help="only tabulate the runs already in the CSV (e.g. of an interrupted benchmark)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run (budget 8, one lr per method, seed 0, 16 held-out chats) into a temporary "
+                         "results folder")
     args = ap.parse_args()
+    global ZO_GRID, FO_GRID, HELD_OUT_LIMIT
+    if args.quick:
+        args.budget, args.sweep_budget, args.seeds, args.eval_every = 8, 4, [0], 4
+        ZO_GRID, FO_GRID, HELD_OUT_LIMIT = ZO_GRID[:1], FO_GRID[:1], 16
+        use_results_dir(Path(os.environ.get("QZO_BENCH_RESULTS") or tempfile.mkdtemp(prefix="qzo-convergence-")))
     rows = load_rows()
 
     def ensure(method, lr, seed, budget, phase):
@@ -264,6 +290,8 @@ def main() -> None:
         print(f"complete seeds: {seeds_done} (of {args.seeds}); the table uses what each method has")
 
     summary = summarize(rows, args.budget, args.seeds, sweep, best_lr)
+    if args.note:
+        summary["note"] = args.note
     write_result("convergence.json", summary)
     png = plot(rows, summary, best_lr, args.seeds)
     print(f"device: {summary['device']}")
