@@ -4,6 +4,9 @@
     params = qzo.lora(model, r=8, target_modules=["q_proj", "v_proj"])
     opt = qzo.ZO(params, strategy=qzo.SPSA(), rule=qzo.SGD(lr=1e-3), eps=1e-2)
     loss = opt.step(lambda: model(**batch).loss)
+
+A pool strategy over LoRA can evaluate its pool in one stacked forward:
+``qzo.GV(pool=4, batched=True)`` with ``opt.step(qzo.CausalLMLoss(model, batch))``.
 """
 
 import logging
@@ -18,6 +21,11 @@ logging.getLogger("bitsandbytes.autograd._functions").addFilter(
 
 from . import noise  # noqa: E402
 from .backend import get_backend, set_backend  # noqa: E402
+from .batched import CausalLMLoss  # noqa: E402
+from . import targets  # noqa: E402
+from .dense import DenseParams, dense, load_dense  # noqa: E402
+from .scales import ScaleParams, clip_grad, load_scales, scales  # noqa: E402
+from .targets import TargetError, combine  # noqa: E402
 from .errors import ConfigError, DataError, ModelSourceError, NonFiniteLossError, QzoError  # noqa: E402
 from .load import load  # noqa: E402
 from .lora import lora  # noqa: E402
@@ -29,6 +37,6 @@ from .strategies import GV, LDSD, SPSA, Estimate, Greedy, Strategy  # noqa: E402
 
 __all__ = [
     "load", "lora", "ZO", "StepRecord", "SPSA", "GV", "Greedy", "LDSD", "SGD", "Momentum", "Adam", "Sign",
-    "Schedule", "Strategy", "Rule", "Estimate", "ParamSet", "Trainable",
+    "CausalLMLoss", "scales", "dense", "combine", "clip_grad", "load_scales", "load_dense", "ScaleParams", "DenseParams", "TargetError", "targets", "Schedule", "Strategy", "Rule", "Estimate", "ParamSet", "Trainable",
     "noise", "set_backend", "get_backend", "QzoError", "ConfigError", "DataError", "ModelSourceError", "NonFiniteLossError", "__version__",
 ]

@@ -52,6 +52,8 @@ DEFAULTS: dict = {
         "schedule": "constant",  # constant | linear | cosine
         "warmup_steps": 0,
         "min_lr_ratio": 0.0,  # final lr / lr for linear and cosine
+        "batched": False,  # gv, greedy, ldsd: evaluate the pool in one stacked forward (LoRA only)
+        "clip": None,  # limit the projected gradient to [-clip, clip] (QZO's clipping; null: off)
     },
     "train": {
         "steps": 200,
@@ -84,6 +86,7 @@ _NULLABLE_TYPES = {
     ("model", "offload_folder"): (str,),
     ("data", "eval"): (str,),
     ("out_dir",): (str,),
+    ("optim", "clip"): (float, int),
 }
 
 
@@ -215,6 +218,10 @@ def validate(cfg: dict) -> dict:
         raise ConfigError("config keys 'optim.pool' >= 1 and 'optim.candidates' >= 2 are required")
     if not 0 < o["split"] < 1 or not 0 <= o["momentum"] < 1 or o["min_lr_ratio"] > 1:
         raise ConfigError("need 0 < optim.split < 1, 0 <= optim.momentum < 1, optim.min_lr_ratio <= 1")
+    if o["batched"] and o["strategy"] == "spsa":
+        raise ConfigError("config key 'optim.batched' applies to pool strategies (gv, greedy, ldsd), not spsa")
+    if o["clip"] is not None and not o["clip"] > 0:
+        raise ConfigError(f"config key 'optim.clip' must be > 0 or null, got {o['clip']}")
     if len(o["betas"]) != 2 or not all(0 <= b < 1 for b in o["betas"]):
         raise ConfigError(f"config key 'optim.betas' must be two values in [0, 1), got {o['betas']}")
     return cfg

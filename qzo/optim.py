@@ -18,9 +18,11 @@ from typing import Callable
 
 import torch
 
-from .errors import NonFiniteLossError
+from .batched import Candidate
+from .errors import NonFiniteLossError, QzoError
 from .noise import _mix64
 from .params import ParamSet, as_param_set
+from .scales import clip_grad
 from .perturb import noise_cache, perturb_params_
 from .rules import SGD, Rule
 from .schedule import Schedule
@@ -55,7 +57,14 @@ class StepRecord:
 
 
 class _Probe:
-    """The strategy's handle on the trainables and the closure for one step."""
+    """The strategy's handle on the trainables and the closure for one step.
+
+    ``applied`` / ``applied_mu`` book-keep the perturbation currently on the trainables
+    (x = theta + sum coef * z(seed) + applied_mu * mu). Strategies move with :meth:`move_to`
+    (an absolute target, reached from whatever is applied in one pass), so the same code
+    works whether the pool was evaluated one by one (the last candidate left applied) or
+    batched (nothing applied).
+    """
 
     def __init__(self, opt: "ZO", closure: Callable[[], object]):
         self._opt = opt
@@ -73,28 +82,78 @@ class _Probe:
             self.applied[s] = self.applied.get(s, 0.0) + c
         self.applied_mu += mu_coef
 
-    def evaluate(self) -> float:
-        with torch.no_grad():
-            value = self._closure()
-        self._opt.forwards += 1
-        loss = float(value.detach().float().item() if isinstance(value, torch.Tensor) else value)
-        self.losses.append(loss)
+    def _delta(self, terms: list[tuple[int, float]], mu_coef: float) -> tuple[list[tuple[int, float]], float, dict]:
+        """(terms, mu coefficient) that lead from the applied perturbation to the target; and the target."""
+        target: dict[int, float] = {}
+        for s, c in terms:
+            target[int(s)] = target.get(int(s), 0.0) + float(c)
+        # applied seeds first, then new ones: a fixed order, so the float summation is replayable
+        order = list(self.applied) + [s for s in target if s not in self.applied]
+        delta = [(s, target.get(s, 0.0) - self.applied.get(s, 0.0)) for s in order]
+        return [(s, c) for s, c in delta if c != 0.0], float(mu_coef) - self.applied_mu, target
+
+    def move_to(self, terms: list[tuple[int, float]], mu_coef: float = 0.0) -> None:
+        """Put the trainables at ``theta + sum coef * z(seed) + mu_coef * mu``, in one pass from where they are."""
+        delta, mu_delta, target = self._delta(terms, mu_coef)
+        if delta or mu_delta:
+            self.perturb(delta, mu_coef=mu_delta)
+        # book-keep the target itself, not a float sum that may be off by an ulp
+        self.applied = {s: c for s, c in target.items() if c != 0.0}
+        self.applied_mu = float(mu_coef)
+
+    def _check_finite(self, loss: float, index: int) -> None:
         if not math.isfinite(loss):
             self.restore()
             step = self._opt.steps + 1
             raise NonFiniteLossError(
-                f"loss is {loss} at step {step} (evaluation {len(self.losses)} of the step); the "
+                f"loss is {loss} at step {step} (evaluation {index} of the step); the "
                 "trainables were restored to their values before the step. Lower optim.lr or optim.eps, "
                 "or check the data for empty targets.",
                 step=step,
             )
+
+    def evaluate(self) -> float:
+        with torch.no_grad():
+            value = self._closure()
+        self._opt.forwards += 1
+        self._opt.forward_calls += 1
+        loss = float(value.detach().float().item() if isinstance(value, torch.Tensor) else value)
+        self.losses.append(loss)
+        self._check_finite(loss, len(self.losses))
         return loss
+
+    def evaluate_batch(self, candidates: list[tuple[list[tuple[int, float]], float]]) -> list[float]:
+        """The loss at each ``(terms, mu_coef)`` target in one stacked forward; the trainables do not move.
+
+        Counts ``len(candidates)`` evaluations in ``opt.forwards`` (they are that many loss
+        evaluations) and one in ``opt.forward_calls`` (one forward ran). Needs a closure with
+        ``evaluate_candidates`` (:class:`qzo.CausalLMLoss`).
+        """
+        evaluate = getattr(self._closure, "evaluate_candidates", None)
+        if evaluate is None:
+            raise QzoError(
+                f"the strategy was built with batched=True, but the closure given to opt.step "
+                f"({type(self._closure).__name__}) cannot evaluate a pool in one forward. Pass "
+                "qzo.CausalLMLoss(model, batch) instead of a lambda, or build the strategy with batched=False.")
+        relative = []
+        for terms, mu_coef in candidates:
+            delta, mu_delta, _ = self._delta(terms, mu_coef)
+            relative.append(Candidate(tuple(delta), mu_delta))
+        with torch.no_grad():
+            values = evaluate(self._opt.params, relative, mu_for=self._opt.strategy.mu_for)
+        self._opt.forwards += len(relative)
+        self._opt.forward_calls += 1
+        losses = [float(v) for v in torch.as_tensor(values).detach().float().cpu().tolist()]
+        if len(losses) != len(relative):
+            raise ValueError(f"evaluate_candidates returned {len(losses)} losses for {len(relative)} candidates")
+        for loss in losses:
+            self.losses.append(loss)
+            self._check_finite(loss, len(self.losses))
+        return losses
 
     def restore(self) -> None:
         """Undo every perturbation applied during this step."""
-        terms = [(s, -c) for s, c in self.applied.items() if c != 0.0]
-        if terms or self.applied_mu:
-            self.perturb(terms, mu_coef=-self.applied_mu)
+        self.move_to([])
 
 
 class ZO:
@@ -110,6 +169,12 @@ class ZO:
         seed: base seed of the run; step seeds are derived from it and the step number.
         schedule: a :class:`qzo.schedule.Schedule` scaling the rule's lr per step
             (default: constant).
+        clip: limit the projected gradient to ``[-clip, clip]`` (QZO's directional-derivative
+            clipping, C = 100 in that paper); default: the trainables' own ``clip``
+            (``qzo.scales(..., clip=...)``), else none. The step log records the clipped value.
+
+    ``forwards`` counts loss evaluations (a batched pool of K counts K, so budgets compare
+    across ``batched``); ``forward_calls`` counts the model forwards that actually ran.
 
     Example::
 
@@ -126,6 +191,7 @@ class ZO:
         seed: int = 0,
         lr: float | None = None,
         schedule: Schedule | None = None,
+        clip: float | None = None,
     ):
         self.params: ParamSet = as_param_set(params)
         self.strategy = strategy if strategy is not None else SPSA()
@@ -141,10 +207,15 @@ class ZO:
         self.eps = float(eps)
         self.seed = int(seed)
         self.schedule = schedule if schedule is not None else Schedule()
+        # qzo.scales(..., clip=C) carries QZO's clip along with the trainables it is meant for
+        self.clip = clip if clip is not None else getattr(self.params, "clip", None)
+        if self.clip is not None and not self.clip > 0:
+            raise ValueError(f"clip must be > 0 (QZO uses 100), got {self.clip}")
         self.strategy.bind(self.params)
         self.rule.bind(self.params)
         self.steps = 0
-        self.forwards = 0
+        self.forwards = 0  # loss evaluations (a batched pool of K counts K)
+        self.forward_calls = 0  # model forwards actually run (a batched pool counts 1)
         self.last_record: StepRecord | None = None
 
     @property
@@ -179,6 +250,8 @@ class ZO:
             if not math.isfinite(est.grad):
                 probe.restore()
                 raise NonFiniteLossError(f"projected gradient is {est.grad} at step {step}; trainables restored", step)
+            if self.clip is not None:
+                est.grad = clip_grad(est.grad, self.clip)
             self.rule.apply(self.params, est, lr)
             self.strategy.after_update(self.params)
         finally:
@@ -202,6 +275,7 @@ class ZO:
         return {
             "steps": self.steps,
             "forwards": self.forwards,
+            "forward_calls": self.forward_calls,
             "seed": self.seed,
             "eps": self.eps,
             "strategy": self.strategy.state_dict(),
@@ -211,6 +285,7 @@ class ZO:
     def load_state_dict(self, state: dict) -> None:
         self.steps = int(state["steps"])
         self.forwards = int(state["forwards"])
+        self.forward_calls = int(state.get("forward_calls", self.forwards))  # older checkpoints: never batched
         self.seed = int(state["seed"])
         self.eps = float(state["eps"])
         self.strategy.load_state_dict(state.get("strategy", {}))

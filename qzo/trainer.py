@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from .batched import CausalLMLoss
 from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import ConfigError, load_config, validate
 from .data import Batcher, ChatDataset, eval_loss, model_input_device, read_chat_jsonl
@@ -50,9 +51,9 @@ def build_optimizer(cfg: dict, params) -> ZO:
     o = cfg["optim"]
     strategies = {
         "spsa": lambda: SPSA(),
-        "gv": lambda: GV(pool=o["pool"], split=o["split"]),
-        "greedy": lambda: Greedy(pool=o["pool"]),
-        "ldsd": lambda: LDSD(candidates=o["candidates"], sigma=o["sigma"], lr_mu=o["lr_mu"]),
+        "gv": lambda: GV(pool=o["pool"], split=o["split"], batched=o["batched"]),
+        "greedy": lambda: Greedy(pool=o["pool"], batched=o["batched"]),
+        "ldsd": lambda: LDSD(candidates=o["candidates"], sigma=o["sigma"], lr_mu=o["lr_mu"], batched=o["batched"]),
     }
     wd = o["weight_decay"]
     rules = {
@@ -64,7 +65,7 @@ def build_optimizer(cfg: dict, params) -> ZO:
     schedule = Schedule(o["schedule"], total_steps=cfg["train"]["steps"], warmup_steps=o["warmup_steps"],
                         min_ratio=o["min_lr_ratio"])
     return ZO(params, strategy=strategies[o["strategy"]](), rule=rules[o["rule"]](), eps=o["eps"],
-              seed=cfg["train"]["seed"], schedule=schedule)
+              seed=cfg["train"]["seed"], schedule=schedule, clip=o["clip"])
 
 
 def load_model_and_lora(cfg: dict):
@@ -229,7 +230,8 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
         for step in range(first_step, t["steps"] + 1):
             batch = {k: v.to(device) for k, v in s.batcher.batch(step).items()}
             try:
-                loss = s.opt.step(lambda: s.model(**batch).loss)
+                # a closure that can also evaluate a whole pool in one stacked forward (optim.batched)
+                loss = s.opt.step(CausalLMLoss(s.model, batch))
             except NonFiniteLossError as exc:
                 ckpt = latest_checkpoint(s.run_dir)
                 kept = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint had been written yet"

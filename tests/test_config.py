@@ -39,6 +39,8 @@ def test_overrides_parse_values():
         (["model.quant=int3"], r"'model.quant'.*nf4, fp4, int8, none"),
         (["train.steps=0"], r"'train.steps' must be >= 1"),
         (["lora.target_modules=[]"], "target_modules"),
+        (["optim.batched=true"], r"'optim.batched' applies to pool strategies"),
+        (["optim.clip=0"], r"'optim.clip' must be > 0"),
     ],
 )
 def test_bad_overrides(overrides, match):

@@ -133,3 +133,20 @@ def test_closure_runs_without_grad():
     opt.step(lambda: seen.append(torch.is_grad_enabled()) or (w**2).sum())
     assert seen == [False, False]
     assert math.isfinite(opt.last_record.grad)
+
+
+def test_clip_limits_the_projected_gradient_and_the_log_records_it():
+    """QZO's clipping: a loss jump of 10 over 2 eps = 0.02 is a slope of 500, clipped to 100."""
+    w = torch.zeros(5)
+    losses = iter([10.0, 0.0])
+    opt = qzo.ZO([("w", w)], rule=qzo.SGD(lr=1e-3), eps=1e-2, clip=100.0)
+    opt.step(lambda: next(losses))
+    assert opt.last_record.grad == 100.0
+    z = noise.randn(opt.last_record.seeds[0], noise.stream_id("w"), 5)
+    torch.testing.assert_close(w, -1e-3 * 100.0 * z, rtol=0, atol=1e-6)
+    unclipped = qzo.ZO([("w", torch.zeros(5))], rule=qzo.SGD(lr=1e-3), eps=1e-2)
+    losses = iter([10.0, 0.0])
+    unclipped.step(lambda: next(losses))
+    assert unclipped.last_record.grad == pytest.approx(500.0)
+    with pytest.raises(ValueError, match="clip must be > 0"):
+        qzo.ZO([torch.zeros(2)], clip=0)

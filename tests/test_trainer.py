@@ -158,3 +158,17 @@ def test_resume_is_bit_exact_for_stateful_strategies_and_rules(strategy, rule, t
     assert (full / "checkpoints/step-000004/optimizer.safetensors").is_file() == stateful
     meta = json.loads((full / "checkpoints/step-000004/meta.json").read_text())
     assert meta["forwards"] == 4 * {"gv": 5, "greedy": 4, "ldsd": 4}[strategy]
+
+
+def test_batched_pool_and_clip_through_the_config(tiny_model_dir, overfit_data, tmp_path):
+    """optim.batched and optim.clip reach the optimizer: same seeds as one by one, 1 forward call per pool."""
+    extra = {"optim.strategy": "gv", "optim.pool": 3, "optim.lr": 1e-2, "optim.clip": 50.0, "train.steps": 2,
+             "train.eval_every": 2, "train.save_every": 2}
+    plain, batched = tmp_path / "plain", tmp_path / "batched"
+    train(None, _sets(tiny_model_dir, overfit_data, plain, **extra), progress=False)
+    train(None, _sets(tiny_model_dir, overfit_data, batched, **{**extra, "optim.batched": True}), progress=False)
+    steps = [[json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()] for run in (plain, batched)]
+    for a, b in zip(*steps):
+        assert a["seeds"] == b["seeds"] and a["forwards"] == b["forwards"]
+        assert b["losses"] == pytest.approx(a["losses"], rel=1e-4)
+        assert abs(a["grad"]) <= 50.0

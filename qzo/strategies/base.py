@@ -18,15 +18,30 @@ __all__ = ["Component", "Estimate", "Probe", "Strategy"]
 
 
 class Probe(Protocol):
-    """What a strategy may do during a step (implemented by ``qzo.ZO``)."""
+    """What a strategy may do during a step (implemented by ``qzo.ZO``).
+
+    Targets are absolute (relative to theta, the values before the step): :meth:`move_to`
+    reaches one from whatever is applied now, so a strategy never has to know what the
+    previous evaluation left on the trainables (a batched pool leaves nothing, a one-by-one
+    pool its last candidate).
+    """
 
     eps: float
 
     def perturb(self, terms: list[tuple[int, float]], mu_coef: float = 0.0) -> None:
         """Add ``sum coef * z(seed)`` (+ ``mu_coef`` * the strategy's mean) to every trainable."""
 
+    def move_to(self, terms: list[tuple[int, float]], mu_coef: float = 0.0) -> None:
+        """Put the trainables at ``theta + sum coef * z(seed) + mu_coef * mu`` (one pass)."""
+
     def evaluate(self) -> float:
         """Run the closure once at the current (perturbed) values; returns a finite float."""
+
+    def evaluate_batch(self, candidates: list[tuple[list[tuple[int, float]], float]]) -> list[float]:
+        """The loss at each ``(terms, mu_coef)`` target, all in one stacked forward; the trainables stay put.
+
+        Needs a closure that can batch (``qzo.CausalLMLoss``) and LoRA trainables; see ``qzo.batched``.
+        """
 
 
 @dataclass
@@ -75,8 +90,10 @@ class Component:
 class Strategy(Component):
     """Base class. Subclasses implement :meth:`estimate` and say their cost in forwards."""
 
-    #: closure evaluations per step.
+    #: loss evaluations per step (what ``opt.forwards`` counts; a batched pool of K counts K).
     forwards_per_step: int = 0
+    #: evaluate the pool in one stacked forward (pool strategies; see ``qzo.batched``).
+    batched: bool = False
 
     def bind(self, params) -> None:
         """Called once by ``qzo.ZO`` with the trainables (to size dense state such as a mean)."""

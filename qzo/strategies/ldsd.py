@@ -22,7 +22,8 @@ from typing import Callable
 
 import torch
 
-from ..perturb import perturb_
+from ..params import Trainable
+from ..perturb import perturb_params_
 from .base import Estimate, Probe, Strategy
 from .pool import evaluate_pool
 
@@ -45,14 +46,17 @@ class LDSD(Strategy):
         candidates: k, candidates per step (the paper uses 5-10).
         sigma: standard deviation of the candidates around mu.
         lr_mu: learning rate of mu's REINFORCE step (the paper uses 4e-2).
+        batched: evaluate the candidates in one stacked forward (LoRA trainables and a
+            ``qzo.CausalLMLoss`` closure); ``opt.forwards`` still counts ``candidates`` evaluations.
     """
 
-    def __init__(self, candidates: int = 8, sigma: float = 1.0, lr_mu: float = 4e-2):
+    def __init__(self, candidates: int = 8, sigma: float = 1.0, lr_mu: float = 4e-2, batched: bool = False):
         if candidates < 2:
             raise ValueError(f"LDSD needs candidates >= 2 (the baseline leaves one out), got {candidates}")
         if not sigma > 0 or lr_mu < 0:
             raise ValueError(f"need sigma > 0 and lr_mu >= 0, got sigma={sigma}, lr_mu={lr_mu}")
         self.candidates, self.sigma, self.lr_mu = int(candidates), float(sigma), float(lr_mu)
+        self.batched = bool(batched)
         self.forwards_per_step = self.candidates + 1
         self.mu: dict[str, torch.Tensor] = {}
         self._streams: dict[str, int] = {}
@@ -70,11 +74,11 @@ class LDSD(Strategy):
     def estimate(self, probe: Probe, draw_seeds: Callable[[int], list[int]]) -> Estimate:
         eps, sigma = probe.eps, self.sigma
         seeds = draw_seeds(self.candidates)
-        losses = evaluate_pool(probe, seeds, eps * sigma, mu_coef=eps)  # theta + eps (mu + sigma e_i)
+        # theta + eps (mu + sigma e_i)
+        losses = evaluate_pool(probe, seeds, eps * sigma, mu_coef=eps, batched=self.batched)
         b = min(range(len(seeds)), key=lambda i: losses[i])
         best = seeds[b]
-        # from theta + eps (mu + sigma e_last) to theta - eps (mu + sigma e_best)
-        probe.perturb([(seeds[-1], -eps * sigma), (best, -eps * sigma)], mu_coef=-2.0 * eps)
+        probe.move_to([(best, -eps * sigma)], mu_coef=-eps)  # theta - eps (mu + sigma e_best)
         f_minus = probe.evaluate()
         f_plus = losses[b]
         c = leave_one_out(losses)
@@ -97,8 +101,8 @@ class LDSD(Strategy):
             return
         seeds, coefs = self._pending
         self._pending = None
-        for name, mu in self.mu.items():
-            perturb_(mu, self._streams[name], seeds, coefs)
+        # the means as one set, so the Triton backend moves them all in one launch
+        perturb_params_([Trainable(name, mu, self._streams[name]) for name, mu in self.mu.items()], seeds, coefs)
 
     def state_dict(self) -> dict:
         return {"mu": {name: mu.detach().clone() for name, mu in self.mu.items()}}

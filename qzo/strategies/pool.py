@@ -1,8 +1,12 @@
 """Pool strategies from "Steering the Noise" (Jin, Cen, Tan; arXiv 2601.04710): MeZO-GV and MeZO-Greedy.
 
 Both draw a pool of K seeds and evaluate f(theta + eps z_i) one-sidedly, as the authors'
-code does. The trainables walk from one candidate to the next in a single pass each
-(``-eps z_i + eps z_{i+1}`` merged), never back through theta.
+code does. One by one, the trainables walk from one candidate to the next in a single pass
+each (``-eps z_i + eps z_{i+1}`` merged), never back through theta. With ``batched=True``
+(LoRA trainables, ``qzo.CausalLMLoss`` closure) the whole pool is one stacked forward and
+the trainables stay at theta (``qzo.batched``). The strategies then move on with
+``probe.move_to``, which starts from whatever the pool left applied, so one code path
+serves both and gives the same seeds, losses and update (to float rounding).
 """
 
 from __future__ import annotations
@@ -14,15 +18,20 @@ from .base import Estimate, Probe, Strategy
 __all__ = ["GV", "Greedy", "evaluate_pool"]
 
 
-def evaluate_pool(probe: Probe, seeds: list[int], scale: float, mu_coef: float = 0.0) -> list[float]:
-    """f(theta + scale * z_i + mu_coef * mu) for each seed; leaves the last candidate applied."""
+def evaluate_pool(probe: Probe, seeds: list[int], scale: float, mu_coef: float = 0.0,
+                  batched: bool = False) -> list[float]:
+    """f(theta + scale * z_i + mu_coef * mu) for each seed, in pool order.
+
+    One by one, the last candidate stays applied; batched (one stacked forward through
+    ``probe.evaluate_batch``), nothing is applied. Callers go on with ``probe.move_to``.
+    """
+    candidates = [([(seed, scale)], mu_coef) for seed in seeds]
+    if batched:
+        return probe.evaluate_batch(candidates)
     losses = []
-    previous = None
-    for seed in seeds:
-        terms = [(seed, scale)] if previous is None else [(previous, -scale), (seed, scale)]
-        probe.perturb(terms, mu_coef=mu_coef if previous is None else 0.0)
+    for terms, mu in candidates:
+        probe.move_to(terms, mu)
         losses.append(probe.evaluate())
-        previous = seed
     return losses
 
 
@@ -41,14 +50,17 @@ class GV(Strategy):
     Args:
         pool: candidates per step (the paper uses 2 or 4).
         split: fraction of the pool in the low-loss group (the paper uses 0.5).
+        batched: evaluate the pool in one stacked forward (LoRA trainables and a
+            ``qzo.CausalLMLoss`` closure); ``opt.forwards`` still counts ``pool`` evaluations.
     """
 
-    def __init__(self, pool: int = 4, split: float = 0.5):
+    def __init__(self, pool: int = 4, split: float = 0.5, batched: bool = False):
         if pool < 2:
             raise ValueError(f"GV needs pool >= 2 (one low-loss and one high-loss candidate), got {pool}")
         if not 0 < split < 1:
             raise ValueError(f"split must be in (0, 1), got {split}")
         self.pool, self.split = int(pool), float(split)
+        self.batched = bool(batched)
         self.forwards_per_step = self.pool + 2
 
     def groups(self, seeds: list[int], losses: list[float]) -> tuple[list[int], list[int]]:
@@ -60,13 +72,12 @@ class GV(Strategy):
     def estimate(self, probe: Probe, draw_seeds: Callable[[int], list[int]]) -> Estimate:
         eps = probe.eps
         seeds = draw_seeds(self.pool)
-        pool_losses = evaluate_pool(probe, seeds, eps)
+        pool_losses = evaluate_pool(probe, seeds, eps, batched=self.batched)
         best, rest = self.groups(seeds, pool_losses)
         v = [(s, 1.0 / len(best)) for s in best] + [(s, -1.0 / len(rest)) for s in rest]
-        # from theta + eps z_last to theta + eps v in one pass
-        probe.perturb([(seeds[-1], -eps)] + [(s, eps * c) for s, c in v])
+        probe.move_to([(s, eps * c) for s, c in v])  # from what the pool left, in one pass
         f_plus = probe.evaluate()
-        probe.perturb([(s, -2.0 * eps * c) for s, c in v])
+        probe.move_to([(s, -eps * c) for s, c in v])
         f_minus = probe.evaluate()
         return Estimate(
             direction=v,
@@ -88,21 +99,24 @@ class Greedy(Strategy):
 
     Args:
         pool: candidates per step.
+        batched: evaluate the pool in one stacked forward (LoRA trainables and a
+            ``qzo.CausalLMLoss`` closure); ``opt.forwards`` still counts ``pool`` evaluations.
     """
 
-    def __init__(self, pool: int = 4):
+    def __init__(self, pool: int = 4, batched: bool = False):
         if pool < 1:
             raise ValueError(f"Greedy needs pool >= 1, got {pool}")
         self.pool = int(pool)
+        self.batched = bool(batched)
         self.forwards_per_step = self.pool + 1
 
     def estimate(self, probe: Probe, draw_seeds: Callable[[int], list[int]]) -> Estimate:
         eps = probe.eps
         seeds = draw_seeds(self.pool)
-        pool_losses = evaluate_pool(probe, seeds, eps)
+        pool_losses = evaluate_pool(probe, seeds, eps, batched=self.batched)
         b = min(range(len(seeds)), key=lambda i: pool_losses[i])
         best = seeds[b]
-        probe.perturb([(seeds[-1], -eps), (best, -eps)])  # to theta - eps z_best
+        probe.move_to([(best, -eps)])
         f_minus = probe.evaluate()
         f_plus = pool_losses[b]
         return Estimate(
