@@ -246,3 +246,19 @@ def test_compiled_kernel_on_gpu_matches_cpu_reference():
     want = perturb_(x.clone(), 3, seeds, coefs)
     got = perturb_tensor(x.cuda(), 3, seeds, coefs).cpu()
     assert_matches(got, want, torch.float32, "compiled kernel vs CPU reference")
+
+
+def test_mean_only_and_scale_only_passes_match_reference():
+    """No noise terms at all: LDSD's mean alone, or weight decay's scale alone (an empty key table)."""
+    from qzo_kernels.perturb import perturb_many, perturb_tensor
+
+    g = torch.Generator().manual_seed(4)
+    x, mu = torch.randn(1500, generator=g), torch.randn(1500, generator=g)
+    for kwargs in (dict(mu=mu, mu_coef=0.5), dict(scale=0.9)):
+        want = perturb_(x.clone(), 3, [], [], **kwargs)
+        got = perturb_tensor(x.clone().to(DEVICE), 3, [], [], **{k: v.to(DEVICE) if torch.is_tensor(v) else v
+                                                               for k, v in kwargs.items()})
+        assert_matches(got, want, torch.float32, str(list(kwargs)))
+    many = [x.clone().to(DEVICE)]
+    perturb_many(many, [3], [], [], mus=[mu.to(DEVICE)], mu_coef=0.5)
+    assert_matches(many[0], perturb_(x.clone(), 3, [], [], mu=mu, mu_coef=0.5), torch.float32, "many, mean only")
