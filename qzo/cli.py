@@ -1,4 +1,4 @@
-"""The ``qzo`` command: ``train``, ``chat``, ``cache``.
+"""The ``qzo`` command: ``train``, ``chat``, ``plan``, ``cache``.
 
 Errors a user can fix (:class:`qzo.errors.QzoError`) print as one ``error:`` line and exit
 with status 2; a NaN/inf loss exits with status 3 after saying which step and which
@@ -29,6 +29,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", type=int, default=128)
     c.add_argument("--system", help="system prompt")
 
+    pl = sub.add_parser("plan", help="expected peak memory of a ZO step, from the config alone (no weights read)")
+    pl.add_argument("model", help="a preset (llama-2-7b, llama-3.1-8b, ...), a model folder or a .gguf")
+    pl.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int8", "none"])
+    pl.add_argument("--gpu", help="GPU budget, e.g. 8GiB")
+    pl.add_argument("--batch", type=int, default=8)
+    pl.add_argument("--seq", type=int, default=512)
+    pl.add_argument("--lora-r", type=int, default=8)
+    pl.add_argument("--rule", default="sgd", choices=["sgd", "momentum", "adam", "sign"])
+    pl.add_argument("--strategy", default="spsa", choices=["spsa", "gv", "greedy", "ldsd"])
+    pl.add_argument("--pool", type=int, default=1, help="candidates per stacked forward (optim.batched)")
+    pl.add_argument("--double-quant", action="store_true")
+
     k = sub.add_parser("cache", help="show or clear qzo's cache of converted models")
     k.add_argument("--clear", action="store_true", help="delete every cached conversion")
     return p
@@ -57,6 +69,16 @@ def _chat(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from .plan import plan
+
+    result = plan(args.model, quant=args.quant, gpu=args.gpu, batch=args.batch, seq=args.seq, lora_r=args.lora_r,
+                  rule=args.rule, strategy=args.strategy, pool=args.pool, double_quant=args.double_quant)
+    print(f"{args.model}, {args.quant}, batch {args.batch} x {args.seq}, LoRA r {args.lora_r} on q_proj,v_proj")
+    print(result.table())
+    return 0
+
+
 def _cache(args) -> int:
     from .cache import cache_dir, clear_cache
 
@@ -70,7 +92,7 @@ def _cache(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"train": _train, "chat": _chat, "cache": _cache}
+    handlers = {"train": _train, "chat": _chat, "plan": _plan, "cache": _cache}
     try:
         return handlers[args.command](args)
     except NonFiniteLossError as exc:

@@ -1,0 +1,210 @@
+"""``qzo plan``: the expected peak memory of a ZO step, from a model's config alone.
+
+No weights are read: the estimate is arithmetic on the config (layer shapes, vocabulary)
+and the run's settings. A ZO step's peak is an inference forward's peak plus what is
+trained (the memory contract), so the parts are:
+
+* weights      decoder linears at the quantized size (NF4/FP4: 0.5 byte a weight plus one
+               float32 absmax per 64 weights, or 1 byte per 64 with double quantization;
+               int8: 1 byte plus one float32 scale per row), embeddings, LM head and norms
+               in the compute dtype (bitsandbytes leaves them unquantized);
+* trainables   LoRA factors (float32) and their state: the rule's moments (Momentum 1x,
+               Adam 2x) and LDSD's mean (1x);
+* activations  one decoder layer's live tensors at a time (no grad: earlier layers' are
+               freed), the logits in the compute dtype and their float32 upcast for the
+               loss; a pool-batched step multiplies all of it by the pool size;
+* workspace    the largest quantized weight dequantized for its matmul.
+
+When the total exceeds the GPU budget, the plan says how many decoder layers to keep on
+the GPU and what ``max_memory`` gives that split (the rest streams from CPU per forward).
+The estimate still has to be checked against measured GPU peaks (``benchmarks/memory.py``,
+owed to a GPU session); on CPU its weight bytes are tested against a real quantized model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import QzoError
+
+__all__ = ["PRESETS", "Plan", "plan", "model_config", "parse_size"]
+
+GiB = 2**30
+
+#: configs of common models (no download needed): hidden, intermediate, layers, heads, kv heads, vocab, tied
+PRESETS = {
+    "llama-2-7b": (4096, 11008, 32, 32, 32, 32000, False),
+    "llama-2-13b": (5120, 13824, 40, 40, 40, 32000, False),
+    "llama-2-70b": (8192, 28672, 80, 64, 8, 32000, False),
+    "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256, False),
+    "mistral-7b": (4096, 14336, 32, 32, 8, 32768, False),
+    "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064, False),
+}
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_RULE_STATE = {"sgd": 0, "sign": 0, "momentum": 1, "adam": 2}
+
+
+def parse_size(text) -> int:
+    """``"8GiB"``, ``"512MiB"``, ``"24GB"`` or a number of bytes -> bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    units = {"gib": GiB, "gb": 10**9, "mib": 2**20, "mb": 10**6, "kib": 2**10, "kb": 10**3, "b": 1}
+    t = str(text).strip().lower()
+    for unit, scale in units.items():
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * scale)
+            except ValueError:
+                break
+    try:
+        return int(float(t))
+    except ValueError:
+        raise QzoError(f"cannot read the size {text!r}; write it like 8GiB, 512MiB or 24GB") from None
+
+
+def model_config(source):
+    """A transformers config for ``source``: a preset name, a config, a model folder or a GGUF (header only)."""
+    from transformers import AutoConfig, LlamaConfig, PretrainedConfig
+
+    if isinstance(source, PretrainedConfig):
+        return source
+    if str(source) in PRESETS:
+        h, i, n, heads, kv, vocab, tied = PRESETS[str(source)]
+        return LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=n, num_attention_heads=heads,
+                           num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=tied)
+    from .load import resolve_source
+
+    kind, where = resolve_source(source)
+    if kind == "gguf":
+        return AutoConfig.from_pretrained(str(where.parent), gguf_file=where.name)
+    if kind == "folder":
+        return AutoConfig.from_pretrained(str(where))
+    raise QzoError(f"qzo plan needs a local config: {source!r} is not a preset ({', '.join(PRESETS)}), "
+                   "a model folder or a .gguf file")
+
+
+def _linear_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """(in, out) of every linear in one Llama-style decoder layer."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or h // heads
+    kv = (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
+    return {"q_proj": (h, heads * head_dim), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (heads * head_dim, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def _quantized_bytes(n_in: int, n_out: int, quant: str, double_quant: bool, dtype_bytes: int) -> int:
+    n = n_in * n_out
+    if quant in ("nf4", "fp4"):
+        blocks = -(-n // 64)
+        scales = blocks + 4 * -(-blocks // 256) if double_quant else 4 * blocks
+        return n // 2 + scales
+    if quant == "int8":
+        return n + 4 * n_out
+    return n * dtype_bytes
+
+
+@dataclass
+class Plan:
+    """The estimate, in bytes, and what to do when it does not fit."""
+
+    weights: int
+    trainables: int
+    state: int
+    activations: int
+    workspace: int
+    budget: int | None
+    per_layer: int
+    layers: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.trainables + self.state + self.activations + self.workspace
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.budget is None else self.total <= self.budget
+
+    def gpu_layers(self) -> int:
+        """How many decoder layers fit on the GPU (all of them when the whole model fits)."""
+        if self.budget is None or self.fits:
+            return self.layers
+        fixed = self.total - self.layers * self.per_layer
+        return max(0, min(self.layers, (self.budget - fixed) // self.per_layer))
+
+    def table(self) -> str:
+        rows = [("weights", self.weights), ("trainables", self.trainables), ("optimizer state", self.state),
+                ("activations", self.activations), ("workspace", self.workspace), ("total", self.total)]
+        lines = [f"{name:18}{value / GiB:9.2f} GiB" for name, value in rows]
+        if self.budget is not None:
+            verdict = "fits" if self.fits else "does not fit"
+            lines.append(f"{'GPU budget':18}{self.budget / GiB:9.2f} GiB: {verdict}")
+            if not self.fits:
+                keep = self.gpu_layers()
+                offloaded = (self.layers - keep) * self.per_layer
+                lines.append(f"keep {keep} of {self.layers} decoder layers on the GPU and offload {self.layers - keep} "
+                             f"({offloaded / GiB:.2f} GiB) to CPU: model.device_map: auto, model.max_memory: "
+                             f"{{0: '{self.budget / GiB:.1f}GiB', cpu: '{max(64, 2 * offloaded / GiB):.0f}GiB'}}")
+        lines += self.notes
+        return "\n".join(lines)
+
+
+def plan(source, quant: str = "nf4", gpu=None, batch: int = 8, seq: int = 512, lora_r: int = 8,
+         lora_targets=("q_proj", "v_proj"), rule: str = "sgd", strategy: str = "spsa", pool: int = 1,
+         double_quant: bool = False, dtype: str = "bfloat16") -> Plan:
+    """Estimate the peak memory of one ZO step (see the module docstring for the parts).
+
+    Args:
+        source: a preset (``llama-2-7b``, ...), a config, a model folder or a GGUF.
+        quant: ``nf4``, ``fp4``, ``int8`` or ``none``.
+        gpu: the GPU budget (``"8GiB"`` or bytes); ``None``: no verdict.
+        batch, seq: the batch shape of a training step.
+        lora_r, lora_targets: the LoRA adapters trained (r 0: none).
+        rule, strategy: decide the state kept (Adam 2x, Momentum 1x, LDSD's mean 1x).
+        pool: candidates evaluated in one stacked forward (``batched=True``), else 1.
+        double_quant: bitsandbytes' double quantization of the 4-bit scales.
+        dtype: compute dtype of the unquantized parts and the activations.
+    """
+    if quant not in ("nf4", "fp4", "int8", "none"):
+        raise QzoError(f"unknown quant {quant!r}; choose nf4, fp4, int8 or none")
+    if rule not in _RULE_STATE:
+        raise QzoError(f"unknown rule {rule!r}; choose one of {', '.join(_RULE_STATE)}")
+    if dtype not in _DTYPE_BYTES:
+        raise QzoError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPE_BYTES)}")
+    cfg = model_config(source)
+    db = _DTYPE_BYTES[dtype]
+    shapes = _linear_shapes(cfg)
+    unknown = sorted(set(lora_targets) - set(shapes))
+    if unknown:
+        raise QzoError(f"LoRA targets {unknown} are not decoder linears; choose from {', '.join(shapes)}")
+    h, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    layer_weights = sum(_quantized_bytes(i, o, quant, double_quant, db) for i, o in shapes.values()) + 2 * h * db
+    lora_values = sum(lora_r * (shapes[t][0] + shapes[t][1]) for t in lora_targets) if lora_r else 0
+    state_copies = _RULE_STATE[rule] + (strategy == "ldsd")
+    per_layer = layer_weights + 4 * lora_values * (1 + state_copies)  # what offloading one layer moves
+    embed = vocab * h * db
+    head = 0 if getattr(cfg, "tie_word_embeddings", False) else vocab * h * db
+    weights = layers * layer_weights + embed + head + h * db
+    trainables = 4 * lora_values * layers
+    state = trainables * state_copies
+    rows = batch * seq * pool
+    i = cfg.intermediate_size
+    # one layer at a time: residual, normed input, q/k/v/attention output; MLP gate, up, product
+    layer_acts = rows * (6 * h + 3 * i) * db
+    logits = rows * vocab * (db + 2 * 4)  # logits, their float32 upcast and log-softmax for the loss
+    activations = layer_acts + logits
+    workspace = max(i * o for i, o in shapes.values()) * db if quant != "none" else 0
+    notes = []
+    if embed + head > 0.25 * (weights or 1):
+        notes.append(f"embeddings + LM head are {(embed + head) / GiB:.2f} GiB in {dtype} (bitsandbytes leaves them "
+                     "unquantized): keeping the input embedding on CPU saves "
+                     f"{embed / GiB:.2f} GiB")
+    result = Plan(weights, trainables, state, activations, workspace, parse_size(gpu) if gpu is not None else None,
+                  per_layer, layers, notes)
+    if result.budget is not None and not result.fits and result.gpu_layers() == 0:
+        need = result.total - layers * per_layer + per_layer
+        raise QzoError(f"a GPU budget of {result.budget / GiB:.2f} GiB is below what even full offload needs: "
+                       f"{need / GiB:.2f} GiB (embeddings, head, activations for batch {batch} x {seq}, one layer); "
+                       "lower train.batch_size or train.max_len, or use a larger GPU")
+    return result

@@ -1,0 +1,74 @@
+"""``qzo plan``: weight bytes against a real quantized model, the offload advice, bad input."""
+
+import pytest
+import torch
+
+import qzo
+from qzo.cli import main
+from qzo.errors import QzoError
+from qzo.plan import GiB, parse_size, plan
+
+from conftest import tiny_config
+
+
+def _measured_weight_bytes(model) -> int:
+    """Parameters and buffers as stored, plus the bitsandbytes scales that live outside them."""
+    import bitsandbytes as bnb
+
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(b.numel() * b.element_size() for b in model.buffers() if b.is_floating_point() and b.dim() > 0
+                 and "rotary" not in str(b.shape))
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            s = m.weight.quant_state
+            total += s.absmax.numel() * s.absmax.element_size()
+            if s.nested:
+                total += s.state2.absmax.numel() * s.state2.absmax.element_size()
+        elif isinstance(m, bnb.nn.Linear8bitLt):
+            scb = m.weight.SCB if m.weight.SCB is not None else m.state.SCB
+            total += scb.numel() * scb.element_size()
+    return total
+
+
+@pytest.mark.parametrize("quant,double_quant", [("nf4", False), ("nf4", True), ("int8", False), ("none", False)])
+def test_weight_estimate_matches_a_real_quantized_model(quant, double_quant):
+    cfg = tiny_config(vocab_size=1000)
+    cfg.hidden_size, cfg.intermediate_size = 256, 512  # blocks of 64 divide evenly, as in real models
+    model, _ = qzo.load(cfg, quant=quant, double_quant=double_quant, seed=0)
+    dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[model.get_input_embeddings().weight.dtype]
+    estimate = plan(cfg, quant=quant, double_quant=double_quant, dtype=dtype, lora_r=0).weights
+    measured = _measured_weight_bytes(model)
+    assert estimate == pytest.approx(measured, rel=0.02), (estimate, measured)
+
+
+def test_state_and_pool_scale_the_parts():
+    base = plan("llama-2-7b", batch=8, seq=512)
+    adam = plan("llama-2-7b", rule="adam")
+    ldsd = plan("llama-2-7b", strategy="ldsd", rule="momentum")
+    assert base.state == 0 and adam.state == 2 * adam.trainables and ldsd.state == 2 * ldsd.trainables
+    assert base.trainables == 4 * 8 * (4096 + 4096) * 2 * 32  # r 8 on q and v, float32, 32 layers
+    assert plan("llama-2-7b", pool=4).activations == 4 * base.activations
+    assert base.weights == plan("llama-2-7b", rule="adam").weights
+
+
+def test_offload_advice_when_it_does_not_fit():
+    p = plan("llama-2-70b", gpu="20GiB")
+    assert p.fits is False and 0 < p.gpu_layers() < 80
+    kept = p.total - (80 - p.gpu_layers()) * p.per_layer
+    assert kept <= p.budget
+    assert plan("llama-2-7b", gpu="24GiB").fits is True
+
+
+def test_cli_prints_the_table_and_bad_input_is_one_line(capsys):
+    assert main(["plan", "llama-2-7b", "--gpu", "8GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "total" in out and "fits" in out
+    assert main(["plan", "llama-2-70b", "--gpu", "1GiB"]) == 2
+    assert "below what even full offload needs" in capsys.readouterr().err
+    assert main(["plan", "/no/such/model"]) == 2
+
+
+def test_parse_size():
+    assert parse_size("8GiB") == 8 * GiB and parse_size("512MiB") == 512 * 2**20 and parse_size(1024) == 1024
+    with pytest.raises(QzoError, match="8GiB"):
+        parse_size("eight gigs")
