@@ -36,7 +36,10 @@ from .schedule import Schedule  # noqa: E402
 from .strategies import GV, LDSD, SPSA, Estimate, Greedy, Strategy  # noqa: E402
 
 __all__ = [
-    "load", "lora", "ZO", "StepRecord", "SPSA", "GV", "Greedy", "LDSD", "SGD", "Momentum", "Adam", "Sign",
-    "CausalLMLoss", "scales", "dense", "combine", "clip_grad", "load_scales", "load_dense", "ScaleParams", "DenseParams", "TargetError", "targets", "Schedule", "Strategy", "Rule", "Estimate", "ParamSet", "Trainable",
-    "noise", "set_backend", "get_backend", "QzoError", "ConfigError", "DataError", "ModelSourceError", "NonFiniteLossError", "__version__",
+    "load", "lora", "scales", "dense", "combine", "ZO", "StepRecord",
+    "SPSA", "GV", "Greedy", "LDSD", "SGD", "Momentum", "Adam", "Sign", "Schedule", "clip_grad",
+    "CausalLMLoss", "Strategy", "Rule", "Estimate", "ParamSet", "Trainable",
+    "ScaleParams", "DenseParams", "load_scales", "load_dense", "targets", "noise",
+    "set_backend", "get_backend",
+    "QzoError", "ConfigError", "DataError", "ModelSourceError", "NonFiniteLossError", "TargetError", "__version__",
 ]

@@ -10,6 +10,7 @@ tested on machines without a GPU).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -36,7 +37,8 @@ def get_backend() -> str:
     return _backend
 
 
-def _triton_installed() -> bool:
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:  # asked per tensor on every pass: look it up once
     return importlib.util.find_spec("triton") is not None
 
 

@@ -22,7 +22,7 @@ import torch
 from . import noise
 from .backend import use_triton
 
-__all__ = ["perturb_", "perturb_params_", "combine", "noise_combo", "chunks", "NoiseCache", "noise_cache"]
+__all__ = ["perturb_", "perturb_params_", "split_by_backend", "combine", "noise_combo", "chunks", "NoiseCache", "noise_cache"]
 
 
 class NoiseCache:
@@ -165,6 +165,24 @@ def perturb_(
     return x
 
 
+def split_by_backend(params, mu_for=None) -> tuple[dict[tuple, list], list]:
+    """Trainables (each paired with its mean, or ``None``) split by where they run.
+
+    Returns ``(groups, rest)``: ``groups`` maps ``(device, dtype, has_mean)`` to the pairs
+    that go through the Triton kernels, one multi-tensor launch per group; ``rest`` are the
+    pairs for the torch reference. Shared by the perturbation and the dense rules' update.
+    """
+    groups: dict[tuple, list] = {}
+    rest = []
+    for t in params:
+        mu = mu_for(t.name) if mu_for is not None else None
+        if use_triton(t.tensor.device):
+            groups.setdefault((t.tensor.device, t.tensor.dtype, mu is not None), []).append((t, mu))
+        else:
+            rest.append((t, mu))
+    return groups, rest
+
+
 @torch.no_grad()
 def perturb_params_(
     params,
@@ -181,13 +199,9 @@ def perturb_params_(
     backend (``qzo.backend``) the tensors are grouped by device, dtype and whether they have a
     mean, and each group is one multi-tensor launch.
     """
-    groups: dict[tuple, list] = {}
-    for t in params:
-        mu = mu_for(t.name) if mu_for is not None else None
-        if use_triton(t.tensor.device):
-            groups.setdefault((t.tensor.device, t.tensor.dtype, mu is not None), []).append((t, mu))
-        else:
-            perturb_(t.tensor, t.stream, seeds, coefs, mu=mu, mu_coef=mu_coef, scale=scale)
+    groups, rest = split_by_backend(params, mu_for)
+    for t, mu in rest:
+        perturb_(t.tensor, t.stream, seeds, coefs, mu=mu, mu_coef=mu_coef, scale=scale)
     if groups:
         from qzo_kernels.perturb import perturb_many
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..params import ParamSet
-from ..backend import use_triton
-from ..perturb import chunks, combine, noise_combo
+from ..perturb import chunks, combine, noise_combo, split_by_backend
 from ..strategies.base import Estimate
 from .base import Rule, mu_of
 
@@ -56,15 +55,11 @@ class DenseRule(Rule):
         self.t += 1
         undo_seeds, undo_coefs = [s for s, _ in est.applied], [c for _, c in est.applied]
         dir_seeds, dir_coefs = [s for s, _ in est.direction], [c for _, c in est.direction]
-        on_kernel = [t for t in params if use_triton(t.tensor.device)]
-        if on_kernel:
-            self._apply_kernel(on_kernel, est, lr)
-        done = {t.name for t in on_kernel}
-        for t in params:
-            if t.name in done:
-                continue
+        groups, rest = split_by_backend(params, lambda name: mu_of(est, name))
+        if groups:
+            self._apply_kernel(groups, est, lr)
+        for t, mu in rest:
             flat = t.tensor.view(-1)
-            mu = mu_of(est, t.name)
             mu_flat = mu.reshape(-1) if mu is not None else None
             views = {k: self.state[k][t.name].view(-1) for k in self.state_names}
             for start, end in chunks(flat.numel()):
@@ -79,7 +74,7 @@ class DenseRule(Rule):
                 chunk_state = {k: v[start:end] for k, v in views.items()}
                 flat[start:end] = self.chunk_update(theta, d.mul_(est.grad), chunk_state, lr).to(t.tensor.dtype)
 
-    def _apply_kernel(self, trainables, est: Estimate, lr: float) -> None:
+    def _apply_kernel(self, groups: dict[tuple, list], est: Estimate, lr: float) -> None:
         from qzo_kernels.update import RULES, dense_update_many
 
         roles = RULES[self.kernel_rule][1]  # the kernel's names for this rule's state tensors, in order
@@ -88,10 +83,6 @@ class DenseRule(Rule):
         seeds, _ = combine([(s, 1.0) for s, _ in est.applied], [(s, 1.0) for s, _ in est.direction])
         undo = dict(est.applied)
         direction = dict(est.direction)
-        groups: dict[tuple, list] = {}
-        for t in trainables:
-            mu = mu_of(est, t.name)
-            groups.setdefault((t.tensor.device, t.tensor.dtype, mu is not None), []).append((t, mu))
         for (_, _, has_mu), members in groups.items():
             dense_update_many(
                 self.kernel_rule, [t.tensor for t, _ in members], [t.stream for t, _ in members], seeds,
