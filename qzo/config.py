@@ -31,6 +31,11 @@ DEFAULTS: dict = {
         "cpu_fused_4bit": True,  # bitsandbytes' fused bf16 CPU kernel for 4-bit layers (AVX512-BF16 CPUs)
     },
     "lora": {"r": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"]},
+    "targets": {
+        "lora": True,  # train the LoRA adapters of the lora section
+        "scales": None,  # null: off; "all" or module patterns: train their quantization scales (qzo.scales)
+        "dense": None,  # null: off; module patterns trained as float32 dense slices (qzo.dense)
+    },
     "data": {
         "train": "builtin:demo_train",  # JSONL of {"messages": [...]}
         "eval": "builtin:demo_eval",  # null: hold out data.eval_fraction of train
@@ -87,6 +92,8 @@ _NULLABLE_TYPES = {
     ("data", "eval"): (str,),
     ("out_dir",): (str,),
     ("optim", "clip"): (float, int),
+    ("targets", "scales"): (str, list),
+    ("targets", "dense"): (list,),
 }
 
 
@@ -185,6 +192,24 @@ def _type_ok(default, value, key: tuple) -> bool:
     return isinstance(value, type(default))
 
 
+def _validate_targets(cfg: dict) -> None:
+    t = cfg["targets"]
+    if not (t["lora"] or t["scales"] or t["dense"]):
+        raise ConfigError("nothing to train: targets.lora is false and targets.scales / targets.dense are null; "
+                          "turn one on, e.g. --set targets.lora=true")
+    if isinstance(t["scales"], str) and t["scales"] != "all":
+        raise ConfigError(f"config key 'targets.scales' is {t['scales']!r}; give \"all\" or a list of module "
+                          "patterns such as [q_proj, v_proj] or ['model.layers.0.*']")
+    for key in ("scales", "dense"):
+        value = t[key]
+        if isinstance(value, list) and (not value or not all(isinstance(v, str) and v for v in value)):
+            raise ConfigError(f"config key 'targets.{key}' must be null or a non-empty list of module patterns "
+                              f"(strings), got {value!r}")
+    if cfg["optim"]["batched"] and (t["scales"] or t["dense"]):
+        raise ConfigError("config key 'optim.batched' evaluates LoRA candidates inside the forward; it cannot "
+                          "batch scale or dense targets: set optim.batched=false or train LoRA only")
+
+
 def validate(cfg: dict) -> dict:
     """Check types, choices and ranges of every key; raises :class:`ConfigError` naming the key."""
     for dotted in flat_keys():
@@ -206,7 +231,8 @@ def validate(cfg: dict) -> dict:
             raise ConfigError(f"config key {dotted!r} must be > 0, got {value}")
         if key in _AT_LEAST_ONE and value < 1:
             raise ConfigError(f"config key {dotted!r} must be >= 1, got {value}")
-    if not cfg["lora"]["target_modules"]:
+    _validate_targets(cfg)
+    if cfg["targets"]["lora"] and not cfg["lora"]["target_modules"]:
         raise ConfigError("config key 'lora.target_modules' is empty; name at least one layer, e.g. [q_proj, v_proj]")
     o = cfg["optim"]
     for key, low in (("weight_decay", 0), ("lr_mu", 0), ("warmup_steps", 0), ("min_lr_ratio", 0)):

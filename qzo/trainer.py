@@ -1,6 +1,6 @@
 """``qzo train``: config -> run directory, read top to bottom.
 
-    setup (run dir, model, LoRA, data, optimizer) -> initial eval -> steps
+    setup (run dir, model, targets, data, optimizer) -> initial eval -> steps
     (log, eval, checkpoint) -> final eval, adapter, summary
 
 Run directory (``out_dir``)::
@@ -9,7 +9,9 @@ Run directory (``out_dir``)::
     steps.jsonl      the step log: per step the seeds, coefficients, losses, lr, forwards, time
     metrics.jsonl    per step: step, forwards, loss, wall_s; eval_loss on evaluation steps
     checkpoints/     step-NNNNNN/ with only the trained tensors + optimizer state (atomic)
-    adapter/         PEFT adapter of the final values (loads with PeftModel.from_pretrained)
+    adapter/         PEFT adapter of the final LoRA values (loads with PeftModel.from_pretrained)
+    scales.safetensors, dense.safetensors   final scale / dense-slice values, when trained
+                     (``qzo.load_scales`` / ``qzo.load_dense`` put them on a fresh base)
     summary.json     initial and final held-out loss, steps, forwards, wall time
 
 Determinism: step seeds and batches are pure functions of ``(train.seed, step)``, so a run
@@ -33,11 +35,15 @@ from .config import ConfigError, load_config, validate
 from .data import Batcher, ChatDataset, eval_loss, model_input_device, read_chat_jsonl
 from .errors import NonFiniteLossError, QzoError
 from .load import load
-from .lora import LoraParams, lora
+from .dense import dense
+from .lora import lora
 from .optim import ZO
+from .params import ParamSet
 from .rules import SGD, Adam, Momentum, Sign
+from .scales import scales
 from .schedule import Schedule
 from .strategies import GV, LDSD, SPSA, Greedy
+from .targets import combine
 
 __all__ = ["train", "build_optimizer", "load_run_model", "Session"]
 
@@ -68,17 +74,41 @@ def build_optimizer(cfg: dict, params) -> ZO:
               seed=cfg["train"]["seed"], schedule=schedule, clip=o["clip"])
 
 
-def load_model_and_lora(cfg: dict):
-    """Base model (quantized, placed) with LoRA injected, per ``cfg``."""
+def build_targets(model, cfg: dict) -> tuple[ParamSet, dict[str, ParamSet]]:
+    """The trainables ``cfg["targets"]`` asks for: ``(the set ZO trains, {kind: part})``.
+
+    Kinds are built in a fixed order (LoRA, scales, dense) so a run and its resume name and
+    seed every tensor the same way; more than one kind goes through :func:`qzo.combine`.
+    """
+    t, parts = cfg["targets"], {}
+    if t["lora"]:
+        lc = cfg["lora"]
+        parts["lora"] = lora(model, r=lc["r"], alpha=lc["alpha"], target_modules=lc["target_modules"],
+                             seed=cfg["train"]["seed"])
+    if t["scales"]:
+        parts["scales"] = scales(model, modules=None if t["scales"] == "all" else t["scales"])
+    if t["dense"]:
+        parts["dense"] = dense(model, modules=t["dense"])
+    params = next(iter(parts.values())) if len(parts) == 1 else combine(*parts.values())
+    return params, parts
+
+
+def describe_targets(parts: dict[str, ParamSet]) -> str:
+    """``"460,800 values: lora 120 tensors, scales 210 tensors"`` for logs."""
+    total = sum(p.numel for p in parts.values())
+    return f"{total:,} trainable values: " + ", ".join(f"{k} {len(p)} tensors ({p.numel:,})" for k, p in parts.items())
+
+
+def load_model_and_targets(cfg: dict):
+    """Base model (quantized, placed) with the configured trainables: ``(model, tok, params, parts)``."""
     m = cfg["model"]
     model, tok = load(m["source"], m["quant"], double_quant=m["double_quant"], dtype=m["dtype"],
                       device_map=m["device_map"], max_memory=m["max_memory"], offload_folder=m["offload_folder"],
                       trust_remote_code=m["trust_remote_code"], cpu_fused_4bit=m["cpu_fused_4bit"])
     if tok is None:
         raise QzoError("this model source has no tokenizer; training on chat data needs one")
-    params = lora(model, r=cfg["lora"]["r"], alpha=cfg["lora"]["alpha"], target_modules=cfg["lora"]["target_modules"],
-                  seed=cfg["train"]["seed"])
-    return model, tok, params
+    params, parts = build_targets(model, cfg)
+    return model, tok, params, parts
 
 
 def load_datasets(cfg: dict, tok) -> tuple[ChatDataset, ChatDataset]:
@@ -131,7 +161,8 @@ class Session:
     run_dir: Path
     model: object
     tok: object
-    params: LoraParams
+    params: ParamSet  # everything ZO trains (the parts combined)
+    parts: dict  # kind ("lora", "scales", "dense") -> its ParamSet
     opt: ZO
     train_ds: ChatDataset
     eval_ds: ChatDataset
@@ -164,16 +195,16 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
         cfg = load_config(config_path, overrides)
         run_dir = None
     log(f"qzo: loading {cfg['model']['source']} ({cfg['model']['quant']})")
-    model, tok, params = load_model_and_lora(cfg)
+    model, tok, params, parts = load_model_and_targets(cfg)
     train_ds, eval_ds = load_datasets(cfg, tok)
     dropped = f", {train_ds.dropped} dropped: no assistant token within train.max_len" if train_ds.dropped else ""
     log(f"qzo: {len(train_ds)} training chats, {len(eval_ds)} held-out{dropped}; "
-        f"{params.numel:,} trainable values in {len(params)} LoRA tensors")
+        f"{describe_targets(parts)}")
     if run_dir is None:
         run_dir = _new_run_dir(cfg, config_path)
     opt = build_optimizer(cfg, params)
     batcher = Batcher(train_ds, cfg["train"]["batch_size"], cfg["train"]["seed"], tok.pad_token_id)
-    session = Session(cfg, run_dir, model, tok, params, opt, train_ds, eval_ds, batcher)
+    session = Session(cfg, run_dir, model, tok, params, parts, opt, train_ds, eval_ds, batcher)
     if resume is not None:
         ckpt = latest_checkpoint(run_dir)
         done = 0
@@ -263,7 +294,7 @@ def finish(s: Session, initial: float | None, wall: float, log=print) -> dict:
     if initial is None and evals:
         initial = evals[0]
     final = evals[-1] if evals else None
-    s.params.save_adapter(s.run_dir / "adapter")
+    write_final_values(s.parts, s.run_dir)
     summary = {"initial_eval_loss": initial, "final_eval_loss": final, "steps": s.opt.steps,
                "forwards": s.opt.forwards, "wall_s_this_session": round(wall, 2), "trainable_values": s.params.numel}
     atomic_write_text(s.run_dir / "summary.json", json.dumps(summary, indent=2))
@@ -271,6 +302,15 @@ def finish(s: Session, initial: float | None, wall: float, log=print) -> dict:
         log(f"qzo: held-out loss {initial:.4f} -> {final:.4f} after {s.opt.steps} steps "
             f"({s.opt.forwards} forwards, {wall / 60:.1f} min); run saved in {s.run_dir}")
     return summary
+
+
+def write_final_values(parts: dict[str, ParamSet], run_dir: Path) -> None:
+    """The trained values in their users' formats: ``adapter/`` (PEFT), ``scales.safetensors``, ``dense.safetensors``."""
+    if "lora" in parts:
+        parts["lora"].save_adapter(run_dir / "adapter")
+    for kind in ("scales", "dense"):
+        if kind in parts:
+            parts[kind].save(run_dir / f"{kind}.safetensors")
 
 
 def train(config_path=None, overrides=None, resume=None, log=print, progress: bool = True) -> dict:
@@ -281,10 +321,16 @@ def train(config_path=None, overrides=None, resume=None, log=print, progress: bo
     return summary
 
 
-def load_run_model(run_dir: Path, checkpoint: Path | None = None):
-    """Base model + LoRA with a run's latest (or given) trained values: ``(model, tok, params, cfg)``."""
+def load_run_model(run_dir: Path, checkpoint: Path | None = None, source=None):
+    """Base model + trainables with a run's latest (or given) values: ``(model, tok, params, cfg)``.
+
+    ``source`` loads the base from another place than the run's ``model.source`` (a moved
+    folder); it must be the same model, which the checkpoint's names and shapes check.
+    """
     cfg = load_run_config(run_dir)
-    model, tok, params = load_model_and_lora(cfg)
+    if source is not None:
+        cfg["model"]["source"] = str(source)
+    model, tok, params, _ = load_model_and_targets(cfg)
     ckpt = checkpoint or latest_checkpoint(run_dir)
     if ckpt is None:
         raise QzoError(f"run {str(run_dir)!r} has no checkpoint yet; train it first")

@@ -172,3 +172,59 @@ def test_batched_pool_and_clip_through_the_config(tiny_model_dir, overfit_data, 
         assert a["seeds"] == b["seeds"] and a["forwards"] == b["forwards"]
         assert b["losses"] == pytest.approx(a["losses"], rel=1e-4)
         assert abs(a["grad"]) <= 50.0
+
+
+def test_scale_and_dense_targets_train_resume_and_reload(tiny_model_dir, overfit_data, tmp_path, tiny_batch):
+    """targets.scales + targets.dense + LoRA from the config: trained, resumed bit-exactly, reloaded on a fresh base."""
+    from safetensors.torch import load_file
+
+    from qzo.trainer import run, setup
+
+    extra = {"targets.scales": "[q_proj]", "targets.dense": "[model.norm]", "optim.clip": 100,
+             "train.steps": 4, "train.eval_every": 2, "train.save_every": 2}
+    full, half = tmp_path / "full", tmp_path / "half"
+    session = setup(None, _sets(tiny_model_dir, overfit_data, full, **extra), log=lambda *_: None)
+    assert sorted(session.parts) == ["dense", "lora", "scales"]
+    before = {t.name: t.tensor.clone() for t in session.params}
+    run(session, log=lambda *_: None, progress=False)
+    moved = {kind: max((t.tensor - before[t.name]).abs().max().item() for t in part)
+             for kind, part in session.parts.items()}
+    assert all(m > 0 for m in moved.values()), moved
+    assert {"adapter", "scales.safetensors", "dense.safetensors"} <= {p.name for p in full.iterdir()}
+
+    train(None, _sets(tiny_model_dir, overfit_data, half, **{**extra, "train.steps": 2}), progress=False)
+    train(None, ["train.steps=4"], resume=half, progress=False)
+    for name in ("checkpoints/step-000004/trainables.safetensors", "scales.safetensors", "dense.safetensors"):
+        a, b = load_file(str(full / name)), load_file(str(half / name))  # (metadata order varies, so not bytes)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    with torch.no_grad():
+        live = session.model(**tiny_batch).logits
+    model, _, _, _ = load_run_model(full)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**tiny_batch).logits, live, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["targets.lora=false"], "nothing to train"),
+        (["targets.scales=some"], r"'targets.scales' is 'some'"),
+        (["targets.dense=[]"], r"'targets.dense' must be null or a non-empty list"),
+        (["targets.scales=all", "optim.strategy=gv", "optim.batched=true"], "cannot batch scale or dense"),
+    ],
+)
+def test_bad_target_keys(overrides, match):
+    from qzo.config import load_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_target_pattern_matching_nothing_is_a_one_line_error(tiny_model_dir, overfit_data, tmp_path, capsys):
+    args = ["train", "--no-progress"]
+    for s in _sets(tiny_model_dir, overfit_data, tmp_path / "run", **{"targets.dense": "[no_such_module]"}):
+        args += ["--set", s]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: qzo.dense: ['no_such_module'] match no")
