@@ -16,7 +16,7 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULTS", "load_config", "apply_overrides", "validate", "flat_keys", "get"]
+__all__ = ["DEFAULTS", "load_config", "merge_config", "apply_overrides", "validate", "flat_keys", "get"]
 
 DEFAULTS: dict = {
     "model": {
@@ -37,9 +37,12 @@ DEFAULTS: dict = {
         "dense": None,  # null: off; module patterns trained as float32 dense slices (qzo.dense)
     },
     "data": {
-        "train": "builtin:demo_train",  # JSONL of {"messages": [...]}
+        "train": "builtin:demo_train",  # JSONL (chat, alpaca or prompt/completion lines) or hf:KIND:PATH
         "eval": "builtin:demo_eval",  # null: hold out data.eval_fraction of train
         "eval_fraction": 0.1,
+        "format": "auto",  # auto | chat | alpaca | completion: record fields (auto: detected per line)
+        "system_prompt": None,  # system message added to examples without one; null: none added
+        "packing": False,  # pack whole training examples into rows of train.max_len tokens
     },
     "optim": {
         "strategy": "spsa",  # spsa | gv | greedy | ldsd
@@ -79,6 +82,7 @@ _CHOICES = {
     ("optim", "strategy"): ("spsa", "gv", "greedy", "ldsd"),
     ("optim", "rule"): ("sgd", "momentum", "adam", "sign"),
     ("optim", "schedule"): ("constant", "linear", "cosine"),
+    ("data", "format"): ("auto", "chat", "alpaca", "completion"),
 }
 _POSITIVE = {("optim", "lr"), ("optim", "eps"), ("lora", "alpha"), ("optim", "sigma")}
 _AT_LEAST_ONE = {("lora", "r"), ("train", "steps"), ("train", "batch_size"), ("train", "eval_every"),
@@ -90,6 +94,7 @@ _NULLABLE_TYPES = {
     ("model", "max_memory"): (dict,),
     ("model", "offload_folder"): (str,),
     ("data", "eval"): (str,),
+    ("data", "system_prompt"): (str,),
     ("out_dir",): (str,),
     ("optim", "clip"): (float, int),
     ("targets", "scales"): (str, list),
@@ -123,14 +128,15 @@ def _set(cfg: dict, dotted: str, value) -> None:
     node[parts[-1]] = value
 
 
-def _merge(base: dict, update: dict, where: str = "") -> None:
+def merge_config(base: dict, update: dict, where: str = "") -> None:
+    """Merge a (partial) config tree into ``base`` in place; an unknown key is a :class:`ConfigError`."""
     for k, v in update.items():
         key = f"{where}{k}"
         if k not in base:
             valid = [x for x in flat_keys() if x.startswith(where)] if where else list(DEFAULTS)
             raise ConfigError(f"unknown config key {key!r}; valid keys here: {', '.join(valid)}")
         if isinstance(base[k], dict) and isinstance(v, dict):
-            _merge(base[k], v, key + ".")
+            merge_config(base[k], v, key + ".")
         elif isinstance(base[k], dict) and key != "model.max_memory":
             raise ConfigError(f"config key {key!r} is a section; give it a mapping of "
                               f"{', '.join(base[k])}, not {v!r}")
@@ -151,7 +157,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        _merge(cfg, data)
+        merge_config(cfg, data)
     apply_overrides(cfg, overrides or [])
     validate(cfg)
     return cfg

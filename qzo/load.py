@@ -142,10 +142,14 @@ def _quant_config(quant: str, double_quant: bool, compute_dtype: torch.dtype):
 
     if quant == "none":
         return None
+    # llm_int8_enable_fp32_cpu_offload (both widths, despite the name): layers a device_map
+    # puts on "cpu" or "disk" stay unquantized in `dtype` and stream to the GPU per forward,
+    # as accelerate offloads them; without it transformers refuses such maps outright.
     if quant == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=True)
     return BitsAndBytesConfig(
         load_in_4bit=True,
+        llm_int8_enable_fp32_cpu_offload=True,
         bnb_4bit_quant_type=quant,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
@@ -206,7 +210,12 @@ def load(
     kind, value = resolve_source(source)
     tmp_folder = None
     try:
-        if kind == "config":
+        if kind == "config" and offload_folder is not None:
+            # disk offload reads weights back from the checkpoint files it was loaded from,
+            # so a random-init model's files must outlive the load: keep them with the offload
+            folder = _materialize_config(value, seed, torch_dtype, Path(offload_folder) / "random-init")
+            tok = _load_tokenizer(tokenizer)
+        elif kind == "config":
             tmp_folder = _materialize_config(value, seed, torch_dtype)
             folder, tok = tmp_folder, _load_tokenizer(tokenizer)
         elif kind == "gguf":
@@ -267,7 +276,7 @@ def _keep_packed_state(module, save):
     return guarded
 
 
-def _materialize_config(config, seed: int, dtype: torch.dtype) -> Path:
+def _materialize_config(config, seed: int, dtype: torch.dtype, folder: Path | None = None) -> Path:
     """Random-init a model from a config and save it so bitsandbytes can quantize it on load.
 
     bitsandbytes quantizes weights as ``from_pretrained`` reads them; going through a
@@ -278,7 +287,7 @@ def _materialize_config(config, seed: int, dtype: torch.dtype) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    folder = Path(tempfile.mkdtemp(prefix="qzo-config-"))
+    folder = Path(tempfile.mkdtemp(prefix="qzo-config-")) if folder is None else Path(folder)
     model.save_pretrained(folder)
     return folder
 
@@ -294,9 +303,44 @@ def _load_tokenizer(source, trust_remote_code: bool = False):
         raise ModelSourceError(f"could not load a tokenizer from {str(source)!r}: {exc}") from exc
 
 
+def quantized_device_map(folder, quant: str, dtype: torch.dtype, max_memory: dict | None,
+                         trust_remote_code: bool = False) -> dict[str, object]:
+    """accelerate's ``"auto"`` placement of a quantized model, sized by its *quantized* bytes.
+
+    transformers swaps in bitsandbytes layers before it resolves ``"auto"``, so layers that
+    then land on CPU or disk would be offloaded *quantized*, a state accelerate cannot stream
+    back (their quantization state is lost on the meta round trip). Resolving the map here
+    first, with 4-bit (or int8) weight sizes for the linear layers that will be quantized,
+    gives transformers a dict: the GPU part is quantized, and what does not fit is offloaded
+    unquantized in ``dtype`` (``llm_int8_enable_fp32_cpu_offload``) and streamed per forward.
+    """
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from accelerate.utils import CustomDtype
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    packed = CustomDtype.INT4 if quant in ("nf4", "fp4") else torch.int8
+    head = model.get_output_embeddings()
+    special = {f"{name}.weight": packed for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and module is not head}
+    return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=model._no_split_modules,
+                                 dtype=dtype, special_dtypes=special)
+
+
 def _load_model(folder, quant, double_quant, dtype, device_map, max_memory, offload_folder, trust_remote_code):
     from transformers import AutoModelForCausalLM
 
+    if quant != "none" and device_map == "auto":
+        if not torch.cuda.is_available():
+            if max_memory is not None:
+                raise QzoError("offloading a quantized model needs a GPU to run it on (bitsandbytes keeps offloaded "
+                               "layers unquantized and streams them to the GPU); on CPU load it whole "
+                               "(model.device_map: cpu) or use model.quant: none with max_memory/offload_folder")
+            device_map = "cpu"
+        else:
+            device_map = quantized_device_map(folder, quant, dtype, max_memory, trust_remote_code)
     kwargs = dict(dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
     qc = _quant_config(quant, double_quant, dtype)
     if qc is not None:
@@ -309,3 +353,8 @@ def _load_model(folder, quant, double_quant, dtype, device_map, max_memory, offl
         return AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except OSError as exc:
         raise ModelSourceError(f"could not load a model from {str(folder)!r}: {exc}") from exc
+    except ValueError as exc:
+        if "offload_folder" in str(exc) or "offload_dir" in str(exc):
+            raise QzoError("some layers do not fit max_memory and go to disk, but no folder was given for them: set "
+                           "model.offload_folder (qzo.load(..., offload_folder=...)) or raise model.max_memory") from None
+        raise

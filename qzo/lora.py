@@ -5,11 +5,20 @@ peft's LoRA layers are used as they are: they already wrap bitsandbytes ``Linear
 on the same base. The adapter weights are float32 whatever the base dtype, so the
 round trip of +eps z / -eps z perturbations does not drift (bf16 would lose ~3 digits).
 
+Offloaded layers (accelerate ``device_map`` with CPU or disk offload) keep their weights
+as ``meta`` placeholders between forwards, and peft creates an adapter on its base
+layer's device, so it would build them on ``meta`` too. While injecting, such a layer
+shows a one-element stand-in on its *execution* device instead: its adapters then live
+there (small, always resident, perturbed in place like any other), and they get the
+same initial values as without offload (peft draws them on CPU in the same order).
+
 Names are peft's saved-adapter keys (``base_model.model.<module>.lora_A.weight``), so the
 noise stream of each tensor is tied to what it is in the saved file, not to its position.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -27,6 +36,35 @@ def linear_module_names(model) -> list[str]:
         if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
             names.add(full.rsplit(".", 1)[-1])
     return sorted(names)
+
+
+def _execution_device(module) -> torch.device:
+    """Where accelerate runs an offloaded ``module`` (its hook's execution device; CPU if none)."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in [hook, *getattr(hook, "hooks", ())]:  # a SequentialHook holds several
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _offloaded_weights_as_stand_ins(model, targets: list[str]):
+    """Give offloaded target layers a 1-element weight on their execution device while peft injects."""
+    swapped = []
+    for path, module in model.named_modules():
+        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        if weight is None or weight.device.type != "meta" or path.rsplit(".", 1)[-1] not in targets:
+            continue
+        device = _execution_device(module)
+        stand_in = torch.zeros(1, dtype=weight.dtype, device=device).expand(weight.shape)
+        module._parameters["weight"] = torch.nn.Parameter(stand_in, requires_grad=False)
+        swapped.append((module, weight))
+    try:
+        yield
+    finally:
+        for module, weight in swapped:
+            module._parameters["weight"] = weight
 
 
 class LoraParams(ParamSet):
@@ -96,7 +134,8 @@ def lora(
     config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        peft_model = peft.get_peft_model(model, config)
+        with _offloaded_weights_as_stand_ins(model, targets):
+            peft_model = peft.get_peft_model(model, config)
     peft_model.eval()
     items = []
     for name, p in peft_model.named_parameters():

@@ -20,6 +20,7 @@ resumed from a checkpoint produces the same bytes as one that never stopped.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -31,8 +32,8 @@ import yaml
 
 from .batched import CausalLMLoss
 from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from .config import ConfigError, load_config, validate
-from .data import Batcher, ChatDataset, eval_loss, model_input_device, read_chat_jsonl
+from .config import DEFAULTS, ConfigError, load_config, merge_config, validate
+from .data import Batcher, ChatDataset, datasets_from_config, eval_loss, model_input_device
 from .errors import NonFiniteLossError, QzoError
 from .load import load
 from .dense import dense
@@ -111,14 +112,6 @@ def load_model_and_targets(cfg: dict):
     return model, tok, params, parts
 
 
-def load_datasets(cfg: dict, tok) -> tuple[ChatDataset, ChatDataset]:
-    d, max_len = cfg["data"], cfg["train"]["max_len"]
-    train_ds = ChatDataset.from_jsonl(tok, d["train"], max_len)
-    if d["eval"]:
-        return train_ds, ChatDataset.from_jsonl(tok, d["eval"], max_len)
-    return train_ds.split(d["eval_fraction"], cfg["train"]["seed"])
-
-
 def is_run_dir(path: Path) -> bool:
     return (Path(path) / "config.yaml").is_file() and (Path(path) / "steps.jsonl").exists()
 
@@ -129,7 +122,9 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> dict:
     if not is_run_dir(run_dir):
         raise QzoError(f"{str(run_dir)!r} is not a qzo run directory (no config.yaml / steps.jsonl); "
                        "pass the folder a previous `qzo train` wrote")
-    base = yaml.safe_load((run_dir / "config.yaml").read_text())
+    # a run written before a key existed resumes with that key's default (the behaviour it ran with)
+    base = copy.deepcopy(DEFAULTS)
+    merge_config(base, yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
     for item in overrides or []:
         key = item.split("=", 1)[0].strip()
         if key not in RESUMABLE_KEYS:
@@ -196,9 +191,10 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
         run_dir = None
     log(f"qzo: loading {cfg['model']['source']} ({cfg['model']['quant']})")
     model, tok, params, parts = load_model_and_targets(cfg)
-    train_ds, eval_ds = load_datasets(cfg, tok)
+    train_ds, eval_ds = datasets_from_config(cfg, tok)
     dropped = f", {train_ds.dropped} dropped: no assistant token within train.max_len" if train_ds.dropped else ""
-    log(f"qzo: {len(train_ds)} training chats, {len(eval_ds)} held-out{dropped}; "
+    packed = f" packed into {len(train_ds)} rows" if train_ds.row_len else ""
+    log(f"qzo: {train_ds.num_examples} training examples{packed}, {len(eval_ds)} held-out{dropped}; "
         f"{describe_targets(parts)}")
     if run_dir is None:
         run_dir = _new_run_dir(cfg, config_path)

@@ -228,3 +228,16 @@ def test_target_pattern_matching_nothing_is_a_one_line_error(tiny_model_dir, ove
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: qzo.dense: ['no_such_module'] match no")
+
+
+def test_a_run_written_before_new_keys_existed_resumes_with_their_defaults(tiny_model_dir, overfit_data, tmp_path):
+    import yaml
+
+    out = tmp_path / "run"
+    train(None, _sets(tiny_model_dir, overfit_data, out, **{"train.steps": 2}), progress=False)
+    old = yaml.safe_load((out / "config.yaml").read_text())
+    del old["targets"], old["data"]["format"], old["data"]["packing"]  # as an earlier qzo wrote it
+    (out / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    summary = train(None, ["train.steps=4"], resume=out, progress=False)
+    assert summary["steps"] == 4
+    assert yaml.safe_load((out / "config.yaml").read_text())["targets"]["lora"] is True
