@@ -1,4 +1,4 @@
-"""The ``qzo`` command: ``train``, ``chat``, ``plan``, ``cache``.
+"""The ``qzo`` command: ``train``, ``chat``, ``plan``, ``export``, ``cache``.
 
 Errors a user can fix (:class:`qzo.errors.QzoError`) print as one ``error:`` line and exit
 with status 2; a NaN/inf loss exits with status 3 after saying which step and which
@@ -41,6 +41,20 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--pool", type=int, default=1, help="candidates per stacked forward (optim.batched)")
     pl.add_argument("--double-quant", action="store_true")
 
+    e = sub.add_parser("export", help="a run's trained values as a PEFT adapter, a merged model or a 4-bit folder")
+    e.add_argument("run", help="a run directory written by qzo train")
+    fmt = e.add_mutually_exclusive_group(required=True)
+    fmt.add_argument("--peft", dest="fmt", action="store_const", const="peft",
+                     help="LoRA adapter folder for peft.PeftModel.from_pretrained (LoRA-only runs)")
+    fmt.add_argument("--merged", dest="fmt", action="store_const", const="merged",
+                     help="plain transformers model (safetensors) with adapters, scales and slices folded in")
+    fmt.add_argument("--quantized", dest="fmt", action="store_const", const="quantized",
+                     help="bitsandbytes 4-bit folder with the trained scales (+ adapter/ for LoRA runs)")
+    e.add_argument("--out", help="destination folder (must not exist); default RUN/export-FORMAT")
+    e.add_argument("--base", help="the base model's new place, if it moved since training")
+    e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="--merged: weight dtype (float32 keeps the merge exact)")
+
     k = sub.add_parser("cache", help="show or clear qzo's cache of converted models")
     k.add_argument("--clear", action="store_true", help="delete every cached conversion")
     return p
@@ -79,6 +93,13 @@ def _plan(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .export import export
+
+    export(args.run, args.fmt, out=args.out, base=args.base, dtype=args.dtype)
+    return 0
+
+
 def _cache(args) -> int:
     from .cache import cache_dir, clear_cache
 
@@ -92,7 +113,7 @@ def _cache(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"train": _train, "chat": _chat, "plan": _plan, "cache": _cache}
+    handlers = {"train": _train, "chat": _chat, "plan": _plan, "export": _export, "cache": _cache}
     try:
         return handlers[args.command](args)
     except NonFiniteLossError as exc:

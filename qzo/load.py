@@ -137,19 +137,21 @@ def _convert_gguf(path: Path) -> Path:
     return target
 
 
-def _quant_config(quant: str, double_quant: bool, compute_dtype: torch.dtype):
+def _quant_config(quant: str, double_quant: bool, compute_dtype: torch.dtype, offload: bool = False):
     from transformers import BitsAndBytesConfig
 
     if quant == "none":
         return None
-    # llm_int8_enable_fp32_cpu_offload (both widths, despite the name): layers a device_map
-    # puts on "cpu" or "disk" stay unquantized in `dtype` and stream to the GPU per forward,
-    # as accelerate offloads them; without it transformers refuses such maps outright.
+    # offload: layers a device_map puts on "cpu" or "disk" stay unquantized in `dtype` and
+    # stream to the GPU per forward, as accelerate offloads them (the flag is named for int8
+    # but applies to both widths; without it transformers refuses such maps). Only set with
+    # such a map: it is saved with the model, and on a plain load it would keep every layer
+    # of a CPU-placed model unquantized.
     if quant == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=offload)
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        llm_int8_enable_fp32_cpu_offload=True,
+        llm_int8_enable_fp32_cpu_offload=offload,
         bnb_4bit_quant_type=quant,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
@@ -342,7 +344,10 @@ def _load_model(folder, quant, double_quant, dtype, device_map, max_memory, offl
         else:
             device_map = quantized_device_map(folder, quant, dtype, max_memory, trust_remote_code)
     kwargs = dict(dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
-    qc = _quant_config(quant, double_quant, dtype)
+    # what counts as offloaded: disk always; "cpu" only when there is a GPU to run on
+    placed = set(map(str, device_map.values())) if isinstance(device_map, dict) else set()
+    offload = "disk" in placed or (torch.cuda.is_available() and "cpu" in placed)
+    qc = _quant_config(quant, double_quant, dtype, offload)
     if qc is not None:
         kwargs["quantization_config"] = qc
     if max_memory is not None:

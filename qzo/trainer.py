@@ -100,14 +100,19 @@ def describe_targets(parts: dict[str, ParamSet]) -> str:
     return f"{total:,} trainable values: " + ", ".join(f"{k} {len(p)} tensors ({p.numel:,})" for k, p in parts.items())
 
 
-def load_model_and_targets(cfg: dict):
-    """Base model (quantized, placed) with the configured trainables: ``(model, tok, params, parts)``."""
+def load_model_and_targets(cfg: dict, build: bool = True):
+    """Base model (quantized, placed) with the configured trainables: ``(model, tok, params, parts)``.
+
+    ``build=False`` loads the base alone (``params`` is ``None``, ``parts`` empty).
+    """
     m = cfg["model"]
     model, tok = load(m["source"], m["quant"], double_quant=m["double_quant"], dtype=m["dtype"],
                       device_map=m["device_map"], max_memory=m["max_memory"], offload_folder=m["offload_folder"],
                       trust_remote_code=m["trust_remote_code"], cpu_fused_4bit=m["cpu_fused_4bit"])
     if tok is None:
         raise QzoError("this model source has no tokenizer; training on chat data needs one")
+    if not build:
+        return model, tok, None, {}
     params, parts = build_targets(model, cfg)
     return model, tok, params, parts
 

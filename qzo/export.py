@@ -1,0 +1,247 @@
+"""``qzo export RUN --peft | --merged | --quantized``: a run's trained values in the formats people use.
+
+* ``peft``: the LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``),
+  for ``peft.PeftModel.from_pretrained(base, folder)``. Only for runs that trained LoRA
+  alone: a PEFT adapter cannot carry trained scales or dense slices.
+* ``merged``: a plain ``transformers`` folder (safetensors, ``bfloat16`` by default) that
+  ``AutoModelForCausalLM.from_pretrained`` loads without qzo, peft or bitsandbytes. Every
+  quantized weight is dequantized *with its trained scales*, dense slices are written as
+  trained, and each LoRA delta ``B @ A * alpha / r`` is added to its weight. The merge is
+  done in float32 per tensor and cast once at the end, so the only difference from the
+  trained model is the final rounding (none with ``dtype="float32"``).
+* ``quantized``: a bitsandbytes 4-bit folder (NF4/FP4 codes, the *trained* block scales)
+  that ``from_pretrained`` loads straight into 4-bit. Dense slices are written unquantized
+  and listed in ``llm_int8_skip_modules``. LoRA cannot be folded into 4-bit codes without
+  re-quantizing the sum (which would throw away what ZO learned at 1e-3 scale), so a LoRA
+  run's adapter goes next to it in ``adapter/``.
+
+Every export is written into a hidden temp folder and renamed into place; an existing
+destination is never overwritten.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .checkpoint import latest_checkpoint, load_checkpoint
+from .errors import ModelSourceError, QzoError
+from .targets import clean_path, is_quantized, unwrap_peft
+
+__all__ = ["export", "FORMATS", "merged_state_dict"]
+
+FORMATS = ("peft", "merged", "quantized")
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def export(run_dir, fmt: str, out=None, base=None, dtype: str = "bfloat16", log=print) -> Path:
+    """Export a run's latest checkpoint as ``fmt`` (``peft``, ``merged`` or ``quantized``) into ``out``.
+
+    Args:
+        run_dir: a directory ``qzo train`` wrote.
+        fmt: one of :data:`FORMATS`.
+        out: destination folder (must not exist); default ``<run>/export-<fmt>``.
+        base: where the base model is now, when it moved since training (same model).
+        dtype: ``merged`` only: ``bfloat16`` (default), ``float16`` or ``float32``.
+
+    Returns:
+        The folder written.
+    """
+    from .trainer import load_run_config
+
+    if fmt not in FORMATS:
+        raise QzoError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if dtype not in _DTYPES:
+        raise QzoError(f"unknown export dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise QzoError(f"run {str(run_dir)!r} has no checkpoint yet; train it first")
+    out = Path(out) if out is not None else run_dir / f"export-{fmt}"
+    if out.exists():
+        raise QzoError(f"export destination {str(out)!r} already exists; remove it or pass --out elsewhere")
+    targets = cfg["targets"]
+    if fmt == "peft" and (not targets["lora"] or targets["scales"] or targets["dense"]):
+        trained = [k for k in ("lora", "scales", "dense") if targets[k]]
+        raise QzoError(f"--peft writes a LoRA adapter, but this run trained {', '.join(trained)}; a PEFT adapter "
+                       "cannot hold scales or dense slices: use --merged (a plain model) or --quantized")
+    if fmt == "quantized" and cfg["model"]["quant"] not in ("nf4", "fp4"):
+        raise QzoError(f"--quantized writes a bitsandbytes 4-bit folder and supports nf4/fp4 bases; this run's base "
+                       f"is {cfg['model']['quant']}: use --merged (a bf16 model) or --peft (the adapter)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        trainables = load_checkpoint(ckpt)[0]
+        if fmt == "peft":
+            _write_adapter(tmp, cfg, trainables)
+        elif fmt == "merged":
+            _write_merged(tmp, cfg, trainables, base, _DTYPES[dtype])
+        else:
+            _write_quantized(tmp, cfg, trainables, base)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log(f"qzo: exported {ckpt.name} of {run_dir} as {fmt} to {out}")
+    return out
+
+
+def _load_base(cfg: dict, base, lora: bool):
+    """``(model, tok, params, parts)``: the run's base with its targets built (LoRA only if ``lora``).
+
+    ``params`` is ``None`` when no target is left to build (a LoRA-only run loaded without LoRA).
+    """
+    from .trainer import load_model_and_targets
+
+    cfg = copy.deepcopy(cfg)
+    if base is not None:
+        cfg["model"]["source"] = str(base)
+    cfg["model"]["cpu_fused_4bit"] = False  # exports read the plain layout; the fused one is repacked
+    cfg["targets"]["lora"] = lora and cfg["targets"]["lora"]
+    try:
+        if any(cfg["targets"].values()):
+            return load_model_and_targets(cfg)
+        cfg["targets"]["lora"] = True  # loads the base and its tokenizer; no target is built
+        model, tok, _, _ = load_model_and_targets(cfg, build=False)
+        return model, tok, None, {}
+    except ModelSourceError as exc:
+        raise QzoError(f"the run's base model cannot be loaded ({exc}); if it moved, pass its new place with "
+                       "--base PATH (the same model the run was trained on)") from None
+
+
+def _load_values(params, trainables: dict) -> None:
+    params.load_state_dict({t.name: trainables[t.name] for t in params})
+
+
+def _lora_config(cfg: dict):
+    import peft
+
+    lc = cfg["lora"]
+    return peft.LoraConfig(r=lc["r"], lora_alpha=lc["alpha"], target_modules=lc["target_modules"], lora_dropout=0.0,
+                           bias="none", base_model_name_or_path=str(cfg["model"]["source"]))
+
+
+def _write_adapter(folder: Path, cfg: dict, trainables: dict) -> None:
+    """A PEFT adapter folder from the checkpoint's LoRA tensors (their names are peft's saved keys)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _lora_config(cfg).save_pretrained(str(folder))
+    lora = {k: v.contiguous() for k, v in trainables.items() if ".lora_A." in k or ".lora_B." in k}
+    save_file(lora, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def _dequantized_weight(module) -> torch.Tensor:
+    """A bitsandbytes layer's weight in float32, computed from its (trained) scales."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    if isinstance(module, bnb.nn.Linear4bit):
+        return F.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    scb = module.state.SCB if module.state.SCB is not None else module.weight.SCB
+    codes = module.state.CB if module.state.CB is not None else module.weight.data
+    return codes.float() * (scb.float().unsqueeze(1) / 127.0)
+
+
+def merged_state_dict(model, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """The plain-model state dict of ``model`` with trained scales, dense slices and LoRA folded in.
+
+    Keys are the names a model without qzo has (peft's ``base_layer`` and ``lora_*``
+    segments gone); values are computed in float32 and cast to ``dtype`` once.
+    """
+    model = unwrap_peft(model)
+    deltas = {}
+    for raw, module in model.named_modules():
+        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+        if isinstance(lora_a, torch.nn.ModuleDict) and isinstance(lora_b, torch.nn.ModuleDict):
+            delta = None
+            for adapter in lora_a:
+                a, b = lora_a[adapter].weight.float(), lora_b[adapter].weight.float()
+                part = (b @ a) * float(module.scaling[adapter])
+                delta = part if delta is None else delta + part
+            deltas[clean_path(raw)] = delta
+    state, seen = {}, {}
+    for raw, module in model.named_modules():
+        if any(part.startswith("lora_") for part in raw.split(".")):
+            continue
+        path = clean_path(raw)
+        tensors = list(module.named_parameters(recurse=False))
+        tensors += [(n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]
+        for pname, tensor in tensors:
+            name = f"{path}.{pname}" if path else pname
+            if pname == "weight" and is_quantized(module):
+                value = _dequantized_weight(module)
+            elif id(tensor) in seen and pname == "weight" and path not in deltas:
+                state[name] = state[seen[id(tensor)]]  # tied: one tensor under both names
+                continue
+            else:
+                value = tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
+            if pname == "weight" and path in deltas:
+                value = value + deltas[path].to(value.device)
+            seen.setdefault(id(tensor), name)
+            state[name] = (value.to(dtype) if value.is_floating_point() else value).cpu().contiguous()
+    return state
+
+
+def _plain_config(model, dtype: torch.dtype):
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype
+    return config
+
+
+def _write_merged(folder: Path, cfg: dict, trainables: dict, base, dtype: torch.dtype) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model, tok, params, _ = _load_base(cfg, base, lora=True)
+    _load_values(params, trainables)
+    state = merged_state_dict(model, dtype)
+    config = _plain_config(unwrap_peft(model), dtype)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise QzoError(f"merged export: the plain {type(plain).__name__} expects {missing[:3]} and does not know "
+                       f"{unexpected[:3]}; this architecture's layout is not supported yet")
+    if getattr(config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    plain.save_pretrained(str(folder), safe_serialization=True)
+    if tok is not None:
+        tok.save_pretrained(str(folder))
+    _note(folder, cfg, "merged", {"dtype": str(dtype).removeprefix("torch.")})
+
+
+def _write_quantized(folder: Path, cfg: dict, trainables: dict, base) -> None:
+    model, tok, params, parts = _load_base(cfg, base, lora=False)
+    if cfg["targets"]["scales"] or cfg["targets"]["dense"]:
+        _load_values(params, trainables)
+    qc = model.config.quantization_config
+    qc.llm_int8_enable_fp32_cpu_offload = False  # a training-time placement choice, not part of the model
+    if "dense" in parts:  # written unquantized: from_pretrained must not turn them back into 4-bit layers
+        skip = list(getattr(qc, "llm_int8_skip_modules", None) or [])
+        if not skip:  # transformers' own default, which an explicit list replaces: the output head stays full
+            head = model.get_output_embeddings()
+            skip = [name for name, module in model.named_modules() if module is head]
+        qc.llm_int8_skip_modules = skip + [p for p in parts["dense"].modules if p not in skip]
+    model.save_pretrained(str(folder), safe_serialization=True)
+    if tok is not None:
+        tok.save_pretrained(str(folder))
+    if cfg["targets"]["lora"]:
+        _write_adapter(folder / "adapter", cfg, trainables)
+    _note(folder, cfg, "quantized", {"adapter": bool(cfg["targets"]["lora"])})
+
+
+def _note(folder: Path, cfg: dict, fmt: str, extra: dict) -> None:
+    """``qzo_export.json``: what was exported from which base, for whoever finds the folder later."""
+    note = {"format": fmt, "base": cfg["model"]["source"], "quant": cfg["model"]["quant"],
+            "targets": cfg["targets"], **extra}
+    (folder / "qzo_export.json").write_text(json.dumps(note, indent=2))
