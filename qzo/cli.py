@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--strategy", default="spsa", choices=["spsa", "gv", "greedy", "ldsd"])
     pl.add_argument("--pool", type=int, default=1, help="candidates per stacked forward (optim.batched)")
     pl.add_argument("--double-quant", action="store_true")
+    pl.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated decoder linears with LoRA")
+    pl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="compute dtype of activations and unquantized weights")
 
     e = sub.add_parser("export", help="a run's trained values as a PEFT adapter, a merged model or a 4-bit folder")
     e.add_argument("run", help="a run directory written by qzo train")
@@ -86,9 +89,13 @@ def _chat(args) -> int:
 def _plan(args) -> int:
     from .plan import plan
 
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
     result = plan(args.model, quant=args.quant, gpu=args.gpu, batch=args.batch, seq=args.seq, lora_r=args.lora_r,
-                  rule=args.rule, strategy=args.strategy, pool=args.pool, double_quant=args.double_quant)
-    print(f"{args.model}, {args.quant}, batch {args.batch} x {args.seq}, LoRA r {args.lora_r} on q_proj,v_proj")
+                  lora_targets=targets, rule=args.rule, strategy=args.strategy, pool=args.pool,
+                  double_quant=args.double_quant, dtype=args.dtype)
+    pool = f", pool {args.pool} stacked" if args.pool > 1 else ""
+    print(f"{args.model}, {args.quant}, batch {args.batch} x {args.seq}{pool}, LoRA r {args.lora_r} on "
+          f"{','.join(targets)}, {args.dtype}")
     print(result.table())
     return 0
 

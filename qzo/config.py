@@ -25,7 +25,7 @@ DEFAULTS: dict = {
         "double_quant": False,
         "dtype": None,  # compute dtype; null: float32 on CPU, bfloat16 on CUDA
         "device_map": None,  # null: auto with a GPU, cpu without
-        "max_memory": None,  # e.g. {"cuda:0": "6GiB", "cpu": "48GiB"}
+        "max_memory": None,  # e.g. {0: "6GiB", "cpu": "48GiB"} (GPU by index: accelerate rejects "cuda:0")
         "offload_folder": None,
         "trust_remote_code": False,
         "cpu_fused_4bit": True,  # bitsandbytes' fused bf16 CPU kernel for 4-bit layers (AVX512-BF16 CPUs)

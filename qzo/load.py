@@ -184,7 +184,7 @@ def load(
         device_map: accelerate placement (``"auto"``, ``"cpu"``, a dict). Default: ``"auto"``
             with a GPU, ``"cpu"`` without.
         max_memory: per-device budget for ``device_map="auto"``, e.g.
-            ``{"cuda:0": "6GiB", "cpu": "48GiB"}``; what does not fit is offloaded.
+            ``{0: "6GiB", "cpu": "48GiB"}`` (GPUs by index); what does not fit is offloaded.
         offload_folder: where accelerate puts layers offloaded to disk.
         trust_remote_code: run model code shipped with the checkpoint (off unless asked).
         tokenizer: for a config source, a tokenizer folder or object to return alongside.

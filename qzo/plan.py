@@ -16,7 +16,13 @@ trained (the memory contract), so the parts are:
 * workspace    the largest quantized weight dequantized for its matmul.
 
 When the total exceeds the GPU budget, the plan says how many decoder layers to keep on
-the GPU and what ``max_memory`` gives that split (the rest streams from CPU per forward).
+the GPU and what ``max_memory`` gives that split. Offloaded layers are what ``qzo.load``
+makes of them: kept *unquantized* in the compute dtype on the CPU (bitsandbytes cannot
+offload its 4-bit layers) and copied to the GPU for each forward, so the GPU needs room
+for one such layer in flight and every forward moves all of them over PCIe. ``max_memory``
+caps only the weights accelerate places, so the GPU figure it is given is the budget less
+everything else the step needs (accelerate then reserves the in-flight layer from it).
+LoRA adapters of offloaded layers stay on the GPU (``qzo.lora``), so they never move.
 The estimate still has to be checked against measured GPU peaks (``benchmarks/memory.py``,
 owed to a GPU session); on CPU its weight bytes are tested against a real quantized model.
 """
@@ -114,8 +120,9 @@ class Plan:
     activations: int
     workspace: int
     budget: int | None
-    per_layer: int
+    per_layer: int  # one decoder layer on the GPU (quantized)
     layers: int
+    streamed_layer: int = 0  # one offloaded layer: unquantized, copied to the GPU per forward
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -130,8 +137,23 @@ class Plan:
         """How many decoder layers fit on the GPU (all of them when the whole model fits)."""
         if self.budget is None or self.fits:
             return self.layers
-        fixed = self.total - self.layers * self.per_layer
+        fixed = self.total - self.layers * self.per_layer + self.streamed_layer
         return max(0, min(self.layers, (self.budget - fixed) // self.per_layer))
+
+    def gpu_total(self) -> int:
+        """Peak GPU memory with :meth:`gpu_layers` on the GPU (the rest offloaded, one in flight)."""
+        keep = self.gpu_layers()
+        if keep == self.layers:
+            return self.total
+        return self.total - (self.layers - keep) * self.per_layer + self.streamed_layer
+
+    def offloaded_bytes(self) -> int:
+        """Bytes copied to the GPU each forward: every offloaded layer, unquantized."""
+        return (self.layers - self.gpu_layers()) * self.streamed_layer
+
+    def weights_allowance(self) -> int:
+        """The GPU ``max_memory`` for offloading: the budget less what is not weights."""
+        return self.budget - (self.trainables + self.state + self.activations + self.workspace)
 
     def table(self) -> str:
         rows = [("weights", self.weights), ("trainables", self.trainables), ("optimizer state", self.state),
@@ -142,10 +164,14 @@ class Plan:
             lines.append(f"{'GPU budget':18}{self.budget / GiB:9.2f} GiB: {verdict}")
             if not self.fits:
                 keep = self.gpu_layers()
-                offloaded = (self.layers - keep) * self.per_layer
-                lines.append(f"keep {keep} of {self.layers} decoder layers on the GPU and offload {self.layers - keep} "
-                             f"({offloaded / GiB:.2f} GiB) to CPU: model.device_map: auto, model.max_memory: "
-                             f"{{0: '{self.budget / GiB:.1f}GiB', cpu: '{max(64, 2 * offloaded / GiB):.0f}GiB'}}")
+                offloaded = self.offloaded_bytes()
+                cpu = max(8, -(-int(1.25 * offloaded) // GiB))
+                lines.append(f"keep {keep} of {self.layers} decoder layers on the GPU ({self.gpu_total() / GiB:.2f} GiB "
+                             f"peak, one offloaded layer in flight) and offload {self.layers - keep}, unquantized: "
+                             f"{offloaded / GiB:.2f} GiB of CPU RAM, copied to the GPU every forward")
+                lines.append(f"  model.device_map: auto, model.max_memory: {{0: '{self.weights_allowance() / GiB:.2f}GiB', "
+                             f"cpu: '{cpu}GiB'}} (the GPU figure caps weights only: the budget less "
+                             "activations, workspace and trainables)")
         lines += self.notes
         return "\n".join(lines)
 
@@ -182,7 +208,8 @@ def plan(source, quant: str = "nf4", gpu=None, batch: int = 8, seq: int = 512, l
     layer_weights = sum(_quantized_bytes(i, o, quant, double_quant, db) for i, o in shapes.values()) + 2 * h * db
     lora_values = sum(lora_r * (shapes[t][0] + shapes[t][1]) for t in lora_targets) if lora_r else 0
     state_copies = _RULE_STATE[rule] + (strategy == "ldsd")
-    per_layer = layer_weights + 4 * lora_values * (1 + state_copies)  # what offloading one layer moves
+    per_layer = layer_weights  # what keeping one more layer on the GPU costs
+    streamed_layer = (sum(i * o for i, o in shapes.values()) + 2 * h) * db  # offloaded layers stay unquantized
     embed = vocab * h * db
     head = 0 if getattr(cfg, "tie_word_embeddings", False) else vocab * h * db
     weights = layers * layer_weights + embed + head + h * db
@@ -201,9 +228,9 @@ def plan(source, quant: str = "nf4", gpu=None, batch: int = 8, seq: int = 512, l
                      "unquantized): keeping the input embedding on CPU saves "
                      f"{embed / GiB:.2f} GiB")
     result = Plan(weights, trainables, state, activations, workspace, parse_size(gpu) if gpu is not None else None,
-                  per_layer, layers, notes)
+                  per_layer, layers, streamed_layer=streamed_layer, notes=notes)
     if result.budget is not None and not result.fits and result.gpu_layers() == 0:
-        need = result.total - layers * per_layer + per_layer
+        need = result.total - layers * per_layer + streamed_layer
         raise QzoError(f"a GPU budget of {result.budget / GiB:.2f} GiB is below what even full offload needs: "
                        f"{need / GiB:.2f} GiB (embeddings, head, activations for batch {batch} x {seq}, one layer); "
                        "lower train.batch_size or train.max_len, or use a larger GPU")

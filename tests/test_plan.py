@@ -54,8 +54,13 @@ def test_state_and_pool_scale_the_parts():
 def test_offload_advice_when_it_does_not_fit():
     p = plan("llama-2-70b", gpu="20GiB")
     assert p.fits is False and 0 < p.gpu_layers() < 80
-    kept = p.total - (80 - p.gpu_layers()) * p.per_layer
-    assert kept <= p.budget
+    assert p.gpu_total() <= p.budget < p.gpu_total() + p.per_layer  # as many layers as fit, no more
+    # offloaded layers are streamed unquantized: 70B's layer is 0.8e9 bf16 weights (1.6 GB), ~3.6x its NF4 size
+    assert p.streamed_layer == 2 * (8192 * 8192 * 2 + 8192 * 1024 * 2 + 3 * 8192 * 28672 + 2 * 8192)
+    assert p.offloaded_bytes() == (80 - p.gpu_layers()) * p.streamed_layer
+    # max_memory's GPU figure leaves the activations and the rest out of what weights may take
+    assert p.weights_allowance() == p.budget - p.activations - p.workspace - p.trainables - p.state
+    assert "max_memory: {0: '" in p.table()
     assert plan("llama-2-7b", gpu="24GiB").fits is True
 
 
