@@ -36,6 +36,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 import torch
 
 from .errors import QzoError
+from .loss import decoder_and_head, head_loss, labelled_loss
 from .params import ParamSet, Trainable
 from .perturb import perturb_
 
@@ -98,11 +99,17 @@ def stack_batch(batch: dict, k: int) -> dict:
             for key, v in batch.items()}
 
 
+def _has_lora(module) -> bool:
+    """Whether LoRA factors live inside ``module`` (a LoRA-adapted head must see whole candidate blocks)."""
+    return any(isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict) for m in module.modules())
+
+
 class CausalLMLoss:
     """The loss of a causal LM on one batch: an ``opt.step`` closure that can also batch a pool.
 
-    ``loss()`` returns ``model(**batch).loss``, so it replaces ``lambda: model(**batch).loss``
-    anywhere. With a strategy built with ``batched=True``, the optimizer calls
+    ``loss()`` returns the value of ``model(**batch).loss`` (computed from the labelled
+    positions' logits only, a chunk at a time, see ``qzo.loss``), so it replaces ``lambda:
+    model(**batch).loss`` anywhere and needs a fraction of its memory. With a strategy built with ``batched=True``, the optimizer calls
     :meth:`evaluate_candidates` instead, which evaluates the whole pool in one stacked
     forward (see the module docs).
 
@@ -125,7 +132,9 @@ class CausalLMLoss:
         self.batch = batch
 
     def __call__(self) -> torch.Tensor:
-        return self.model(**self.batch).loss
+        # logits only where a label is, a chunk at a time (qzo.loss); the model's own loss otherwise
+        loss = labelled_loss(self.model, self.batch)
+        return loss if loss is not None else self.model(**self.batch).loss
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         fn = getattr(self.model, "loss_function", None)
@@ -156,9 +165,17 @@ class CausalLMLoss:
         inputs = {key: v for key, v in self.batch.items() if key != "labels"}
         inputs.setdefault("use_cache", False)  # a K-times KV cache that nobody reads
         stacked = stack_batch(inputs, k)
+        rows = labels.shape[0]
+        parts = decoder_and_head(self.model)
+        if parts is not None and not _has_lora(parts[1]):
+            decoder, head = parts
+            vocab = getattr(head, "out_features", None) or self.model.config.vocab_size
+            with lora_candidates(self.model, params, candidates, mu_for):
+                hidden = decoder(**stacked).last_hidden_state
+            return torch.stack([head_loss(hidden[j * rows:(j + 1) * rows], labels, head, vocab).reshape(())
+                                for j in range(k)])
         with lora_candidates(self.model, params, candidates, mu_for):
             logits = self.model(**stacked).logits
-        rows = labels.shape[0]
         # one candidate at a time: the float32 upcast and log-softmax are one candidate's size
         return torch.stack([self._loss(logits[j * rows:(j + 1) * rows], labels).float().reshape(())
                             for j in range(k)])

@@ -11,8 +11,12 @@ trained (the memory contract), so the parts are:
 * trainables   LoRA factors (float32) and their state: the rule's moments (Momentum 1x,
                Adam 2x) and LDSD's mean (1x);
 * activations  one decoder layer's live tensors at a time (no grad: earlier layers' are
-               freed), the logits in the compute dtype and their float32 upcast for the
-               loss; a pool-batched step multiplies all of it by the pool size;
+               freed; a pool-batched step multiplies them by the pool size) and one chunk
+               of logits with its float32 copies: the loss runs the head only on labelled
+               positions, 256 MiB of logits at a time (``qzo.loss``), instead of keeping
+               ``[batch, seq, vocab]`` (5.2 GiB for a 128k vocabulary at 8 x 512); and the
+               boolean ``[batch, 1, seq, seq]`` attention mask of a padded batch (the
+               attention itself is SDPA's, linear in seq);
 * workspace    the largest quantized weight dequantized for its matmul.
 
 When the total exceeds the GPU budget, the plan says how many decoder layers to keep on
@@ -32,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import QzoError
+from .loss import chunk_tokens
 
 __all__ = ["PRESETS", "Plan", "plan", "model_config", "parse_size"]
 
@@ -219,8 +224,12 @@ def plan(source, quant: str = "nf4", gpu=None, batch: int = 8, seq: int = 512, l
     i = cfg.intermediate_size
     # one layer at a time: residual, normed input, q/k/v/attention output; MLP gate, up, product
     layer_acts = rows * (6 * h + 3 * i) * db
-    logits = rows * vocab * (db + 2 * 4)  # logits, their float32 upcast and log-softmax for the loss
-    activations = layer_acts + logits
+    # the loss runs the head on labelled positions a chunk at a time (qzo.loss): one chunk of
+    # logits, their float32 upcast and log-softmax, plus the gathered hidden states
+    logits = min(batch * seq, chunk_tokens(vocab)) * vocab * (db + 2 * 4) + batch * seq * h * db
+    # transformers' SDPA path builds a boolean [batch, 1, seq, seq] mask when the batch is padded
+    mask = batch * pool * seq * seq
+    activations = layer_acts + logits + mask
     workspace = max(i * o for i, o in shapes.values()) * db if quant != "none" else 0
     notes = []
     if embed + head > 0.25 * (weights or 1):

@@ -24,3 +24,20 @@ def test_convergence_quick_writes_its_table(tmp_path, smol_folder):
         assert 0 < info["final_eval_loss"] < 20
     assert (tmp_path / "convergence.csv").is_file()
     assert "final held-out" in result.stdout
+
+
+@pytest.mark.slow
+def test_memory_benchmark_cpu_rows(tmp_path, smol_folder):
+    """memory.py measures every method on the demo model and writes one row per method with the planner's figure."""
+    env = dict(os.environ, QZO_BENCH_RESULTS=str(tmp_path))
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--models", "smollm2-135m",
+                             "--batch", "1", "--seq", "16"], capture_output=True, text=True, env=env, timeout=900,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "memory.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["inference", "qzo_spsa", "qzo_gv4", "first_order_qlora"]
+    for r in rows:
+        assert {"device", "model", "method", "peak_gib", "inference_peak_gib", "planner_gib", "s_per_step"} <= set(r)
+        assert r["peak_gib"] >= r["runtime_gib"] > 0 and r["s_per_step"] > 0
+    assert rows[0]["planner_gib"] > 0 and rows[-1]["planner_gib"] is None  # no planner for first-order
+    assert "peak GiB" in result.stdout

@@ -47,7 +47,9 @@ def test_state_and_pool_scale_the_parts():
     ldsd = plan("llama-2-7b", strategy="ldsd", rule="momentum")
     assert base.state == 0 and adam.state == 2 * adam.trainables and ldsd.state == 2 * ldsd.trainables
     assert base.trainables == 4 * 8 * (4096 + 4096) * 2 * 32  # r 8 on q and v, float32, 32 layers
-    assert plan("llama-2-7b", pool=4).activations == 4 * base.activations
+    # a stacked pool multiplies the layer activations and the mask; the loss still takes one chunk of logits
+    rows, h, i = 8 * 512, 4096, 11008
+    assert plan("llama-2-7b", pool=4).activations - base.activations == 3 * (rows * (6 * h + 3 * i) * 2 + rows * 512)
     assert base.weights == plan("llama-2-7b", rule="adam").weights
 
 

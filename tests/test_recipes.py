@@ -73,11 +73,13 @@ def _stacked(cfg: dict) -> int:
     return o["candidates"] if o["strategy"] == "ldsd" else o["pool"]
 
 
-def _plan(path: Path, cfg: dict, gpu=None):
+def _plan(path: Path, cfg: dict, gpu=None, evaluation=False):
+    """The planned ZO step, or (``evaluation``) one held-out forward of eval_batch_size x max_len."""
     m, o, t = cfg["model"], cfg["optim"], cfg["train"]
-    return plan(PRESET_OF[path.parent.name], quant=m["quant"], gpu=gpu, batch=t["batch_size"], seq=t["max_len"],
+    batch, pool = (t["eval_batch_size"], 1) if evaluation else (t["batch_size"], _stacked(cfg))
+    return plan(PRESET_OF[path.parent.name], quant=m["quant"], gpu=gpu, batch=batch, seq=t["max_len"],
                 lora_r=cfg["lora"]["r"], lora_targets=tuple(cfg["lora"]["target_modules"]), rule=o["rule"],
-                strategy=o["strategy"], pool=_stacked(cfg), double_quant=m["double_quant"],
+                strategy=o["strategy"], pool=pool, double_quant=m["double_quant"],
                 dtype=m["dtype"] or "bfloat16")  # null dtype is bfloat16 on CUDA
 
 
@@ -103,9 +105,12 @@ def test_recipe_fits_its_card(path):
     targets = cfg.get("targets", {"lora": True})
     assert targets["lora"] and not targets.get("scales") and not targets.get("dense"), \
         "the planner models LoRA trainables only"
-    # Evaluation runs eval_batch_size x max_len in one plain forward: no more rows than a training
-    # forward, so it never peaks above the planned step.
+    # Evaluation runs eval_batch_size x max_len in one plain forward, its loss a chunk at a time as in
+    # training (qzo.data.eval_loss): no more rows than a training forward, and no higher planned peak
+    # (a stacked pool takes its loss a candidate at a time, so all its rows in one eval forward would
+    # gather more hidden states than the step does).
     assert t["eval_batch_size"] <= t["batch_size"] * _stacked(cfg)
+    assert _plan(path, cfg, evaluation=True).total <= _plan(path, cfg).total
     if isinstance(m["device_map"], dict):
         assert not {"cpu", "disk"} & set(map(str, m["device_map"].values())), \
             "offload through device_map: auto + max_memory, which this test checks against the planner"
