@@ -1,0 +1,37 @@
+"""The workflow examples (resume, offload, exported adapter) run in their CPU form, as a user runs them."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _run(script, *args, cwd):
+    return subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
+                          timeout=900, cwd=cwd)
+
+
+@pytest.mark.slow
+def test_resume_example_matches_an_uninterrupted_run(tmp_path, smol_folder):
+    out = _run("resume_run.py", "--steps", "4", "--out", str(tmp_path / "runs"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "step logs identical: True; trained values identical: True" in out.stdout
+
+
+def test_offload_example_gives_identical_losses_on_cpu(tmp_path, smol_folder):
+    out = _run("offload_7b.py", "--steps", "2", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert '"model.layers.2": "disk"' in out.stdout and "identical: True" in out.stdout
+
+
+@pytest.mark.slow
+def test_exported_adapter_and_merged_model_answer_in_plain_transformers(tmp_path, smol_folder):
+    out = _run("use_exported_adapter.py", "--train", "2", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    replies = re.findall(r"^(adapter|merged model) \(.*\): '(.*)'$", out.stdout, re.M)
+    assert [kind for kind, _ in replies] == ["adapter", "merged model"]
+    assert all(text.strip() for _, text in replies)
