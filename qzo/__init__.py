@@ -34,12 +34,13 @@ from .params import ParamSet, Trainable  # noqa: E402
 from .rules import SGD, Adam, Momentum, Rule, Sign  # noqa: E402
 from .schedule import Schedule  # noqa: E402
 from .strategies import GV, LDSD, SPSA, Estimate, Greedy, Strategy  # noqa: E402
+from . import objectives  # noqa: E402  (qzo.objectives.RewardLoss: train on a reward)
 
 __all__ = [
     "load", "lora", "scales", "dense", "combine", "ZO", "StepRecord",
     "SPSA", "GV", "Greedy", "LDSD", "SGD", "Momentum", "Adam", "Sign", "Schedule", "clip_grad",
     "CausalLMLoss", "Strategy", "Rule", "Estimate", "ParamSet", "Trainable",
     "ScaleParams", "DenseParams", "load_scales", "load_dense", "targets", "noise",
-    "set_backend", "get_backend",
+    "set_backend", "get_backend", "objectives",
     "QzoError", "ConfigError", "DataError", "ModelSourceError", "NonFiniteLossError", "TargetError", "__version__",
 ]

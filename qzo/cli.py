@@ -58,6 +58,15 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="--merged: weight dtype (float32 keeps the merge exact)")
 
+    ev = sub.add_parser("eval", help="held-out loss/perplexity and sample replies: base model vs a run's checkpoint")
+    ev.add_argument("run", help="a run directory written by qzo train")
+    ev.add_argument("--samples", type=int, default=4, help="held-out prompts to answer with both models (0: none)")
+    ev.add_argument("--max-new-tokens", type=int, default=64, help="longest greedy reply per sample")
+
+    pt = sub.add_parser("plot", help="PNG of training and held-out loss against forward passes (needs matplotlib)")
+    pt.add_argument("runs", nargs="+", metavar="RUN", help="one or more run directories, overlaid")
+    pt.add_argument("--out", help="PNG to write; default RUN/loss.png for one run, loss-compare.png for several")
+
     k = sub.add_parser("cache", help="show or clear qzo's cache of converted models")
     k.add_argument("--clear", action="store_true", help="delete every cached conversion")
     return p
@@ -107,6 +116,20 @@ def _export(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from .evaluate import evaluate_run
+
+    evaluate_run(args.run, samples=args.samples, max_new_tokens=args.max_new_tokens)
+    return 0
+
+
+def _plot(args) -> int:
+    from .plot import plot_runs
+
+    print(plot_runs(args.runs, args.out))
+    return 0
+
+
 def _cache(args) -> int:
     from .cache import cache_dir, clear_cache
 
@@ -121,6 +144,7 @@ def _cache(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"train": _train, "chat": _chat, "plan": _plan, "export": _export, "cache": _cache}
+    handlers.update({"eval": _eval, "plot": _plot})
     try:
         return handlers[args.command](args)
     except NonFiniteLossError as exc:

@@ -73,6 +73,12 @@ DEFAULTS: dict = {
         "keep_checkpoints": 2,
         "seed": 0,
     },
+    "objective": {
+        "kind": "cross_entropy",  # cross_entropy (on the assistant tokens) | reward (on generated replies)
+        "reward": None,  # kind reward: exact_match | token_f1 | module:function | file.py:function (qzo.objectives)
+        "max_new_tokens": 32,  # kind reward: longest reply generated per prompt and evaluation
+        "temperature": 0.0,  # kind reward: 0 greedy; > 0 sampling, the same random numbers for a step's evaluations
+    },
     "out_dir": None,  # run directory; null: runs/<name>-<time>
 }
 
@@ -83,6 +89,7 @@ _CHOICES = {
     ("optim", "rule"): ("sgd", "momentum", "adam", "sign"),
     ("optim", "schedule"): ("constant", "linear", "cosine"),
     ("data", "format"): ("auto", "chat", "alpaca", "completion"),
+    ("objective", "kind"): ("cross_entropy", "reward"),
 }
 _POSITIVE = {("optim", "lr"), ("optim", "eps"), ("lora", "alpha"), ("optim", "sigma")}
 _AT_LEAST_ONE = {("lora", "r"), ("train", "steps"), ("train", "batch_size"), ("train", "eval_every"),
@@ -99,6 +106,7 @@ _NULLABLE_TYPES = {
     ("optim", "clip"): (float, int),
     ("targets", "scales"): (str, list),
     ("targets", "dense"): (list,),
+    ("objective", "reward"): (str,),
 }
 
 
@@ -216,6 +224,29 @@ def _validate_targets(cfg: dict) -> None:
                           "batch scale or dense targets: set optim.batched=false or train LoRA only")
 
 
+def _validate_objective(cfg: dict) -> None:
+    ob = cfg["objective"]
+    if ob["max_new_tokens"] < 1:
+        raise ConfigError(f"config key 'objective.max_new_tokens' must be >= 1, got {ob['max_new_tokens']}")
+    if not ob["temperature"] >= 0:
+        raise ConfigError(f"config key 'objective.temperature' must be >= 0 (0: greedy), got {ob['temperature']}")
+    if ob["kind"] != "reward":
+        return
+    reward = ob["reward"]
+    if not reward or not reward.strip():
+        raise ConfigError("objective.kind is reward but 'objective.reward' is not set; give exact_match, token_f1 "
+                          "or module:function, e.g. --set objective.reward=token_f1")
+    if reward.strip() not in ("exact_match", "token_f1") and ":" not in reward:
+        raise ConfigError(f"config key 'objective.reward' is {reward!r}; give exact_match, token_f1, "
+                          "module:function or path/to/file.py:function")
+    if cfg["data"]["packing"]:
+        raise ConfigError("data.packing cannot be used with objective.kind=reward: replies are generated per "
+                          "chat, and packed rows mix several; set data.packing=false")
+    if cfg["optim"]["batched"]:
+        raise ConfigError("config key 'optim.batched' evaluates a pool in one stacked forward of the "
+                          "cross-entropy loss; with objective.kind=reward set optim.batched=false")
+
+
 def validate(cfg: dict) -> dict:
     """Check types, choices and ranges of every key; raises :class:`ConfigError` naming the key."""
     for dotted in flat_keys():
@@ -238,6 +269,7 @@ def validate(cfg: dict) -> dict:
         if key in _AT_LEAST_ONE and value < 1:
             raise ConfigError(f"config key {dotted!r} must be >= 1, got {value}")
     _validate_targets(cfg)
+    _validate_objective(cfg)
     if cfg["targets"]["lora"] and not cfg["lora"]["target_modules"]:
         raise ConfigError("config key 'lora.target_modules' is empty; name at least one layer, e.g. [q_proj, v_proj]")
     o = cfg["optim"]

@@ -267,7 +267,9 @@ class ChatDataset:
 
     Unpacked, each row is one example. After :meth:`pack`, each row holds one or more
     whole examples (``segments`` gives their token counts, row by row) and ``row_len`` is
-    the width batches of it are padded to.
+    the width batches of it are padded to. Built from chats (:meth:`from_chats`,
+    :meth:`from_source`) and not packed, ``chats[i]`` is the chat row ``i`` was encoded from
+    (what a reward objective generates replies to); ``None`` otherwise.
     """
 
     input_ids: list[list[int]]
@@ -276,6 +278,7 @@ class ChatDataset:
     dropped: int = 0  # examples left out because truncation removed every assistant token
     row_len: int = 0  # packed: every batch is padded to this width; 0: not packed
     segments: list[list[int]] | None = None  # packed: token counts of the examples in each row
+    chats: list[list[dict]] | None = None  # unpacked, from chats: the chat of each row (objective.kind=reward)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -290,7 +293,7 @@ class ChatDataset:
         """Encode chats (see :func:`encode_chat`); examples left without an assistant token are dropped."""
         if max_len < 2:
             raise DataError(f"train.max_len must be at least 2, got {max_len}")
-        ids, labels, dropped = [], [], 0
+        ids, labels, kept, dropped = [], [], [], 0
         for messages in chats:
             encoded = encode_chat(tok, messages, max_len)
             if encoded is None:
@@ -298,10 +301,11 @@ class ChatDataset:
                 continue
             ids.append(encoded[0])
             labels.append(encoded[1])
+            kept.append(messages)
         if not ids:
             raise DataError(f"{source or 'the data'}: every example lost all assistant tokens to truncation at "
                             f"max_len={max_len}; raise train.max_len")
-        return cls(ids, labels, source, dropped)
+        return cls(ids, labels, source, dropped, chats=kept)
 
     @classmethod
     def from_source(cls, tok, source, max_len: int, format: str = "auto",
@@ -357,8 +361,9 @@ class ChatDataset:
 
         def pick(idx: list[int], dropped: int) -> ChatDataset:
             segments = None if self.segments is None else [self.segments[i] for i in idx]
+            chats = None if self.chats is None else [self.chats[i] for i in idx]
             return ChatDataset([self.input_ids[i] for i in idx], [self.labels[i] for i in idx], self.source,
-                               dropped, self.row_len, segments)
+                               dropped, self.row_len, segments, chats)
 
         return pick(sorted(order[n_eval:]), self.dropped), pick(sorted(order[:n_eval]), 0)
 
@@ -418,11 +423,15 @@ class Batcher:
             self._perm_cache = {epoch: torch.randperm(len(self.dataset), generator=g).tolist()}
         return self._perm_cache[epoch]
 
-    def batch(self, step: int) -> dict[str, torch.Tensor]:
-        """The batch of 1-based training step ``step``."""
+    def indices(self, step: int) -> list[int]:
+        """Dataset rows of 1-based training step ``step``'s batch, in batch order."""
         n = len(self.dataset)
         first = (step - 1) * self.batch_size
-        idx = [self._perm((first + j) // n)[(first + j) % n] for j in range(self.batch_size)]
+        return [self._perm((first + j) // n)[(first + j) % n] for j in range(self.batch_size)]
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """The batch of 1-based training step ``step`` (the rows :meth:`indices` names)."""
+        idx = self.indices(step)
         return collate([self.dataset.input_ids[i] for i in idx], [self.dataset.labels[i] for i in idx], self.pad_id,
                        self.dataset.row_len)
 

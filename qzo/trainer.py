@@ -46,7 +46,7 @@ from .schedule import Schedule
 from .strategies import GV, LDSD, SPSA, Greedy
 from .targets import combine
 
-__all__ = ["train", "build_optimizer", "load_run_model", "Session"]
+__all__ = ["train", "build_optimizer", "build_targets", "load_model_and_targets", "load_run_model", "Session"]
 
 # Keys a resumed run may change: they do not alter the trajectory of earlier steps.
 RESUMABLE_KEYS = ("train.steps", "train.eval_every", "train.save_every", "train.keep_checkpoints",
@@ -194,6 +194,7 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
     else:
         cfg = load_config(config_path, overrides)
         run_dir = None
+    reward_fn_of(cfg)  # a bad objective.reward fails before the model loads
     log(f"qzo: loading {cfg['model']['source']} ({cfg['model']['quant']})")
     model, tok, params, parts = load_model_and_targets(cfg)
     train_ds, eval_ds = datasets_from_config(cfg, tok)
@@ -240,16 +241,54 @@ def _evaluate(s: Session) -> float:
     return eval_loss(s.model, s.eval_ds, s.cfg["train"]["eval_batch_size"], s.tok.pad_token_id)
 
 
+def reward_fn_of(cfg: dict):
+    """The reward function ``objective.reward`` names, loaded once per spec (``None`` for cross-entropy)."""
+    ob = cfg.get("objective") or DEFAULTS["objective"]
+    if ob["kind"] != "reward":
+        return None
+    from .objectives import load_reward
+
+    spec = ob["reward"]
+    if spec not in _REWARDS:
+        _REWARDS[spec] = load_reward(spec)
+    return _REWARDS[spec]
+
+
+_REWARDS: dict = {}
+
+
+def objective_closure(s: Session, step: int, batch: dict):
+    """What ``opt.step`` minimizes at ``step`` (``objective.kind``): the token ``batch``'s cross-entropy,
+    or ``-mean(reward)`` of replies generated to the raw chats of the step's batch (:class:`qzo.objectives.RewardLoss`,
+    sampling seeded from ``(train.seed, step)``)."""
+    ob = s.cfg.get("objective") or DEFAULTS["objective"]
+    if ob["kind"] != "reward":
+        return CausalLMLoss(s.model, batch)  # can also evaluate a whole pool in one stacked forward (optim.batched)
+    from .objectives import RewardLoss
+
+    if s.train_ds.chats is None:
+        raise ConfigError("objective.kind=reward needs the training chats (an unpacked dataset read from chats); "
+                          "set data.packing=false")
+    chats = [s.train_ds.chats[i] for i in s.batcher.indices(step)]
+    return RewardLoss(s.model, s.tok, chats, reward_fn_of(s.cfg), max_new_tokens=ob["max_new_tokens"],
+                      temperature=ob["temperature"], seed=s.cfg["train"]["seed"], step=step)
+
+
 def run(s: Session, log=print, progress: bool = True) -> dict:
     """Train to ``train.steps`` from wherever the session stands; returns the summary."""
     t = s.cfg["train"]
     device = model_input_device(s.model)
     metrics_path, steps_path = s.run_dir / "metrics.jsonl", s.run_dir / "steps.jsonl"
     first_step = s.opt.steps + 1
+    from .metrics import TensorBoardScalars
+
+    # TensorBoard mirror of metrics.jsonl (a no-op without tensorboard); a resume purges the steps it redoes
+    scalars = TensorBoardScalars(s.run_dir, purge_step=first_step if s.opt.steps else 0)
     initial = None
     if s.opt.steps == 0:
         initial = _evaluate(s)
         _append_jsonl(metrics_path, {"step": 0, "forwards": 0, "loss": None, "eval_loss": initial, "wall_s": 0.0})
+        scalars.add({"step": 0, "forwards": 0, "eval_loss": initial})
         log(f"qzo: held-out loss before training: {initial:.4f} ({len(s.eval_ds)} examples)")
     # wall_s counts training time from here (evaluations included), continuing across resumes.
     start_wall = time.perf_counter() - _logged_wall(steps_path)
@@ -262,8 +301,7 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
         for step in range(first_step, t["steps"] + 1):
             batch = {k: v.to(device) for k, v in s.batcher.batch(step).items()}
             try:
-                # a closure that can also evaluate a whole pool in one stacked forward (optim.batched)
-                loss = s.opt.step(CausalLMLoss(s.model, batch))
+                loss = s.opt.step(objective_closure(s, step, batch))  # objective.kind: cross-entropy or reward
             except NonFiniteLossError as exc:
                 ckpt = latest_checkpoint(s.run_dir)
                 kept = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint had been written yet"
@@ -278,6 +316,7 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
                 row["eval_loss"] = last_eval
                 bar.write(f"step {step}: held-out loss {last_eval:.4f}")
             _append_jsonl(metrics_path, row)
+            scalars.add(row, lr=record.get("lr"))
             if step % t["save_every"] == 0 or step == t["steps"]:
                 _save(s)
             bar.update(1)
@@ -285,6 +324,7 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
                             fwd_s=f"{s.opt.forwards / max(wall, 1e-9):.2f}" if step > first_step else "-")
     finally:
         bar.close()
+        scalars.close()
     return finish(s, initial, time.perf_counter() - start_wall, log)
 
 
@@ -302,6 +342,9 @@ def finish(s: Session, initial: float | None, wall: float, log=print) -> dict:
     if final is not None and initial is not None:
         log(f"qzo: held-out loss {initial:.4f} -> {final:.4f} after {s.opt.steps} steps "
             f"({s.opt.forwards} forwards, {wall / 60:.1f} min); run saved in {s.run_dir}")
+    from .plot import write_run_plot
+
+    write_run_plot(s.run_dir, log)  # RUN/loss.png when matplotlib is installed
     return summary
 
 

@@ -30,3 +30,13 @@ def test_quickstart_runs_and_saves_an_adapter(tmp_path, smol_folder):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "held-out loss before" in out.stdout and "held-out loss after" in out.stdout
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_short_replies_quick_mode_trains_on_a_reward(tmp_path, smol_folder):
+    out = _run("short_replies.py", "--quick", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after = (float(re.search(rf"mean reward {w}: ([\d.]+)", out.stdout).group(1)) for w in ("before", "after"))
+    assert 0 < before <= 1 and 0 < after <= 1
+    step = re.search(r"step 1: train reward ([\d.]+) \(\+eps ([\d.]+), -eps ([\d.]+)\)", out.stdout)
+    assert step and float(step.group(1)) == pytest.approx((float(step.group(2)) + float(step.group(3))) / 2, abs=1e-3)
