@@ -1,4 +1,4 @@
-"""The ``qzo`` command: ``train``, ``chat``, ``plan``, ``export``, ``cache``.
+"""The ``qzo`` command: ``train``, ``chat``, ``plan``, ``export``, ``eval``, ``plot``, ``cache``.
 
 Errors a user can fix (:class:`qzo.errors.QzoError`) print as one ``error:`` line and exit
 with status 2; a NaN/inf loss exits with status 3 after saying which step and which
@@ -143,8 +143,8 @@ def _cache(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"train": _train, "chat": _chat, "plan": _plan, "export": _export, "cache": _cache}
-    handlers.update({"eval": _eval, "plot": _plot})
+    handlers = {"train": _train, "chat": _chat, "plan": _plan, "export": _export, "eval": _eval, "plot": _plot,
+                "cache": _cache}
     try:
         return handlers[args.command](args)
     except NonFiniteLossError as exc:
