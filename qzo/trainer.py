@@ -319,9 +319,10 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
             scalars.add(row, lr=record.get("lr"))
             if step % t["save_every"] == 0 or step == t["steps"]:
                 _save(s)
-            bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", eval=f"{last_eval:.3f}" if last_eval is not None else "-",
-                            fwd_s=f"{s.opt.forwards / max(wall, 1e-9):.2f}" if step > first_step else "-")
+                            fwd_s=f"{s.opt.forwards / max(wall, 1e-9):.2f}" if step > first_step else "-",
+                            refresh=False)  # drawn once, by update
+            bar.update(1)
     finally:
         bar.close()
         scalars.close()

@@ -1,5 +1,7 @@
 """qzo.load sources and errors; qzo.lora on quantized layers; the adapter loads in plain peft."""
 
+import re
+
 import pytest
 import torch
 
@@ -84,6 +86,19 @@ def test_gguf_is_converted_once_into_the_cache(smol_folder):
     assert _convert_gguf(resolve_source("smollm2-135m")[1]) == smol_folder
     assert (smol_folder / "config.json").stat().st_mtime_ns == before
 
+
+
+def test_conversion_stages_report_start_and_duration_and_not_success_on_failure(capsys):
+    from qzo.load import _stage
+
+    with _stage("1/3 reading the tokenizer"):
+        pass
+    with pytest.raises(RuntimeError), _stage("2/3 dequantizing the weights"):
+        raise RuntimeError("bad file")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "qzo: 1/3 reading the tokenizer ..."
+    assert re.fullmatch(r"qzo: 1/3 reading the tokenizer: done in \d+\.\d s", lines[1])
+    assert lines[2:] == ["qzo: 2/3 dequantizing the weights ..."]
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_state_dict_leaves_the_live_quantized_model_unchanged(fused):
