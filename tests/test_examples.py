@@ -37,6 +37,17 @@ def test_short_replies_quick_mode_trains_on_a_reward(tmp_path, smol_folder):
     out = _run("short_replies.py", "--quick", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     before, after = (float(re.search(rf"mean reward {w}: ([\d.]+)", out.stdout).group(1)) for w in ("before", "after"))
-    assert 0 < before <= 1 and 0 < after <= 1
+    assert 0 <= before <= 1 and 0 <= after <= 1
     step = re.search(r"step 1: train reward ([\d.]+) \(\+eps ([\d.]+), -eps ([\d.]+)\)", out.stdout)
     assert step and float(step.group(1)) == pytest.approx((float(step.group(2)) + float(step.group(3))) / 2, abs=1e-3)
+
+
+def test_short_reply_reward_counts_characters_so_the_hack_zo_found_scores_low():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("short_replies", EXAMPLES / "short_replies.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    reward = module.short_reply(16)
+    replies = ["Tuesday.", "It is Tuesday, I think.", "ellaellaellaellaellaellaellaella", ".", ""]
+    assert reward([""] * len(replies), replies, [""] * len(replies)) == [1.0, 16 / 23, 0.5, 0.0, 0.0]

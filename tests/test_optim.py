@@ -150,3 +150,11 @@ def test_clip_limits_the_projected_gradient_and_the_log_records_it():
     assert unclipped.last_record.grad == pytest.approx(500.0)
     with pytest.raises(ValueError, match="clip must be > 0"):
         qzo.ZO([torch.zeros(2)], clip=0)
+
+
+def test_component_repr_shows_settings_and_counts_state_tensors():
+    w = torch.zeros(5, 3)
+    opt = qzo.ZO([("w", w)], strategy=qzo.SPSA(), rule=qzo.Adam(lr=1e-2), eps=1e-3, seed=0)
+    opt.step(lambda: (w - 1).square().sum())
+    text = repr(opt.rule)
+    assert text.startswith("Adam(") and "lr=0.01" in text and "<2 tensors>" in text and "tensor([" not in text

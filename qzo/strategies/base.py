@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+import torch
+
 __all__ = ["Component", "Estimate", "Probe", "Strategy"]
 
 
@@ -83,8 +85,26 @@ class Component:
         pass
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        fields = ", ".join(f"{k}={_brief(v)}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
+
+
+def _brief(value) -> str:
+    """``repr`` for settings; state tensors (Adam moments, LDSD's mean) as a count, not their values."""
+    if isinstance(value, torch.Tensor):
+        return f"<tensor {list(value.shape)}>"
+    n = _count_tensors(value)
+    return f"<{n} tensors>" if n else repr(value)
+
+
+def _count_tensors(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return 1
+    if isinstance(value, dict):
+        return sum(_count_tensors(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_count_tensors(v) for v in value)
+    return 0
 
 
 class Strategy(Component):
