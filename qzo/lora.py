@@ -19,6 +19,7 @@ noise stream of each tensor is tied to what it is in the saved file, not to its 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
@@ -134,7 +135,10 @@ def lora(
     config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        with _offloaded_weights_as_stand_ins(model, targets):
+        with _offloaded_weights_as_stand_ins(model, targets), warnings.catch_warnings():
+            # peft reads transformers' deprecated is_gradient_checkpointing: a FutureWarning on every run
+            # that the user can do nothing about
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             peft_model = peft.get_peft_model(model, config)
     peft_model.eval()
     items = []

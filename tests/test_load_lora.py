@@ -133,3 +133,13 @@ def test_cache_command_shows_and_clears(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.strip() == str(tmp_path / "cache")
     assert main(["cache", "--clear"]) == 0
     assert "cleared" in capsys.readouterr().out and not (tmp_path / "cache").exists()
+
+
+def test_lora_does_not_pass_on_peft_s_deprecation_warning():
+    import warnings
+
+    model, _ = qzo.load(tiny_config(1000), quant="nf4")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qzo.lora(model, r=2, target_modules=["q_proj"])
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
