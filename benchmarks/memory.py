@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, PeakMemory, device_name, write_result  # noqa: E402
 
 import qzo  # noqa: E402
-from qzo.plan import PRESETS, model_config, plan  # noqa: E402
+from qzo.load import hf_model_path, release_freed_memory  # noqa: E402
+from qzo.plan import PRESETS, plan  # noqa: E402
 
 GiB = 2**30
 GPU_MODELS = ["llama-2-7b", "llama-3.1-8b", "llama-2-13b", "llama-2-70b"]
@@ -135,7 +136,7 @@ def measure(name: str, batch: int, seq: int, methods: list[str]) -> list[dict]:
         pass
     model, vocab = load_model(name, device)
     if device == "cpu":
-        _release_freed_memory()  # loading's freed buffers would otherwise sit in RSS under every phase
+        release_freed_memory()  # loading's freed buffers would otherwise sit in RSS under every phase
     from qzo.data import model_input_device
 
     data = _batch(vocab, batch, seq, model_input_device(model))
@@ -155,7 +156,7 @@ def measure(name: str, batch: int, seq: int, methods: list[str]) -> list[dict]:
             work = _first_order_step(model, params, data)
         work()  # warm-up: allocator, kernels, lazy quantization state
         if device == "cpu":
-            _release_freed_memory()
+            release_freed_memory()
         with PeakMemory() as m:
             seconds = _timed(work)
         peaks[method] = m.peak_bytes
@@ -164,18 +165,6 @@ def measure(name: str, batch: int, seq: int, methods: list[str]) -> list[dict]:
         row["inference_peak_gib"] = round(peaks.get("inference", 0) / GiB, 3) if "inference" in peaks else None
         row["runtime_gib"] = round(runtime.peak_bytes / GiB, 3) if device == "cpu" else 0.0
     return rows
-
-
-def _release_freed_memory() -> None:
-    """Hand freed heap back to the OS (glibc keeps it mapped, and RSS would count it)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: RSS then includes the allocator's cache
-        pass
 
 
 def _first_order_step(model, params, data):
@@ -204,9 +193,7 @@ def planner_gib(name: str, batch: int, seq: int, method: str, gpu=None, dtype: s
     """The planner's GPU peak for a row (``None`` for first-order: the planner models ZO steps)."""
     source = name if name in PRESETS else llama_config(ONE_B) if name == "1b-shaped" else name
     if name == "smollm2-135m":
-        from qzo.load import _convert_gguf, resolve_source
-
-        source = _convert_gguf(resolve_source(name)[1])
+        source = hf_model_path(name)
     if method not in ("qzo_spsa", "qzo_gv4", "inference"):
         return None
     p = plan(source, "nf4", gpu=gpu, batch=batch, seq=seq, lora_r=0 if method == "inference" else 8, dtype=dtype)

@@ -27,6 +27,7 @@ import torch
 
 import qzo
 from qzo.data import Batcher, ChatDataset
+from qzo.load import hf_model_path
 
 
 def train_steps(model, tok, steps: int) -> list[float]:
@@ -61,9 +62,7 @@ def on_gpu(args) -> None:
 def on_cpu(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from qzo.load import _convert_gguf, resolve_source
-
-    tok = AutoTokenizer.from_pretrained(str(_convert_gguf(resolve_source("smollm2-135m")[1])))  # the demo's tokenizer
+    tok = AutoTokenizer.from_pretrained(hf_model_path("smollm2-135m"))  # the demo's tokenizer
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     folder = Path(tempfile.mkdtemp(prefix="qzo-tiny-"))

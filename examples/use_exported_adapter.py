@@ -16,15 +16,6 @@ from pathlib import Path
 import torch
 
 
-def find_base(source: str) -> str:
-    """A folder transformers can load for the run's ``model.source`` (qzo's cache for the built-in demo)."""
-    if source == "smollm2-135m":
-        from qzo.load import _convert_gguf, resolve_source
-
-        return str(_convert_gguf(resolve_source(source)[1]))
-    return source
-
-
 def answer(model, tok, prompt: str) -> str:
     ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)
@@ -41,13 +32,14 @@ def main() -> None:
     args = ap.parse_args()
 
     from qzo.export import export
+    from qzo.load import hf_model_path
     from qzo.trainer import load_run_config, train
 
     run = Path(args.run) if args.run else Path(train(None, [f"train.steps={args.train}", "train.eval_every=1000"],
                                                      progress=False)["run_dir"])
     adapter = export(run, "peft", out=run / "example-peft")
     merged = export(run, "merged", out=run / "example-merged")
-    base_folder = find_base(load_run_config(run)["model"]["source"])
+    base_folder = hf_model_path(load_run_config(run)["model"]["source"])  # qzo's cache for the built-in demo
 
     # --- from here on: transformers and peft only ---
     from peft import PeftModel

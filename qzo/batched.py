@@ -36,7 +36,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 import torch
 
 from .errors import QzoError
-from .loss import decoder_and_head, head_loss, labelled_loss
+from .loss import batch_loss, decoder_and_head, head_loss
 from .params import ParamSet, Trainable
 from .perturb import perturb_
 
@@ -109,9 +109,9 @@ class CausalLMLoss:
 
     ``loss()`` returns the value of ``model(**batch).loss`` (computed from the labelled
     positions' logits only, a chunk at a time, see ``qzo.loss``), so it replaces ``lambda:
-    model(**batch).loss`` anywhere and needs a fraction of its memory. With a strategy built with ``batched=True``, the optimizer calls
-    :meth:`evaluate_candidates` instead, which evaluates the whole pool in one stacked
-    forward (see the module docs).
+    model(**batch).loss`` anywhere and needs a fraction of its memory. With a strategy built
+    with ``batched=True``, the optimizer calls :meth:`evaluate_candidates` instead, which
+    evaluates the whole pool in one stacked forward (see the module docs).
 
     Args:
         model: the causal LM the LoRA trainables live in (the model ``qzo.lora`` was given,
@@ -132,9 +132,7 @@ class CausalLMLoss:
         self.batch = batch
 
     def __call__(self) -> torch.Tensor:
-        # logits only where a label is, a chunk at a time (qzo.loss); the model's own loss otherwise
-        loss = labelled_loss(self.model, self.batch)
-        return loss if loss is not None else self.model(**self.batch).loss
+        return batch_loss(self.model, self.batch)  # logits only where a label is (qzo.loss)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         fn = getattr(self.model, "loss_function", None)
@@ -169,10 +167,9 @@ class CausalLMLoss:
         parts = decoder_and_head(self.model)
         if parts is not None and not _has_lora(parts[1]):
             decoder, head = parts
-            vocab = getattr(head, "out_features", None) or self.model.config.vocab_size
             with lora_candidates(self.model, params, candidates, mu_for):
                 hidden = decoder(**stacked).last_hidden_state
-            return torch.stack([head_loss(hidden[j * rows:(j + 1) * rows], labels, head, vocab).reshape(())
+            return torch.stack([head_loss(hidden[j * rows:(j + 1) * rows], labels, head).reshape(())
                                 for j in range(k)])
         with lora_candidates(self.model, params, candidates, mu_for):
             logits = self.model(**stacked).logits

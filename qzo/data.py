@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 from .errors import DataError
-from .loss import labelled_loss
+from .loss import batch_loss
 from .noise import _mix64
 
 __all__ = [
@@ -455,8 +455,7 @@ def eval_loss(model, dataset: ChatDataset, batch_size: int, pad_id: int) -> floa
     for batch in eval_batches(dataset, batch_size, pad_id):
         batch = {k: v.to(device) for k, v in batch.items()}
         n = int((batch["labels"][:, 1:] != IGNORE).sum())
-        loss = labelled_loss(model, batch)  # logits at labelled positions only (qzo.loss)
-        total += float(loss if loss is not None else model(**batch).loss) * n
+        total += float(batch_loss(model, batch)) * n  # logits at labelled positions only (qzo.loss)
         count += n
     return total / max(count, 1)
 

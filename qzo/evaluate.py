@@ -8,10 +8,10 @@
 
 The held-out set is the one the run evaluated on (:func:`qzo.data.datasets_from_config` on
 the run's config): the ``data.eval`` file, or, when that is null, the ``data.eval_fraction``
-of the training file that the run held out. Samples come from the same examples, in the
-same order: the raw chats are re-read (:func:`qzo.data.read_chats`) and the held-out split
-is reproduced on their indices; a sample's prompt is every message before the last
-assistant turn, its reference that turn.
+of the training file that the run held out. Samples are the first held-out examples, in
+order: the dataset keeps the chat each row was encoded from (``ChatDataset.chats``); a
+sample's prompt is every message before the last assistant turn, its reference that turn
+(:func:`qzo.objectives.split_chat`).
 
 "Before" of a LoRA-only run is the same loaded model with its adapters switched off
 (peft's ``disable_adapter``: one model in memory); a run that also trained scales or dense
@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_write_text, latest_checkpoint
-from .data import ChatDataset, datasets_from_config, encode_chat, eval_loss, read_chats
+from .data import datasets_from_config, eval_loss
 from .errors import QzoError
+from .objectives import last_user_text, split_chat
 
-__all__ = ["evaluate_run", "held_out_chats", "perplexity", "format_report"]
+__all__ = ["evaluate_run", "perplexity", "format_report"]
 
 
 def perplexity(loss: float) -> float:
@@ -45,49 +46,6 @@ def perplexity(loss: float) -> float:
         return math.exp(loss)
     except OverflowError:
         return float("inf")
-
-
-def held_out_chats(cfg: dict, tok, held: ChatDataset, limit: int | None = None) -> list[list[dict]]:
-    """The raw chats behind the first ``limit`` rows of the held-out set ``held`` (all when ``None``), in its order.
-
-    ``held`` is the held-out set :func:`qzo.data.datasets_from_config` built from ``cfg``:
-    the ``data.eval`` file minus examples truncation left without an assistant token, or
-    the split of the training file (reproduced here with the same seed on chat indices).
-    Each chat is checked to encode to the held-out row it stands for. A dataset that keeps
-    its rows' chats (``held.chats``) answers directly.
-    """
-    if getattr(held, "chats", None) is not None:  # datasets that keep the chat of each row
-        return list(held.chats if limit is None else held.chats[:limit])
-    d, max_len, seed = cfg["data"], cfg["train"]["max_len"], cfg["train"]["seed"]
-    fmt, system_prompt = d.get("format", "auto"), d.get("system_prompt")
-    chats = read_chats(d["eval"] or d["train"], fmt, system_prompt)
-    kept = list(range(len(chats)))
-    encoded: dict[int, list[int]] = {}
-    expected = len(held) if d["eval"] else None
-    if expected is None or expected != len(chats):  # a split, or examples dropped: find which chats were kept
-        kept = []
-        for i, chat in enumerate(chats):
-            enc = encode_chat(tok, chat, max_len)
-            if enc is not None:
-                kept.append(i)
-                encoded[i] = enc[0]
-    if not d["eval"]:
-        # the same split datasets_from_config made, applied to chat indices instead of token rows
-        stand_in = ChatDataset([[i] for i in kept], [[0] for _ in kept], str(d["train"]))
-        kept = [row[0] for row in stand_in.split(d["eval_fraction"], seed)[1].input_ids]
-    picked = kept if limit is None else kept[:limit]
-    for row, i in enumerate(picked):
-        ids = encoded.get(i) or (encode_chat(tok, chats[i], max_len) or ([],))[0]
-        if ids != held.input_ids[row]:
-            raise QzoError(f"held-out example {row} no longer matches its source {d['eval'] or d['train']!r}; "
-                           "was the data file changed after training?")
-    return [chats[i] for i in picked]
-
-
-def _split_prompt(chat: list[dict]) -> tuple[list[dict], str]:
-    """``(messages before the last assistant turn, that turn's text)``."""
-    last = max(i for i, m in enumerate(chat) if m["role"] == "assistant")
-    return chat[:last], chat[last]["content"]
 
 
 def _measure(model, tok, held, batch_size: int, prompts: list[list[dict]], max_new_tokens: int):
@@ -122,8 +80,8 @@ def evaluate_run(run_dir, samples: int = 4, max_new_tokens: int = 64, log=print)
     log(f"qzo: loading {cfg['model']['source']} ({cfg['model']['quant']}) with {ckpt.name}")
     model, tok, params, cfg = load_run_model(run_dir, ckpt)
     _, held = datasets_from_config(cfg, tok)
-    chats = held_out_chats(cfg, tok, held, samples)
-    prompts = [_split_prompt(c)[0] for c in chats]
+    chats = held.chats[:samples]  # never None: the held-out set is read from chats and never packed
+    prompts = [split_chat(c)[0] for c in chats]
     bs = cfg["train"]["eval_batch_size"]
 
     log(f"qzo: tuned model: held-out loss on {len(held)} examples, {len(prompts)} replies")
@@ -155,7 +113,7 @@ def evaluate_run(run_dir, samples: int = 4, max_new_tokens: int = 64, log=print)
         "after": {"loss": after, "perplexity": perplexity(after)},
         "max_new_tokens": max_new_tokens,
         "samples": [
-            {"messages": messages, "prompt": _prompt_text(messages), "reference": _split_prompt(chat)[1],
+            {"messages": messages, "prompt": last_user_text(messages), "reference": split_chat(chat)[1],
              "base": b, "tuned": tu}
             for chat, messages, b, tu in zip(chats, prompts, base, tuned)
         ],
@@ -164,12 +122,6 @@ def evaluate_run(run_dir, samples: int = 4, max_new_tokens: int = 64, log=print)
     log(format_report(result))
     log(f"qzo: written to {run_dir / 'eval.json'}")
     return result
-
-
-def _prompt_text(messages: list[dict]) -> str:
-    """The last user turn (what a reader needs to judge the reply)."""
-    users = [m["content"] for m in messages if m["role"] == "user"]
-    return users[-1] if users else (messages[-1]["content"] if messages else "")
 
 
 def _block(label: str, text: str, width: int = 100) -> list[str]:

@@ -38,7 +38,7 @@ import torch
 from .cache import cache_dir
 from .errors import ModelSourceError, QzoError
 
-__all__ = ["load", "resolve_source", "QUANTS", "BUILTIN_MODELS"]
+__all__ = ["load", "resolve_source", "hf_model_path", "QUANTS", "BUILTIN_MODELS"]
 
 QUANTS = ("nf4", "fp4", "int8", "none")
 
@@ -104,6 +104,19 @@ def resolve_source(source) -> tuple[str, object]:
         raise ModelSourceError(f"unknown model {text!r}: not a folder, a .gguf file or a built-in name ({names}); "
                                "hub ids look like 'org/name'")
     return "hub", text
+
+
+def hf_model_path(source) -> str:
+    """What ``transformers.AutoModelForCausalLM.from_pretrained`` loads for ``source``, without qzo.
+
+    A built-in name or a ``.gguf`` becomes its converted folder in qzo's cache (converted
+    once, see :func:`load`); a folder or a hub id comes back as it is. A config has no files:
+    :class:`ModelSourceError`.
+    """
+    kind, value = resolve_source(source)
+    if kind == "config":
+        raise ModelSourceError("a config source has no files for transformers to load; save_pretrained it first")
+    return str(_convert_gguf(value) if kind == "gguf" else value)
 
 
 def _gguf_cache_folder(path: Path) -> Path:
@@ -278,17 +291,25 @@ def _detach_from_checkpoint_files(model) -> None:
     import bitsandbytes as bnb
 
     quantized = (bnb.nn.Params4bit, bnb.nn.Int8Params)
+    seen = set()  # a tied weight (embedding = head) is one tensor: copy it once
     with torch.no_grad():
         for module in model.modules():
-            for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
-                if tensor is None or tensor.device.type != "cpu" or isinstance(tensor, quantized):
+            for tensor in list(module._parameters.values()) + list(module._buffers.values()):
+                if tensor is None or id(tensor) in seen or tensor.device.type != "cpu":
                     continue
+                if isinstance(tensor, quantized):
+                    continue
+                seen.add(id(tensor))
                 tensor.data = tensor.data.clone()
-    _return_freed_heap()
+    release_freed_memory()
 
 
-def _return_freed_heap() -> None:
-    """Hand the buffers loading freed back to the OS (glibc keeps them mapped: ~300 MB on the demo)."""
+def release_freed_memory() -> None:
+    """Hand freed heap back to the OS: glibc keeps it mapped (~300 MB after loading the demo), and RSS counts it.
+
+    Also what ``benchmarks/memory.py`` calls between phases, so one phase's freed buffers do
+    not stand in the next one's peak RSS.
+    """
     import ctypes
     import gc
 

@@ -14,15 +14,16 @@ of logits instead of all of them, and the head's matmul is skipped where nothing
 
 Only architectures whose head output *is* the logits are handled (``SUPPORTED``: no final
 soft-capping or logit scaling between head and loss); for anything else, or a model whose
-decoder and head cannot be found, ``labelled_loss`` returns ``None`` and callers use
-``model(**batch).loss``.
+decoder and head cannot be found, ``labelled_loss`` returns ``None``;
+:func:`batch_loss`, what callers use, then falls back to ``model(**batch).loss``.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["labelled_loss", "head_loss", "decoder_and_head", "chunk_tokens", "CHUNK_BYTES", "SUPPORTED"]
+__all__ = ["batch_loss", "labelled_loss", "head_loss", "decoder_and_head", "chunk_tokens", "CHUNK_BYTES",
+           "SUPPORTED"]
 
 IGNORE = -100
 #: logits (and their float32 copies) materialized at once: 256 MiB, ~210 tokens of a 128k vocabulary
@@ -54,8 +55,7 @@ def chunk_tokens(vocab: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     return max(1, chunk_bytes // (vocab * 10))
 
 
-def head_loss(hidden: torch.Tensor, labels: torch.Tensor, head, vocab: int,
-              chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+def head_loss(hidden: torch.Tensor, labels: torch.Tensor, head, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
     """Token-mean next-token cross entropy from the decoder's ``hidden`` states ``[B, T, H]``.
 
     Labels are shifted left by one (position t predicts label t+1) and ``-100`` is ignored,
@@ -65,6 +65,7 @@ def head_loss(hidden: torch.Tensor, labels: torch.Tensor, head, vocab: int,
     shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE)[..., 1:].to(hidden.device)
     keep = shifted != IGNORE
     states, targets = hidden[keep], shifted[keep]  # [N, H], [N]
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]  # sizes the chunks
     n, step = states.shape[0], chunk_tokens(vocab, chunk_bytes)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, n, step):
@@ -84,5 +85,10 @@ def labelled_loss(model, batch: dict, chunk_bytes: int = CHUNK_BYTES) -> torch.T
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     inputs.setdefault("use_cache", False)
     hidden = decoder(**inputs).last_hidden_state
-    vocab = getattr(head, "out_features", None) or model.config.vocab_size
-    return head_loss(hidden, batch["labels"], head, vocab, chunk_bytes)
+    return head_loss(hidden, batch["labels"], head, chunk_bytes)
+
+
+def batch_loss(model, batch: dict) -> torch.Tensor:
+    """The value of ``model(**batch).loss``: from labelled positions (:func:`labelled_loss`) where supported."""
+    loss = labelled_loss(model, batch)
+    return loss if loss is not None else model(**batch).loss

@@ -38,7 +38,8 @@ from .data import model_input_device
 from .errors import QzoError
 from .noise import _mix64
 
-__all__ = ["RewardFn", "exact_match", "token_f1", "load_reward", "check_rewards", "split_chat", "RewardLoss",
+__all__ = ["RewardFn", "exact_match", "token_f1", "load_reward", "check_rewards", "split_chat", "last_user_text",
+           "RewardLoss",
            "BUILTIN_REWARDS"]
 
 RewardFn = Callable[[list, list, list], Sequence[float]]
@@ -193,7 +194,8 @@ def split_chat(chat: list[dict]) -> tuple[list[dict], str]:
     return [dict(m) for m in chat[:last]], chat[last]["content"]
 
 
-def _last_user(messages: list[dict]) -> str:
+def last_user_text(messages: list[dict]) -> str:
+    """The content of the last user message (``""`` when there is none): what a reader judges a reply against."""
     return next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
 
 
@@ -246,7 +248,7 @@ class RewardLoss:
         self.reward_fn = load_reward(reward_fn)
         self.prompt_chats, self.references = zip(*(split_chat(c) for c in chats))
         self.prompt_chats, self.references = list(self.prompt_chats), list(self.references)
-        self.prompts = [_last_user(m) for m in self.prompt_chats]
+        self.prompts = [last_user_text(m) for m in self.prompt_chats]
         self.max_new_tokens, self.temperature = int(max_new_tokens), float(temperature)
         self.seed, self.step = int(seed), int(step)
         self.last_completions: list[str] = []

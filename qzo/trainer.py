@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import torch
 import yaml
 
 from .batched import CausalLMLoss
@@ -36,6 +35,7 @@ from .config import DEFAULTS, ConfigError, load_config, merge_config, validate
 from .data import Batcher, ChatDataset, datasets_from_config, eval_loss, model_input_device
 from .errors import NonFiniteLossError, QzoError
 from .load import load
+from .objectives import RewardLoss, load_reward
 from .dense import dense
 from .lora import lora
 from .optim import ZO
@@ -167,6 +167,7 @@ class Session:
     train_ds: ChatDataset
     eval_ds: ChatDataset
     batcher: Batcher
+    reward_fn: object = None  # objective.kind reward: the loaded reward function
 
 
 def _new_run_dir(cfg: dict, config_path) -> Path:
@@ -194,7 +195,9 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
     else:
         cfg = load_config(config_path, overrides)
         run_dir = None
-    reward_fn_of(cfg)  # a bad objective.reward fails before the model loads
+    ob = cfg["objective"]
+    # loaded once, before the model: a bad objective.reward fails in seconds, not after the load
+    reward_fn = load_reward(ob["reward"]) if ob["kind"] == "reward" else None
     log(f"qzo: loading {cfg['model']['source']} ({cfg['model']['quant']})")
     model, tok, params, parts = load_model_and_targets(cfg)
     train_ds, eval_ds = datasets_from_config(cfg, tok)
@@ -206,7 +209,7 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
         run_dir = _new_run_dir(cfg, config_path)
     opt = build_optimizer(cfg, params)
     batcher = Batcher(train_ds, cfg["train"]["batch_size"], cfg["train"]["seed"], tok.pad_token_id)
-    session = Session(cfg, run_dir, model, tok, params, parts, opt, train_ds, eval_ds, batcher)
+    session = Session(cfg, run_dir, model, tok, params, parts, opt, train_ds, eval_ds, batcher, reward_fn)
     if resume is not None:
         ckpt = latest_checkpoint(run_dir)
         done = 0
@@ -241,36 +244,20 @@ def _evaluate(s: Session) -> float:
     return eval_loss(s.model, s.eval_ds, s.cfg["train"]["eval_batch_size"], s.tok.pad_token_id)
 
 
-def reward_fn_of(cfg: dict):
-    """The reward function ``objective.reward`` names, loaded once per spec (``None`` for cross-entropy)."""
-    ob = cfg.get("objective") or DEFAULTS["objective"]
+def objective_closure(s: Session, step: int, device):
+    """What ``opt.step`` minimizes at ``step`` (``objective.kind``): the cross-entropy of the step's token
+    batch, or ``-mean(reward)`` of replies generated to the raw chats of the same rows
+    (:class:`qzo.objectives.RewardLoss`, sampling seeded from ``(train.seed, step)``).
+
+    A reward run's training set is never packed (config validation refuses ``data.packing``
+    with it), so ``train_ds.chats`` holds the chat of every row.
+    """
+    ob = s.cfg["objective"]
     if ob["kind"] != "reward":
-        return None
-    from .objectives import load_reward
-
-    spec = ob["reward"]
-    if spec not in _REWARDS:
-        _REWARDS[spec] = load_reward(spec)
-    return _REWARDS[spec]
-
-
-_REWARDS: dict = {}
-
-
-def objective_closure(s: Session, step: int, batch: dict):
-    """What ``opt.step`` minimizes at ``step`` (``objective.kind``): the token ``batch``'s cross-entropy,
-    or ``-mean(reward)`` of replies generated to the raw chats of the step's batch (:class:`qzo.objectives.RewardLoss`,
-    sampling seeded from ``(train.seed, step)``)."""
-    ob = s.cfg.get("objective") or DEFAULTS["objective"]
-    if ob["kind"] != "reward":
+        batch = {k: v.to(device) for k, v in s.batcher.batch(step).items()}
         return CausalLMLoss(s.model, batch)  # can also evaluate a whole pool in one stacked forward (optim.batched)
-    from .objectives import RewardLoss
-
-    if s.train_ds.chats is None:
-        raise ConfigError("objective.kind=reward needs the training chats (an unpacked dataset read from chats); "
-                          "set data.packing=false")
     chats = [s.train_ds.chats[i] for i in s.batcher.indices(step)]
-    return RewardLoss(s.model, s.tok, chats, reward_fn_of(s.cfg), max_new_tokens=ob["max_new_tokens"],
+    return RewardLoss(s.model, s.tok, chats, s.reward_fn, max_new_tokens=ob["max_new_tokens"],
                       temperature=ob["temperature"], seed=s.cfg["train"]["seed"], step=step)
 
 
@@ -299,9 +286,8 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
     last_eval = None
     try:
         for step in range(first_step, t["steps"] + 1):
-            batch = {k: v.to(device) for k, v in s.batcher.batch(step).items()}
             try:
-                loss = s.opt.step(objective_closure(s, step, batch))  # objective.kind: cross-entropy or reward
+                loss = s.opt.step(objective_closure(s, step, device))  # objective.kind: cross-entropy or reward
             except NonFiniteLossError as exc:
                 ckpt = latest_checkpoint(s.run_dir)
                 kept = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint had been written yet"

@@ -7,6 +7,7 @@ must be set before triton decorates any kernel, hence here.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,9 +28,9 @@ def tiny_config(vocab_size: int = 49152):
 @pytest.fixture(scope="session")
 def smol_folder():
     """The demo model converted once into qzo's cache (a plain HF folder with tokenizer)."""
-    from qzo.load import _convert_gguf, resolve_source
+    from qzo.load import hf_model_path
 
-    return _convert_gguf(resolve_source("smollm2-135m")[1])
+    return Path(hf_model_path("smollm2-135m"))
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +66,18 @@ def tiny_batch(smol_tokenizer):
     ]
     ds = ChatDataset.from_chats(smol_tokenizer, chats, max_len=64)
     return collate(ds.input_ids, ds.labels, smol_tokenizer.pad_token_id)
+
+
+def run_overrides(model_dir, data, out_dir, **extra) -> list[str]:
+    """``--set`` overrides of a short run of the tiny model on ``data``; ``extra`` (dotted keys) wins.
+
+    Shared by the trainer, eval, plot and objective tests, which pass what they vary.
+    """
+    base = {
+        "model.source": str(model_dir), "model.quant": "nf4", "lora.r": 4,
+        "data.train": str(data), "data.eval": str(data), "optim.lr": 5e-2, "optim.eps": 1e-2,
+        "train.steps": 6, "train.batch_size": 4, "train.max_len": 48, "train.eval_every": 3,
+        "train.save_every": 3, "train.seed": 1, "out_dir": str(out_dir),
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

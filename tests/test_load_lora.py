@@ -143,3 +143,12 @@ def test_lora_does_not_pass_on_peft_s_deprecation_warning():
         warnings.simplefilter("always")
         qzo.lora(model, r=2, target_modules=["q_proj"])
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
+def test_hf_model_path_gives_transformers_a_loadable_path(smol_folder, tiny_model_dir):
+    from qzo.load import hf_model_path
+
+    assert hf_model_path("smollm2-135m") == str(smol_folder)  # the cached conversion
+    assert hf_model_path(tiny_model_dir) == str(tiny_model_dir)
+    with pytest.raises(ModelSourceError, match="save_pretrained"):
+        hf_model_path(tiny_config(1000))

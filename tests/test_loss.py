@@ -6,8 +6,6 @@ import torch
 import qzo
 from qzo.loss import chunk_tokens, decoder_and_head, labelled_loss
 
-from conftest import tiny_config
-
 
 @pytest.fixture(scope="module")
 def tiny_models(tiny_model_dir):

@@ -10,6 +10,8 @@ from qzo.config import load_config
 from qzo.errors import ConfigError, QzoError
 from qzo.objectives import RewardLoss, check_rewards, exact_match, load_reward, split_chat, token_f1
 
+from conftest import run_overrides
+
 
 def test_exact_match_normalizes_case_and_whitespace():
     refs = ["Paris", "ANSWER: 12", "a  b", "x"]
@@ -203,15 +205,8 @@ def test_zo_step_on_a_reward(tiny_model_dir):
 
 
 def _sets(model_dir, data, out_dir, **extra):
-    base = {
-        "model.source": str(model_dir), "model.quant": "nf4", "lora.r": 4,
-        "data.train": str(data), "data.eval": str(data), "optim.lr": 5e-2, "optim.eps": 5e-2,
-        "train.steps": 3, "train.batch_size": 3, "train.max_len": 48, "train.eval_every": 3,
-        "train.save_every": 3, "train.seed": 1, "out_dir": str(out_dir),
-        "objective.kind": "reward", "objective.max_new_tokens": 4, "objective.temperature": 1.0,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return run_overrides(model_dir, data, out_dir, **{**{"optim.eps": 5e-2, "train.steps": 3, "train.batch_size": 3, "train.save_every": 3,
+                 "objective.kind": "reward", "objective.max_new_tokens": 4, "objective.temperature": 1.0}, **extra})
 
 
 def test_train_with_a_reward_objective_logs_minus_rewards(tiny_model_dir, tmp_path):

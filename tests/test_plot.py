@@ -12,18 +12,13 @@ from qzo.metrics import TensorBoardScalars, tensorboard_available
 from qzo.plot import moving_average, plot_runs, write_run_plot
 from qzo.trainer import train
 
+from conftest import run_overrides
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _sets(model_dir, data, out_dir, **extra):
-    base = {
-        "model.source": str(model_dir), "model.quant": "nf4", "lora.r": 4,
-        "data.train": str(data), "data.eval": str(data), "optim.lr": 5e-2, "optim.eps": 1e-2,
-        "train.steps": 5, "train.batch_size": 4, "train.max_len": 48, "train.eval_every": 2,
-        "train.save_every": 5, "train.seed": 1, "out_dir": str(out_dir),
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return run_overrides(model_dir, data, out_dir, **{**{"train.steps": 5, "train.eval_every": 2, "train.save_every": 5}, **extra})
 
 
 def _png_size(path):

@@ -1,7 +1,6 @@
 """The trainer on a tiny model: loss goes down, checkpoints round-trip, resume is bit-exact, bad input."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +9,8 @@ from qzo.checkpoint import list_checkpoints
 from qzo.cli import main
 from qzo.errors import ConfigError, QzoError
 from qzo.trainer import load_run_model, train
+
+from conftest import run_overrides as _sets
 
 
 @pytest.fixture
@@ -22,17 +23,6 @@ def overfit_data(tmp_path):
     path = tmp_path / "overfit.jsonl"
     path.write_text("".join(json.dumps(c) + "\n" for c in chats))
     return path
-
-
-def _sets(model_dir, data, out_dir, **extra):
-    base = {
-        "model.source": str(model_dir), "model.quant": "nf4", "lora.r": 4,
-        "data.train": str(data), "data.eval": str(data), "optim.lr": 5e-2, "optim.eps": 1e-2,
-        "train.steps": 6, "train.batch_size": 4, "train.max_len": 48, "train.eval_every": 3,
-        "train.save_every": 3, "train.seed": 1, "out_dir": str(out_dir),
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
 
 
 def test_training_lowers_loss_and_writes_the_run(tiny_model_dir, overfit_data, tmp_path):
