@@ -8,6 +8,8 @@ asks ``qzo.plan`` how many decoder layers fit the budget, loads the model in NF4
 ``device_map="auto"`` and the ``max_memory`` the plan gives (layers that do not fit stay on
 the CPU unquantized and stream to the GPU every forward; their LoRA adapters stay on the
 GPU), trains a few ZO steps on the demo chats and prints the losses and the GPU peak.
+``--plan-only`` stops after the plan and the placement it gives, before anything is
+loaded: it needs only the model's ``config.json`` in the cache, and no GPU.
 
 Without a GPU (what CI runs)::
 
@@ -43,14 +45,24 @@ def train_steps(model, tok, steps: int) -> list[float]:
     return losses
 
 
+def placement(model: str, gpu: str):
+    """The plan of a 4-bit model's ZO step on a ``gpu`` budget, and the ``qzo.load`` placement it calls for."""
+    p = qzo.plan(model, "nf4", gpu=gpu, batch=4, seq=96)
+    if p.fits:
+        return p, {}  # the whole model on the GPU
+    offloaded_gib = p.offloaded_bytes() / 2**30
+    return p, dict(device_map="auto", max_memory={0: f"{p.weights_allowance() / 2**30:.2f}GiB",
+                                                  "cpu": f"{offloaded_gib * 1.3 + 8:.0f}GiB"})
+
+
 def on_gpu(args) -> None:
-    p = qzo.plan(args.model, "nf4", gpu=args.gpu, batch=4, seq=96)
+    p, kwargs = placement(args.model, args.gpu)
     print(p.table())
-    kwargs = {}
-    if not p.fits:
-        offloaded_gib = p.offloaded_bytes() / 2**30
-        kwargs = dict(device_map="auto", offload_folder=tempfile.mkdtemp(prefix="qzo-offload-"),
-                      max_memory={0: f"{p.weights_allowance() / 2**30:.2f}GiB", "cpu": f"{offloaded_gib * 1.3 + 8:.0f}GiB"})
+    print(f"placement: {kwargs!r}" if kwargs else "placement: the whole model on the GPU")
+    if args.plan_only:
+        return
+    if kwargs:
+        kwargs["offload_folder"] = tempfile.mkdtemp(prefix="qzo-offload-")
     model, tok = qzo.load(args.model, "nf4", **kwargs)
     placed = sorted(set(map(str, getattr(model, "hf_device_map", {"": "cuda:0"}).values())))
     print(f"placed on: {', '.join(placed)}")
@@ -86,8 +98,10 @@ def main() -> None:
     ap.add_argument("--model", default="meta-llama/Llama-2-7b-chat-hf")
     ap.add_argument("--gpu", default="4GiB", help="GPU budget for the plan")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--plan-only", action="store_true",
+                    help="the GPU run's plan and placement, then stop before loading (no GPU needed)")
     args = ap.parse_args()
-    on_gpu(args) if torch.cuda.is_available() else on_cpu(args)
+    on_gpu(args) if args.plan_only or torch.cuda.is_available() else on_cpu(args)
 
 
 if __name__ == "__main__":

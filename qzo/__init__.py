@@ -19,6 +19,10 @@ logging.getLogger("bitsandbytes.autograd._functions").addFilter(
     lambda record: "inputs will be cast" not in record.getMessage()
 )
 
+from .bnb import quiet_hub_kernel_warning  # noqa: E402
+
+quiet_hub_kernel_warning()  # before anything imports bitsandbytes, which logs it at import
+
 from . import noise  # noqa: E402
 from .backend import get_backend, set_backend  # noqa: E402
 from .batched import CausalLMLoss  # noqa: E402
@@ -33,14 +37,19 @@ from .optim import ZO, StepRecord  # noqa: E402
 from .params import ParamSet, Trainable  # noqa: E402
 from .rules import SGD, Adam, Momentum, Rule, Sign  # noqa: E402
 from .schedule import Schedule  # noqa: E402
-from .strategies import GV, LDSD, SPSA, Estimate, Greedy, Strategy  # noqa: E402
+from .normalize import Normalize  # noqa: E402
+from .strategies import FZOO, GV, LDSD, SPSA, Estimate, Greedy, Strategy  # noqa: E402
 from . import objectives  # noqa: E402  (qzo.objectives.RewardLoss: train on a reward)
+from . import replay  # noqa: E402  (qzo.replay.replay_sgd: a run's values from its step log)
+# qzo.plan(...): a ZO step's planned peak memory. As with qzo.load, the function takes the module's
+# attribute name; `from qzo.plan import PRESETS` still reaches the module.
+from .plan import plan  # noqa: E402
 
 __all__ = [
     "load", "lora", "scales", "dense", "combine", "ZO", "StepRecord",
-    "SPSA", "GV", "Greedy", "LDSD", "SGD", "Momentum", "Adam", "Sign", "Schedule", "clip_grad",
+    "SPSA", "GV", "Greedy", "LDSD", "FZOO", "Normalize", "SGD", "Momentum", "Adam", "Sign", "Schedule", "clip_grad",
     "CausalLMLoss", "Strategy", "Rule", "Estimate", "ParamSet", "Trainable",
     "ScaleParams", "DenseParams", "load_scales", "load_dense", "targets", "noise",
-    "set_backend", "get_backend", "objectives",
+    "set_backend", "get_backend", "objectives", "replay", "plan",
     "QzoError", "ConfigError", "DataError", "ModelSourceError", "NonFiniteLossError", "TargetError", "__version__",
 ]

@@ -1,4 +1,4 @@
-"""The ``qzo`` command: ``train``, ``chat``, ``plan``, ``export``, ``eval``, ``plot``, ``cache``.
+"""The ``qzo`` command: ``train``, ``recipes``, ``chat``, ``plan``, ``export``, ``eval``, ``plot``, ``cache``.
 
 Errors a user can fix (:class:`qzo.errors.QzoError`) print as one ``error:`` line and exit
 with status 2; a NaN/inf loss exits with status 3 after saying which step and which
@@ -17,11 +17,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train LoRA adapters with ZO steps (no CONFIG: the CPU demo)")
-    t.add_argument("config", nargs="?", help="YAML recipe; omitted: the built-in demo recipe")
+    t.add_argument("config", nargs="?",
+                   help="a YAML file or a shipped recipe's name (qzo recipes lists them, e.g. "
+                        "llama-3.1-8b-instruct/gpu-24gib); omitted: the CPU demo recipe")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optim.lr=2e-4 (repeatable)")
     t.add_argument("--resume", metavar="RUN", help="continue a run directory from its last checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+    sub.add_parser("recipes", help="list the shipped recipes: name, model, card (run one with qzo train NAME)")
 
     c = sub.add_parser("chat", help="chat with a run (base + adapter) or a model")
     c.add_argument("source", help="a run directory, or a model source (folder, .gguf, smollm2-135m)")
@@ -30,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--system", help="system prompt")
 
     pl = sub.add_parser("plan", help="expected peak memory of a ZO step, from the config alone (no weights read)")
-    pl.add_argument("model", help="a preset (llama-2-7b, llama-3.1-8b, ...), a model folder or a .gguf")
+    pl.add_argument("model", help="a preset (llama-2-7b, llama-3.1-8b, ...), a model folder, a .gguf or a hub id "
+                                  "whose config.json is in the local Hugging Face cache")
     pl.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int8", "none"])
     pl.add_argument("--gpu", help="GPU budget, e.g. 8GiB")
     pl.add_argument("--batch", type=int, default=8)
@@ -75,9 +80,17 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args) -> int:
     from .trainer import train
 
-    # With no CONFIG the built-in defaults run: they are the demo recipe
-    # (configs/smollm2-135m/demo.yaml spells them out; a test keeps the two equal).
+    # With no CONFIG the built-in defaults run: they are the demo recipe (the shipped recipe
+    # smollm2-135m/demo spells them out; a test keeps the two equal). CONFIG is a YAML file or
+    # a shipped recipe's name (qzo.recipes).
     train(args.config, args.overrides, args.resume, progress=not args.no_progress)
+    return 0
+
+
+def _recipes(args) -> int:
+    from .recipes import table
+
+    print(table())
     return 0
 
 
@@ -143,8 +156,8 @@ def _cache(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"train": _train, "chat": _chat, "plan": _plan, "export": _export, "eval": _eval, "plot": _plot,
-                "cache": _cache}
+    handlers = {"train": _train, "recipes": _recipes, "chat": _chat, "plan": _plan, "export": _export,
+                "eval": _eval, "plot": _plot, "cache": _cache}
     try:
         return handlers[args.command](args)
     except NonFiniteLossError as exc:

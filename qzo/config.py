@@ -1,8 +1,10 @@
 """Run configuration: defaults, YAML loading, ``--set key=value`` overrides and validation.
 
-The defaults are the CPU demo recipe (``configs/smollm2-135m/demo.yaml`` spells them out
-with comments; a test keeps the two equal), so ``qzo train`` with no file runs the demo.
-A config is a nested dict with the fixed sections below. Every key must exist in
+The defaults are the CPU demo recipe (the shipped recipe ``smollm2-135m/demo``,
+``qzo/recipes/smollm2-135m/demo.yaml``, spells them out with comments; a test keeps the two
+equal), so ``qzo train`` with no file runs the demo; being the defaults, it needs no file
+to be found at run time. ``load_config`` takes a YAML file or a shipped recipe's name
+(:mod:`qzo.recipes`). A config is a nested dict with the fixed sections below. Every key must exist in
 ``DEFAULTS`` (a typo is an error that lists the valid keys), values are checked against the
 default's type, and impossible values are rejected with the valid range.
 """
@@ -15,8 +17,12 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError
+from .normalize import NORMALIZATIONS
+from .strategies import STRATEGIES
+from .strategies.fzoo import BASELINES
 
-__all__ = ["DEFAULTS", "load_config", "merge_config", "apply_overrides", "validate", "flat_keys", "get"]
+__all__ = ["DEFAULTS", "load_config", "config_file", "merge_config", "apply_overrides", "validate", "flat_keys",
+           "get"]
 
 DEFAULTS: dict = {
     "model": {
@@ -45,7 +51,7 @@ DEFAULTS: dict = {
         "packing": False,  # pack whole training examples into rows of train.max_len tokens
     },
     "optim": {
-        "strategy": "spsa",  # spsa | gv | greedy | ldsd
+        "strategy": "spsa",  # spsa | gv | greedy | ldsd | fzoo
         "rule": "sgd",  # sgd | momentum | adam | sign
         "lr": 1e-3,
         "eps": 1e-2,  # perturbation scale
@@ -55,19 +61,25 @@ DEFAULTS: dict = {
         "candidates": 8,  # ldsd: candidates per step (forwards: candidates+1)
         "sigma": 1.0,  # ldsd: spread of candidates around the learned mean
         "lr_mu": 4e-2,  # ldsd: learning rate of the mean
+        "probes": 4,  # fzoo: one-sided probes per step (forwards: probes+1, or probes with baseline mean)
+        "baseline": "theta",  # fzoo: theta (evaluate f(theta)) | mean (the probes' mean, one forward fewer)
+        "normalize": None,  # null | spread (step / spread of the step's losses, FZOO) | rms (running RMS of the slope)
+        "normalize_beta": 0.99,  # normalize rms: decay of the running mean square
         "momentum": 0.9,  # momentum rule: beta
         "betas": [0.9, 0.999],  # adam rule
         "schedule": "constant",  # constant | linear | cosine
         "warmup_steps": 0,
         "min_lr_ratio": 0.0,  # final lr / lr for linear and cosine
-        "batched": False,  # gv, greedy, ldsd: evaluate the pool in one stacked forward (LoRA only)
+        "batched": False,  # gv, greedy, ldsd, fzoo: evaluate the pool in one stacked forward (LoRA only)
         "clip": None,  # limit the projected gradient to [-clip, clip] (QZO's clipping; null: off)
     },
     "train": {
         "steps": 200,
+        "forwards": None,  # a budget in loss evaluations instead of steps: stop at the first step reaching it
         "batch_size": 8,
         "max_len": 96,
         "eval_every": 50,  # steps between held-out evaluations (also at step 0 and the end)
+        "eval_every_forwards": None,  # instead of eval_every: evaluate at the first step past each multiple
         "eval_batch_size": 16,
         "save_every": 50,  # steps between checkpoints (also at the end)
         "keep_checkpoints": 2,
@@ -85,7 +97,9 @@ DEFAULTS: dict = {
 _CHOICES = {
     ("model", "quant"): ("nf4", "fp4", "int8", "none"),
     ("model", "dtype"): (None, "float32", "bfloat16", "float16"),
-    ("optim", "strategy"): ("spsa", "gv", "greedy", "ldsd"),
+    ("optim", "strategy"): tuple(STRATEGIES),
+    ("optim", "baseline"): BASELINES,
+    ("optim", "normalize"): (None, *NORMALIZATIONS),
     ("optim", "rule"): ("sgd", "momentum", "adam", "sign"),
     ("optim", "schedule"): ("constant", "linear", "cosine"),
     ("data", "format"): ("auto", "chat", "alpaca", "completion"),
@@ -104,6 +118,9 @@ _NULLABLE_TYPES = {
     ("data", "system_prompt"): (str,),
     ("out_dir",): (str,),
     ("optim", "clip"): (float, int),
+    ("optim", "normalize"): (str,),
+    ("train", "forwards"): (int,),
+    ("train", "eval_every_forwards"): (int,),
     ("targets", "scales"): (str, list),
     ("targets", "dense"): (list,),
     ("objective", "reward"): (str,),
@@ -152,13 +169,26 @@ def merge_config(base: dict, update: dict, where: str = "") -> None:
             base[k] = v
 
 
+def config_file(config: str | Path):
+    """The file ``config`` names: a YAML file, else a shipped recipe (``llama-3.1-8b-instruct/gpu-24gib``)."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    from . import recipes
+
+    try:
+        return recipes.find(str(config))
+    except ConfigError:
+        raise ConfigError(f"config {str(config)!r} does not exist: it is neither a file nor a shipped recipe; "
+                          f"the recipes are: {', '.join(recipes.names())} (`qzo recipes` shows each one's "
+                          f"model and card)") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
-    """Defaults, then the YAML file (if any), then ``key=value`` overrides; validated."""
+    """Defaults, then the YAML file or shipped recipe (if any), then ``key=value`` overrides; validated."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+        path = config_file(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -283,7 +313,16 @@ def validate(cfg: dict) -> dict:
     if not 0 < o["split"] < 1 or not 0 <= o["momentum"] < 1 or o["min_lr_ratio"] > 1:
         raise ConfigError("need 0 < optim.split < 1, 0 <= optim.momentum < 1, optim.min_lr_ratio <= 1")
     if o["batched"] and o["strategy"] == "spsa":
-        raise ConfigError("config key 'optim.batched' applies to pool strategies (gv, greedy, ldsd), not spsa")
+        raise ConfigError("config key 'optim.batched' applies to pool strategies (gv, greedy, ldsd, fzoo), not spsa")
+    least = 2 if o["baseline"] == "mean" else 1
+    if o["probes"] < least:
+        raise ConfigError(f"config key 'optim.probes' must be >= {least} with optim.baseline {o['baseline']}, "
+                          f"got {o['probes']}")
+    if not 0 <= o["normalize_beta"] < 1:
+        raise ConfigError(f"config key 'optim.normalize_beta' must be in [0, 1), got {o['normalize_beta']}")
+    for key in ("forwards", "eval_every_forwards"):
+        if cfg["train"][key] is not None and cfg["train"][key] < 1:
+            raise ConfigError(f"config key 'train.{key}' must be >= 1 or null, got {cfg['train'][key]}")
     if o["clip"] is not None and not o["clip"] > 0:
         raise ConfigError(f"config key 'optim.clip' must be > 0 or null, got {o['clip']}")
     if len(o["betas"]) != 2 or not all(0 <= b < 1 for b in o["betas"]):

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from .cache import cache_dir
+from .bnb import choose_cpu_path
 from .errors import ModelSourceError, QzoError
 
 __all__ = ["load", "resolve_source", "hf_model_path", "QUANTS", "BUILTIN_MODELS"]
@@ -121,7 +122,8 @@ def hf_model_path(source) -> str:
 
 def _gguf_cache_folder(path: Path) -> Path:
     st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    # "16bit": the folder format (float32 folders, written before, are left for `qzo cache --clear`)
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}|16bit".encode()).hexdigest()[:16]
     return cache_dir() / "gguf" / f"{path.stem}-{key}"
 
 
@@ -152,7 +154,9 @@ def _convert_gguf(path: Path) -> Path:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        with _stage("3/3 writing the model folder"):
+        dtype = _cache_dtype(model)
+        with _stage(f"3/3 writing the model folder in {str(dtype).removeprefix('torch.')}"):
+            model.to(dtype)
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
         if target.exists():
@@ -162,6 +166,22 @@ def _convert_gguf(path: Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _cache_dtype(model) -> torch.dtype:
+    """float16 for a converted GGUF's folder, bfloat16 if a weight would overflow float16.
+
+    The folder is re-quantized to 4/8 bits on every load, so float32 would only double the
+    disk (4 bytes a weight, ~32 GB for an 8B GGUF). float16 keeps 11 significant bits
+    against bfloat16's 8, more than GGUF's own block formats carry (fp16 scales times 4-6 bit
+    codes), and its range (65504) holds the weights of every model we know of; bfloat16 is
+    the fallback that cannot overflow. Measured on the demo: see README ("the GGUF cache").
+    """
+    limit = torch.finfo(torch.float16).max
+    for tensor in model.state_dict().values():
+        if tensor.is_floating_point() and tensor.numel() and tensor.abs().max().item() > limit:
+            return torch.bfloat16
+    return torch.float16
 
 
 @contextlib.contextmanager
@@ -225,12 +245,13 @@ def load(
         trust_remote_code: run model code shipped with the checkpoint (off unless asked).
         tokenizer: for a config source, a tokenizer folder or object to return alongside.
         seed: torch seed for random init of a config source.
-        cpu_fused_4bit: on CPUs with AVX512-BF16, let bitsandbytes repack 4-bit layers for
-            its fused kernel on the first forward (measured 1.4x faster forwards on the
-            demo, but those matmuls then run in bf16 with bf16 block scales whatever
-            ``dtype`` says, and have no backward: gradients through them come out zero).
-            ``False`` keeps the dequantize-then-matmul path in ``dtype``; use it for
-            first-order training on CPU.
+        cpu_fused_4bit: on CPUs with AVX512-BF16, repack the 4-bit layers for bitsandbytes'
+            fused kernel now, at load (measured 1.4x faster forwards on the demo, but those
+            matmuls run in bf16 with bf16 block scales whatever ``dtype`` says, which is
+            printed once, and they have no backward: gradients through them come out zero).
+            ``False`` keeps the dequantize-then-matmul path in ``dtype`` for good; use it for
+            first-order training on CPU. Either way the path is fixed here, so the first
+            forward and every later one compute the same function (see ``qzo.bnb``).
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode with all base weights frozen.
@@ -270,12 +291,26 @@ def load(
     model.eval()
     model.requires_grad_(False)
     _detach_from_checkpoint_files(model)
-    _configure_cpu_4bit(model, cpu_fused_4bit)
+    _announce_cpu_path(choose_cpu_path(model, cpu_fused_4bit), torch_dtype)
     if tok is not None and tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.qzo_source = str(source) if kind != "config" else "config"
     model.qzo_quant = quant
     return model, tok
+
+
+_announced_cpu_path = False
+
+
+def _announce_cpu_path(fused_layers: int, dtype: torch.dtype) -> None:
+    """Say once per process that 4-bit matmuls run in bf16 when the fused CPU kernel overrides ``dtype``."""
+    global _announced_cpu_path
+    if fused_layers == 0 or dtype == torch.bfloat16 or _announced_cpu_path:
+        return
+    _announced_cpu_path = True
+    print(f"qzo: {fused_layers} 4-bit layers run bitsandbytes' fused AVX512-BF16 CPU kernel: their matmuls are "
+          f"bfloat16, the rest of the model {str(dtype).removeprefix('torch.')} (model.cpu_fused_4bit: false keeps "
+          "them in full precision, about 1.4x slower)", flush=True)
 
 
 def _detach_from_checkpoint_files(model) -> None:
@@ -318,43 +353,6 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: the allocator keeps its cache, nothing breaks
         pass
-
-
-def _configure_cpu_4bit(model, fused: bool) -> None:
-    """Choose bitsandbytes' CPU 4-bit path, and make ``state_dict()`` safe on the fused one.
-
-    bitsandbytes 0.50 repacks a 4-bit layer in place for its fused CPU kernel on the first
-    forward, and un-packs it in ``_save_to_state_dict``; the un-packing leaves non-nested
-    block scales transposed, so the next forward computes garbage (logits off by ~50
-    measured on the demo model after one ``model.state_dict()``). peft, accelerate and user
-    code call ``state_dict()`` freely, so the module's packed state is restored after each
-    call: the live model never changes.
-    """
-    for module in model.modules():
-        if not hasattr(module, "support_avx512bf16_for_cpu"):
-            continue
-        if not fused:
-            module.support_avx512bf16_for_cpu = False
-            continue
-        if module.support_avx512bf16_for_cpu:
-            module._save_to_state_dict = _keep_packed_state(module, module._save_to_state_dict)
-
-
-def _keep_packed_state(module, save):
-    def guarded(destination, prefix, keep_vars):
-        weight = module.weight
-        data, state = weight.data, weight.quant_state
-        fields = dict(state.__dict__) if state is not None else None
-        try:
-            save(destination, prefix, keep_vars)
-        finally:
-            weight.data = data
-            if state is not None:
-                state.__dict__.clear()
-                state.__dict__.update(fields)
-                weight.quant_state = state
-
-    return guarded
 
 
 def _materialize_config(config, seed: int, dtype: torch.dtype, folder: Path | None = None) -> Path:

@@ -21,6 +21,7 @@ import torch
 from .batched import Candidate
 from .errors import NonFiniteLossError, QzoError
 from .noise import _mix64
+from .normalize import Normalize
 from .params import ParamSet, as_param_set
 from .scales import clip_grad
 from .perturb import noise_cache, perturb_params_
@@ -172,6 +173,10 @@ class ZO:
         clip: limit the projected gradient to ``[-clip, clip]`` (QZO's directional-derivative
             clipping, C = 100 in that paper); default: the trainables' own ``clip``
             (``qzo.scales(..., clip=...)``), else none. The step log records the clipped value.
+        normalize: scale-free steps for any strategy: ``"spread"`` divides the projected
+            gradient by the spread of the step's losses (FZOO), ``"rms"`` by a running RMS of
+            past ones, or a :class:`qzo.normalize.Normalize`; ``None``: off. Applied before
+            the clip; see ``qzo.normalize``.
 
     ``forwards`` counts loss evaluations (a batched pool of K counts K, so budgets compare
     across ``batched``); ``forward_calls`` counts the model forwards that actually ran.
@@ -192,6 +197,7 @@ class ZO:
         lr: float | None = None,
         schedule: Schedule | None = None,
         clip: float | None = None,
+        normalize: str | Normalize | None = None,
     ):
         self.params: ParamSet = as_param_set(params)
         self.strategy = strategy if strategy is not None else SPSA()
@@ -211,6 +217,7 @@ class ZO:
         self.clip = clip if clip is not None else getattr(self.params, "clip", None)
         if self.clip is not None and not self.clip > 0:
             raise ValueError(f"clip must be > 0 (QZO uses 100), got {self.clip}")
+        self.normalize = Normalize(normalize) if isinstance(normalize, str) else normalize
         self.strategy.bind(self.params)
         self.rule.bind(self.params)
         self.steps = 0
@@ -250,6 +257,8 @@ class ZO:
             if not math.isfinite(est.grad):
                 probe.restore()
                 raise NonFiniteLossError(f"projected gradient is {est.grad} at step {step}; trainables restored", step)
+            if self.normalize is not None:
+                est.grad = self.normalize(est, self.eps)
             if self.clip is not None:
                 est.grad = clip_grad(est.grad, self.clip)
             self.rule.apply(self.params, est, lr)
@@ -280,6 +289,7 @@ class ZO:
             "eps": self.eps,
             "strategy": self.strategy.state_dict(),
             "rule": self.rule.state_dict(),
+            "normalize": self.normalize.state_dict() if self.normalize is not None else {},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -290,6 +300,8 @@ class ZO:
         self.eps = float(state["eps"])
         self.strategy.load_state_dict(state.get("strategy", {}))
         self.rule.load_state_dict(state.get("rule", {}))
+        if self.normalize is not None:
+            self.normalize.load_state_dict(state.get("normalize", {}))
 
     def __repr__(self) -> str:
         return f"ZO({self.params.numel:,} values, strategy={self.strategy!r}, rule={self.rule!r}, eps={self.eps})"

@@ -74,7 +74,8 @@ def parse_size(text) -> int:
 
 
 def model_config(source):
-    """A transformers config for ``source``: a preset name, a config, a model folder or a GGUF (header only)."""
+    """A transformers config for ``source``: a preset name, a config, a model folder, a GGUF (header only) or
+    a hub id whose ``config.json`` is in the local Hugging Face cache."""
     from transformers import AutoConfig, LlamaConfig, PretrainedConfig
 
     if isinstance(source, PretrainedConfig):
@@ -90,6 +91,14 @@ def model_config(source):
         return AutoConfig.from_pretrained(str(where.parent), gguf_file=where.name)
     if kind == "folder":
         return AutoConfig.from_pretrained(str(where))
+    if kind == "hub":
+        # its config.json from the local Hugging Face cache, where qzo.load reads hub ids; never downloaded
+        try:
+            return AutoConfig.from_pretrained(where, local_files_only=True)
+        except OSError:
+            raise QzoError(f"qzo plan reads a hub id's config from the local Hugging Face cache, and {where!r} is "
+                           f"not there: `hf download {where} config.json` fetches it (a few KB), or pass a preset "
+                           f"({', '.join(PRESETS)}), a model folder or a .gguf file") from None
     raise QzoError(f"qzo plan needs a local config: {source!r} is not a preset ({', '.join(PRESETS)}), "
                    "a model folder or a .gguf file")
 
@@ -187,7 +196,8 @@ def plan(source, quant: str = "nf4", gpu=None, batch: int = 8, seq: int = 512, l
     """Estimate the peak memory of one ZO step (see the module docstring for the parts).
 
     Args:
-        source: a preset (``llama-2-7b``, ...), a config, a model folder or a GGUF.
+        source: a preset (``llama-2-7b``, ...), a config, a model folder, a GGUF or a hub id in the local
+            Hugging Face cache (its ``config.json`` only).
         quant: ``nf4``, ``fp4``, ``int8`` or ``none``.
         gpu: the GPU budget (``"8GiB"`` or bytes); ``None``: no verdict.
         batch, seq: the batch shape of a training step.

@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from .bnb import unpack_cpu_4bit
 from .errors import QzoError
 from .params import ParamSet, Trainable
 
@@ -114,41 +115,6 @@ def select_modules(
                           "dotted suffix of it; '*' spans dots, so 'model.layers.0.*' is all of block 0); "
                           f"{kind} modules here: {_listing([path for path, _, _ in found])}")
     return [entry for entry in found if any(_matches(entry[0], p) for p in patterns)]
-
-
-def unpack_cpu_4bit(module) -> None:
-    """Put a bitsandbytes ``Linear4bit`` back on its plain layout and keep it there.
-
-    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit layer on its first no-grad
-    forward (``_convert_weight_packed_for_cpu``): the weight is re-tiled and
-    ``quant_state.absmax`` is *replaced* by a new, transposed bfloat16 copy (a nested absmax
-    is dequantized into it). The fused kernel then reads only that copy, so a trainable
-    holding the float32 absmax would be perturbed with no effect on the output, and a
-    dense slice would dequantize from a layout it does not expect. This turns the fused
-    path off for the layer (``support_avx512bf16_for_cpu``, the switch its forward checks)
-    and, if the layer was already repacked, undoes it: the weight through bitsandbytes' own
-    inverse, the block scales by transposing the packed copy back to float32. bitsandbytes'
-    inverse leaves non-nested scales transposed and re-quantizes nested ones, so the scales
-    are restored here instead; they keep the bfloat16 rounding the fused kernel used (call
-    ``qzo.scales`` / ``qzo.dense`` before the first forward, or load with
-    ``cpu_fused_4bit=False``, to keep the full-precision scales).
-    """
-    if hasattr(module, "support_avx512bf16_for_cpu"):
-        module.support_avx512bf16_for_cpu = False
-    weight = module.weight
-    state = getattr(weight, "quant_state", None)
-    if state is None or not getattr(state, "packing_format_for_cpu", False):
-        return
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-    packed_absmax = state.absmax  # [K / blocksize, N] bfloat16
-    state.original_nested = False  # keep the inverse from re-quantizing the scales
-    data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
-    state.absmax = packed_absmax.T.reshape(-1).to(torch.float32).contiguous()
-    state.nested, state.offset, state.state2 = False, None, None
-    weight.data = data
-    weight.quant_state = state
-    module.quant_state = state
 
 
 def _parent(model, raw_path: str) -> tuple[torch.nn.Module, str]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -38,30 +39,50 @@ from .load import load
 from .objectives import RewardLoss, load_reward
 from .dense import dense
 from .lora import lora
+from .normalize import Normalize
 from .optim import ZO
 from .params import ParamSet
 from .rules import SGD, Adam, Momentum, Sign
 from .scales import scales
 from .schedule import Schedule
-from .strategies import GV, LDSD, SPSA, Greedy
+from .strategies import FZOO, GV, LDSD, SPSA, Greedy
 from .targets import combine
 
 __all__ = ["train", "build_optimizer", "build_targets", "load_model_and_targets", "load_run_model", "Session"]
 
 # Keys a resumed run may change: they do not alter the trajectory of earlier steps.
-RESUMABLE_KEYS = ("train.steps", "train.eval_every", "train.save_every", "train.keep_checkpoints",
-                  "train.eval_batch_size")
+RESUMABLE_KEYS = ("train.steps", "train.forwards", "train.eval_every", "train.eval_every_forwards",
+                  "train.save_every", "train.keep_checkpoints", "train.eval_batch_size")
 
 
-def build_optimizer(cfg: dict, params) -> ZO:
-    """The ``qzo.ZO`` a config describes."""
+def build_strategy(cfg: dict):
+    """The strategy ``cfg["optim"]`` names, with its settings."""
     o = cfg["optim"]
     strategies = {
         "spsa": lambda: SPSA(),
         "gv": lambda: GV(pool=o["pool"], split=o["split"], batched=o["batched"]),
         "greedy": lambda: Greedy(pool=o["pool"], batched=o["batched"]),
         "ldsd": lambda: LDSD(candidates=o["candidates"], sigma=o["sigma"], lr_mu=o["lr_mu"], batched=o["batched"]),
+        "fzoo": lambda: FZOO(probes=o["probes"], baseline=o["baseline"], batched=o["batched"]),
     }
+    return strategies[o["strategy"]]()
+
+
+def total_steps(cfg: dict) -> int:
+    """The run's length in steps: ``train.steps``, or the first step reaching ``train.forwards`` evaluations.
+
+    A strategy's forwards per step are fixed (a batched pool of K counts K), so a budget in
+    forwards is a step count known before the run, which the lr schedules need.
+    """
+    budget = cfg["train"]["forwards"]
+    if budget is None:
+        return cfg["train"]["steps"]
+    return -(-budget // build_strategy(cfg).forwards_per_step)
+
+
+def build_optimizer(cfg: dict, params) -> ZO:
+    """The ``qzo.ZO`` a config describes."""
+    o = cfg["optim"]
     wd = o["weight_decay"]
     rules = {
         "sgd": lambda: SGD(lr=o["lr"], weight_decay=wd),
@@ -69,10 +90,11 @@ def build_optimizer(cfg: dict, params) -> ZO:
         "adam": lambda: Adam(lr=o["lr"], betas=tuple(o["betas"]), weight_decay=wd),
         "sign": lambda: Sign(lr=o["lr"], weight_decay=wd),
     }
-    schedule = Schedule(o["schedule"], total_steps=cfg["train"]["steps"], warmup_steps=o["warmup_steps"],
+    schedule = Schedule(o["schedule"], total_steps=total_steps(cfg), warmup_steps=o["warmup_steps"],
                         min_ratio=o["min_lr_ratio"])
-    return ZO(params, strategy=strategies[o["strategy"]](), rule=rules[o["rule"]](), eps=o["eps"],
-              seed=cfg["train"]["seed"], schedule=schedule, clip=o["clip"])
+    normalize = Normalize(o["normalize"], beta=o["normalize_beta"]) if o["normalize"] else None
+    return ZO(params, strategy=build_strategy(cfg), rule=rules[o["rule"]](), eps=o["eps"],
+              seed=cfg["train"]["seed"], schedule=schedule, clip=o["clip"], normalize=normalize)
 
 
 def build_targets(model, cfg: dict) -> tuple[ParamSet, dict[str, ParamSet]]:
@@ -103,12 +125,16 @@ def describe_targets(parts: dict[str, ParamSet]) -> str:
 def load_model_and_targets(cfg: dict, build: bool = True):
     """Base model (quantized, placed) with the configured trainables: ``(model, tok, params, parts)``.
 
-    ``build=False`` loads the base alone (``params`` is ``None``, ``parts`` empty).
+    ``build=False`` loads the base alone (``params`` is ``None``, ``parts`` empty), on the
+    same CPU 4-bit path as the run, so its losses are the run's starting point.
     """
     m = cfg["model"]
+    # bitsandbytes' fused CPU kernel reads a bf16 copy of the block scales: a run that trains
+    # scales or dense slices loads the plain path, so they start from the full-precision scales
+    fused = m["cpu_fused_4bit"] and not (cfg["targets"]["scales"] or cfg["targets"]["dense"])
     model, tok = load(m["source"], m["quant"], double_quant=m["double_quant"], dtype=m["dtype"],
                       device_map=m["device_map"], max_memory=m["max_memory"], offload_folder=m["offload_folder"],
-                      trust_remote_code=m["trust_remote_code"], cpu_fused_4bit=m["cpu_fused_4bit"])
+                      trust_remote_code=m["trust_remote_code"], cpu_fused_4bit=fused)
     if tok is None:
         raise QzoError("this model source has no tokenizer; training on chat data needs one")
     if not build:
@@ -137,11 +163,12 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> dict:
                               f"resumable keys: {', '.join(RESUMABLE_KEYS)}")
     from .config import apply_overrides
 
-    steps_before = base["train"]["steps"]
+    steps_before = total_steps(base)
     cfg = apply_overrides(base, overrides or [])
-    if cfg["optim"]["schedule"] != "constant" and cfg["train"]["steps"] != steps_before:
-        raise ConfigError(f"train.steps cannot change on --resume with the {cfg['optim']['schedule']} schedule: "
-                          "its lr at every step depends on the total; start a new run instead")
+    if cfg["optim"]["schedule"] != "constant" and total_steps(cfg) != steps_before:
+        raise ConfigError(f"train.steps / train.forwards cannot change on --resume with the "
+                          f"{cfg['optim']['schedule']} schedule: its lr at every step depends on the total; "
+                          "start a new run instead")
     return validate(cfg)
 
 
@@ -262,8 +289,9 @@ def objective_closure(s: Session, step: int, device):
 
 
 def run(s: Session, log=print, progress: bool = True) -> dict:
-    """Train to ``train.steps`` from wherever the session stands; returns the summary."""
+    """Train to ``train.steps`` (or ``train.forwards``) from wherever the session stands; returns the summary."""
     t = s.cfg["train"]
+    steps = total_steps(s.cfg)
     device = model_input_device(s.model)
     metrics_path, steps_path = s.run_dir / "metrics.jsonl", s.run_dir / "steps.jsonl"
     first_step = s.opt.steps + 1
@@ -281,11 +309,12 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
     start_wall = time.perf_counter() - _logged_wall(steps_path)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=t["steps"], initial=s.opt.steps, desc="qzo train", unit="step", disable=not progress,
+    bar = tqdm(total=steps, initial=s.opt.steps, desc="qzo train", unit="step", disable=not progress,
                dynamic_ncols=True)
     last_eval = None
     try:
-        for step in range(first_step, t["steps"] + 1):
+        for step in range(first_step, steps + 1):
+            forwards_before = s.opt.forwards
             try:
                 loss = s.opt.step(objective_closure(s, step, device))  # objective.kind: cross-entropy or reward
             except NonFiniteLossError as exc:
@@ -297,13 +326,13 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
             record["wall_s"] = round(wall, 4)
             _append_jsonl(steps_path, record)
             row = {"step": step, "forwards": s.opt.forwards, "loss": loss, "wall_s": round(wall, 4)}
-            if step % t["eval_every"] == 0 or step == t["steps"]:
+            if _eval_due(t, step, forwards_before, s.opt.forwards) or step == steps:
                 last_eval = _evaluate(s)
                 row["eval_loss"] = last_eval
                 bar.write(f"step {step}: held-out loss {last_eval:.4f}")
             _append_jsonl(metrics_path, row)
             scalars.add(row, lr=record.get("lr"))
-            if step % t["save_every"] == 0 or step == t["steps"]:
+            if step % t["save_every"] == 0 or step == steps:
                 _save(s)
             bar.set_postfix(loss=f"{loss:.4f}", eval=f"{last_eval:.3f}" if last_eval is not None else "-",
                             fwd_s=f"{s.opt.forwards / max(wall, 1e-9):.2f}" if step > first_step else "-",
@@ -313,6 +342,14 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
         bar.close()
         scalars.close()
     return finish(s, initial, time.perf_counter() - start_wall, log)
+
+
+def _eval_due(t: dict, step: int, forwards_before: int, forwards: int) -> bool:
+    """A held-out evaluation after this step: every ``eval_every`` steps, or past each ``eval_every_forwards``."""
+    every = t["eval_every_forwards"]
+    if every is None:
+        return step % t["eval_every"] == 0
+    return forwards // every > forwards_before // every
 
 
 def finish(s: Session, initial: float | None, wall: float, log=print) -> dict:
@@ -344,8 +381,18 @@ def write_final_values(parts: dict[str, ParamSet], run_dir: Path) -> None:
             parts[kind].save(run_dir / f"{kind}.safetensors")
 
 
+def _refuse_several_ranks() -> None:
+    # under torchrun every rank would run the whole job and write the same run directory
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    if world.isdigit() and int(world) > 1:
+        raise QzoError(f"qzo train was started as one of {world} processes (WORLD_SIZE={world}, torchrun?), but "
+                       "distributed training is not built yet: each process would run the same job into the same "
+                       "run directory. Start one process (python -m qzo train ... or qzo train ...)")
+
+
 def train(config_path=None, overrides=None, resume=None, log=print, progress: bool = True) -> dict:
     """Run ``qzo train``: returns the summary dict (also written to ``summary.json``)."""
+    _refuse_several_ranks()
     session = setup(config_path, overrides, resume, log)
     summary = run(session, log, progress)
     summary["run_dir"] = str(session.run_dir)

@@ -2,6 +2,12 @@
 
 Kernel tests run through the Triton interpreter on machines without a GPU; the variable
 must be set before triton decorates any kernel, hence here.
+
+Two kinds of CPU run the suite: with AVX512-BF16 (bitsandbytes' fused bf16 4-bit kernel)
+and without. ``QZO_CPU_4BIT=plain pytest`` runs the second kind on a machine of the first:
+qzo then loads every model on the plain path, and bitsandbytes' own capability check is
+answered "no" for every layer made outside ``qzo.load`` too (transformers loading an
+exported folder, say). Tests that are about the fused kernel skip on a CPU that lacks it.
 """
 
 from __future__ import annotations
@@ -15,6 +21,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("QZO_CPU_4BIT", "").strip().lower() == "plain":
+    import bitsandbytes.nn.modules
+
+    bitsandbytes.nn.modules.has_avx512bf16 = lambda: False  # what a CPU without AVX512-BF16 answers
+
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
 
@@ -23,6 +34,17 @@ def tiny_config(vocab_size: int = 49152):
     from transformers import LlamaConfig
 
     return LlamaConfig(vocab_size=vocab_size, **TINY)
+
+
+def fused_cpu_4bit() -> bool:
+    """Whether this CPU (and ``QZO_CPU_4BIT``) runs bitsandbytes' fused AVX512-BF16 4-bit kernel."""
+    from qzo.bnb import fused_cpu_4bit_available
+
+    return fused_cpu_4bit_available()
+
+
+needs_fused_cpu_4bit = pytest.mark.skipif(not fused_cpu_4bit(), reason="this CPU has no AVX512-BF16 (or "
+                                          "QZO_CPU_4BIT=plain): bitsandbytes' fused 4-bit kernel cannot run")
 
 
 @pytest.fixture(scope="session")

@@ -11,11 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_recipe_equals_the_defaults():
-    assert load_config(ROOT / "configs/smollm2-135m/demo.yaml") == load_config(None)
+    assert load_config(ROOT / "qzo/recipes/smollm2-135m/demo.yaml") == load_config(None)
+    assert load_config("smollm2-135m/demo") == load_config(None)  # the shipped recipe, by name
 
 
 def test_every_shipped_config_validates():
-    configs = sorted((ROOT / "configs").rglob("*.yaml"))
+    configs = sorted((ROOT / "qzo/recipes").rglob("*.yaml"))
     assert configs
     for path in configs:
         load_config(path)

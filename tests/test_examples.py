@@ -10,9 +10,19 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def _run(script, *args, cwd):
+def _run(script, *args, cwd, env=None):
     return subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
-                          timeout=900, cwd=cwd)
+                          timeout=900, cwd=cwd, env=env)
+
+
+def _hub_cache_with_config(cache: Path, repo_id: str, config) -> Path:
+    """A Hugging Face hub cache holding only ``repo_id``'s config.json (what `hf download ID config.json` leaves)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    revision = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    config.save_pretrained(repo / "snapshots" / revision)
+    return cache
 
 
 def test_any_objective_fits_and_classifies(tmp_path):
@@ -51,3 +61,35 @@ def test_short_reply_reward_counts_characters_so_the_hack_zo_found_scores_low():
     reward = module.short_reply(16)
     replies = ["Tuesday.", "It is Tuesday, I think.", "ellaellaellaellaellaellaellaella", ".", ""]
     assert reward([""] * len(replies), replies, [""] * len(replies)) == [1.0, 16 / 23, 0.5, 0.0, 0.0]
+
+
+def test_offload_7b_gpu_branch_plans_its_placement_without_a_gpu(tmp_path):
+    """The GPU branch up to qzo.load, the first step that needs CUDA: the plan of the documented
+    command (a hub id, read from the local cache) and the placement it hands to qzo.load."""
+    import ast
+    import os
+
+    from qzo.plan import GiB, model_config, plan
+
+    repo_id = "meta-llama/Llama-2-7b-chat-hf"  # the example's default --model
+    cache = _hub_cache_with_config(tmp_path / "hub", repo_id, model_config("llama-2-7b"))
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    out = _run("offload_7b.py", "--plan-only", "--gpu", "4GiB", cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    expected = plan("llama-2-7b", "nf4", gpu="4GiB", batch=4, seq=96)
+    assert not expected.fits and 0 < expected.gpu_layers() < expected.layers
+    assert expected.table() in out.stdout
+    placement = ast.literal_eval(re.search(r"^placement: (\{.*\})$", out.stdout, re.M)[1])
+    assert placement["device_map"] == "auto" and set(placement["max_memory"]) == {0, "cpu"}
+    assert placement["max_memory"][0] == f"{expected.weights_allowance() / GiB:.2f}GiB"
+    assert "placed on" not in out.stdout  # stopped before loading
+
+
+    # a card the model fits: no offload (in process, the same function)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("offload_7b", EXAMPLES / "offload_7b.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    p, kwargs = module.placement("llama-2-7b", "8GiB")
+    assert p.fits and kwargs == {}

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from qzo.bnb import choose_cpu_path
 from qzo.cli import main
 from qzo.errors import QzoError
 from qzo.export import export
@@ -75,6 +76,9 @@ def test_quantized_folder_has_the_trained_scales_and_adapter(mixed_run, tmp_path
     base = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map="cpu")
     assert type(base.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     assert type(base.model.layers[1].mlp.down_proj) is torch.nn.Linear  # the dense slice, unquantized
+    # a run that trains scales runs bitsandbytes' plain CPU path (qzo.trainer); left alone,
+    # bitsandbytes would repack this readback for its fused bf16 kernel on AVX512-BF16 CPUs
+    choose_cpu_path(base, fused=False)
     model = peft.PeftModel.from_pretrained(base, out / "adapter")
     # the same 4-bit codes, trained scales and adapters on the same CPU path: identical
     torch.testing.assert_close(_logits(model), expected, rtol=0, atol=1e-6)

@@ -75,6 +75,15 @@ def test_cli_prints_the_table_and_bad_input_is_one_line(capsys):
     assert main(["plan", "/no/such/model"]) == 2
 
 
+def test_a_hub_id_not_in_the_local_cache_is_one_line_saying_how_to_get_its_config(capsys):
+    # read from the local Hugging Face cache only (never downloaded); the cached case runs in
+    # test_examples (examples/offload_7b.py --plan-only, with a cache holding one config.json)
+    with pytest.raises(QzoError, match=r"local Hugging Face cache.*hf download qzo-tests/not-a-model config.json"):
+        plan("qzo-tests/not-a-model")
+    assert main(["plan", "qzo-tests/not-a-model"]) == 2
+    assert "hf download" in capsys.readouterr().err
+
+
 def test_parse_size():
     assert parse_size("8GiB") == 8 * GiB and parse_size("512MiB") == 512 * 2**20 and parse_size(1024) == 1024
     with pytest.raises(QzoError, match="8GiB"):

@@ -1,11 +1,12 @@
-"""The shipped GPU recipes, ``configs/<model>/gpu-<N>gib.yaml``.
+"""The shipped GPU recipes, ``qzo/recipes/<model>/gpu-<N>gib.yaml``, run as ``qzo train <model>/gpu-<N>gib``.
 
 Each one's planned ZO-step peak fits the card its file name names, with headroom; bigger
 cards buy something; every knob the peak depends on is set in the file itself (the defaults
 are the CPU demo's) and commented; the header names the launch command and the ``qzo plan``
 command that reproduces the memory number it quotes. All of it is planner arithmetic on
 presets: no weights are read or downloaded. (That every config validates is in
-test_config.py.)
+test_config.py.) The recipes are read from the checkout's files here; that the package finds
+the same files by name (``qzo.recipes``, ``qzo recipes``) is tested at the end.
 """
 
 import re
@@ -15,12 +16,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from qzo import recipes
 from qzo.cli import main
-from qzo.config import load_config
+from qzo.config import DEFAULTS, load_config
+from qzo.errors import ConfigError
 from qzo.plan import PRESETS, GiB, parse_size, plan
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "qzo" / "recipes"
 ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
 GPU_RECIPES = sorted(CONFIGS.glob("*/gpu-*.yaml"))
 
@@ -48,6 +51,11 @@ COMMENTED_KNOBS = ["batch_size", "max_len", "r", "pool", "batched", "device_map"
 
 def _rel(path: Path) -> str:
     return path.relative_to(ROOT).as_posix()
+
+
+def _name(path: Path) -> str:
+    """The recipe's name, what `qzo train` takes: <model>/<card>."""
+    return path.relative_to(CONFIGS).with_suffix("").as_posix()
 
 
 def _card(path: Path) -> int:
@@ -147,13 +155,13 @@ def test_bigger_cards_buy_something():
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=_ids(ALL_CONFIGS))
 def test_header_names_its_launch_command(path):
-    assert f"qzo train {_rel(path)}" in _header(path)
+    assert f"qzo train {_name(path)}" in _header(path)
 
 
 @pytest.mark.parametrize("path", GPU_RECIPES, ids=_ids(GPU_RECIPES))
 def test_header_plan_command_reproduces_its_number(path, capsys):
     header = _header(path)
-    assert re.search(rf"qzo train {re.escape(_rel(path))} --set \S+=\S+", header), "an override example"
+    assert re.search(rf"qzo train {re.escape(_name(path))} --set \S+=\S+", header), "an override example"
     command = re.search(r"^#\s+(qzo plan .+)$", header, re.M)
     quoted = re.search(r"-> total ([\d.]+) GiB", header)
     assert command and quoted, "the header quotes `qzo plan ...` and the total it prints"
@@ -179,3 +187,37 @@ def test_memory_knobs_are_set_and_commented(path):
         match = re.match(r"\s+(\w+):", line)
         if match and match[1] in COMMENTED_KNOBS:
             assert "#" in line, f"{_rel(path)}: explain {match[1]} in a comment on its line: {line.strip()!r}"
+
+
+def test_the_package_finds_every_recipe_by_name():
+    assert recipes.names() == sorted(map(_name, ALL_CONFIGS), key=recipes._order)
+    for path in ALL_CONFIGS:
+        found = recipes.find(_name(path))
+        assert found.read_text() == path.read_text()
+        assert recipes.find(_name(path) + ".yaml").read_text() == path.read_text()
+        assert load_config(_name(path)) == load_config(path)  # what `qzo train NAME` loads
+
+
+def test_a_file_path_wins_and_a_bad_name_lists_the_recipes(tmp_path, monkeypatch):
+    # a file of the same name as a recipe, relative to cwd, is the file
+    (tmp_path / "smollm2-135m").mkdir()
+    (tmp_path / "smollm2-135m" / "demo").write_text("train:\n  steps: 3\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_config("smollm2-135m/demo")["train"]["steps"] == 3
+    for bad in ["llama-3.1-8b-instruct/gpu-7gib", "gpu-8gib", "no/such/recipe"]:
+        with pytest.raises(ConfigError, match=r"neither a file nor a shipped recipe.*llama-2-7b-chat/gpu-8gib"):
+            load_config(bad)
+        with pytest.raises(ConfigError, match=r"no shipped recipe.*smollm2-135m/demo"):
+            recipes.find(bad)
+
+
+def test_qzo_recipes_lists_name_model_and_card(capsys):
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:-1]}
+    assert list(rows) == recipes.names()
+    for path in GPU_RECIPES:
+        model, card = rows[_name(path)][0], " ".join(rows[_name(path)][1:])
+        assert model == load_config(path)["model"]["source"]
+        assert card == f"{_card(path) // GiB} GiB GPU"  # the header's card is the file name's
+    assert rows["smollm2-135m/demo"] == [DEFAULTS["model"]["source"], "CPU"]

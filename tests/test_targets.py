@@ -1,9 +1,11 @@
 """Trainable targets besides LoRA: quantization scales (qzo.scales), dense slices (qzo.dense), combine.
 
-Every model is a real tiny Llama quantized by bitsandbytes on CPU (no mocks). bitsandbytes'
-fused AVX512-BF16 CPU path cannot run on machines without that extension, so where it
-matters the repacking it does on the first forward is applied with bitsandbytes' own
-function (``_convert_weight_packed_for_cpu``), exactly as its forward would.
+Every model is a real tiny Llama quantized by bitsandbytes on CPU (no mocks), loaded on
+bitsandbytes' plain CPU path (``cpu_fused_4bit=False``) on every kind of CPU: these tests
+check trained values against that quantized forward exactly, and ``qzo train`` runs scales
+and dense slices on it. The fused AVX512-BF16 path has its own tests (test_cpu_paths.py);
+where a target meets a repacked layer, the repacking is applied with bitsandbytes' own
+function (``_convert_weight_packed_for_cpu``), which runs on any CPU.
 """
 
 import pytest
@@ -37,6 +39,7 @@ def one_thread():
 
 
 def _load(quant, double_quant=False, vocab=1000, **kw):
+    kw.setdefault("cpu_fused_4bit", False)
     model, _ = qzo.load(tiny_config(vocab), quant=quant, double_quant=double_quant, seed=0, **kw)
     return model
 
@@ -75,9 +78,9 @@ def _pack_like_fused_cpu_forward(model):
 @pytest.mark.parametrize("quant,double_quant", LAYOUTS, ids=LAYOUT_IDS)
 def test_scales_layout_exact_outputs_and_effect(quant, double_quant):
     # reference: the same weights on bitsandbytes' plain path, nested scales left as they are
-    want = _logits(_load(quant, double_quant, cpu_fused_4bit=False))
+    want = _logits(_load(quant, double_quant))
     model = _load(quant, double_quant)
-    params = scales(model)  # before any forward, so nothing was repacked yet
+    params = scales(model)
     suffix = "SCB" if quant == "int8" else "absmax"
     expected = {f"model.layers.{i}.{name}.weight.{suffix}": (out if quant == "int8" else out * inp // 64,)
                 for i in range(2) for name, out, inp in LAYERS}
@@ -131,10 +134,11 @@ def test_scales_checkpoint_round_trip_onto_fresh_model(quant, double_quant, tmp_
 
 
 def test_scales_of_a_repacked_fused_cpu_layer_are_unpacked_and_take_effect():
-    # On AVX512-BF16 CPUs the first forward repacks 4-bit layers and copies absmax into a
-    # bf16 transposed tensor the fused kernel reads; trained scales would have no effect.
+    # On AVX512-BF16 CPUs qzo.load(cpu_fused_4bit=True) repacks 4-bit layers and bitsandbytes
+    # copies absmax into a bf16 transposed tensor the fused kernel reads; trained scales
+    # would have no effect unless the layer is unpacked.
     for double_quant in (False, True):
-        model = _load("nf4", double_quant, cpu_fused_4bit=False)
+        model = _load("nf4", double_quant)
         want = _logits(model)
         _pack_like_fused_cpu_forward(model)
         params = scales(model, ["model.layers.0.*"])

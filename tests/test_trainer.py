@@ -113,6 +113,14 @@ def test_cli_bad_input_is_one_line_error(argv, match, capsys):
     assert err[-1].startswith("error:") and match in err[-1]
 
 
+def test_train_refuses_to_run_as_one_of_several_ranks(monkeypatch, capsys):
+    # until distributed training exists, torchrun's N ranks would each run the same job
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "WORLD_SIZE=2" in err and "one process" in err
+
+
 def test_sgd_run_is_rebuilt_from_its_step_log(tiny_model_dir, overfit_data, tmp_path):
     from safetensors.torch import load_file
 
@@ -132,23 +140,42 @@ def test_sgd_run_is_rebuilt_from_its_step_log(tiny_model_dir, overfit_data, tmp_
         torch.testing.assert_close(t.tensor, trained[t.name], rtol=0, atol=moved * 1e-3)
 
 
-@pytest.mark.parametrize("strategy,rule", [("gv", "momentum"), ("greedy", "sign"), ("ldsd", "adam")])
-def test_resume_is_bit_exact_for_stateful_strategies_and_rules(strategy, rule, tiny_model_dir, overfit_data,
-                                                                tmp_path):
+@pytest.mark.parametrize("strategy,rule,normalize", [("gv", "momentum", None), ("greedy", "sign", None),
+                                                    ("ldsd", "adam", None), ("fzoo", "sgd", "rms"),
+                                                    ("fzoo", "momentum", "spread")])
+def test_resume_is_bit_exact_for_stateful_strategies_and_rules(strategy, rule, normalize, tiny_model_dir,
+                                                                overfit_data, tmp_path):
     extra = {"optim.strategy": strategy, "optim.rule": rule, "optim.pool": 3, "optim.candidates": 3,
-             "optim.lr": 1e-2, "train.steps": 4, "train.eval_every": 2, "train.save_every": 2}
+             "optim.probes": 3, "optim.normalize": normalize or "null", "optim.lr": 1e-2, "train.steps": 4,
+             "train.eval_every": 2, "train.save_every": 2}
     full, half = tmp_path / "full", tmp_path / "half"
     train(None, _sets(tiny_model_dir, overfit_data, full, **extra), progress=False)
     train(None, _sets(tiny_model_dir, overfit_data, half, **{**extra, "train.steps": 2}), progress=False)
     train(None, ["train.steps=4"], resume=half, progress=False)
     stateful = strategy == "ldsd" or rule in ("momentum", "adam")  # mu, momentum, moments
-    names = ["trainables.safetensors"] + (["optimizer.safetensors"] if stateful else [])
+    names = ["trainables.safetensors", "meta.json"] + (["optimizer.safetensors"] if stateful else [])
     for name in names:
         a, b = full / "checkpoints/step-000004" / name, half / "checkpoints/step-000004" / name
-        assert a.is_file() and a.read_bytes() == b.read_bytes()
+        assert a.is_file() and a.read_bytes() == b.read_bytes()  # meta holds the running RMS of normalize rms
     assert (full / "checkpoints/step-000004/optimizer.safetensors").is_file() == stateful
     meta = json.loads((full / "checkpoints/step-000004/meta.json").read_text())
-    assert meta["forwards"] == 4 * {"gv": 5, "greedy": 4, "ldsd": 4}[strategy]
+    assert meta["forwards"] == 4 * {"gv": 5, "greedy": 4, "ldsd": 4, "fzoo": 4}[strategy]
+    logs = [[{k: v for k, v in json.loads(line).items() if k != "wall_s"} for line in (run / "steps.jsonl").open()]
+            for run in (full, half)]
+    assert logs[0] == logs[1]  # the same seeds, losses and (normalized) grads, step for step
+
+
+def test_a_budget_in_forwards_stops_at_the_first_step_reaching_it(tiny_model_dir, overfit_data, tmp_path):
+    # fzoo with 3 probes against f(theta): 4 forwards a step, so 18 forwards end at step 5 (20 forwards)
+    out = tmp_path / "run"
+    summary = train(None, _sets(tiny_model_dir, overfit_data, out, **{
+        "optim.strategy": "fzoo", "optim.probes": 3, "train.forwards": 18, "train.steps": 1000,
+        "train.eval_every_forwards": 8, "train.save_every": 100}), progress=False)
+    assert summary["steps"] == 5 and summary["forwards"] == 20
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # held-out loss at 0, then at the first step past 8 and 16 forwards (steps 2 and 4), and at the end
+    assert [r["step"] for r in rows if r.get("eval_loss") is not None] == [0, 2, 4, 5]
+    assert [r["forwards"] for r in rows if r.get("eval_loss") is not None] == [0, 8, 16, 20]
 
 
 def test_batched_pool_and_clip_through_the_config(tiny_model_dir, overfit_data, tmp_path):

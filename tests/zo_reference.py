@@ -1,4 +1,4 @@
-"""MeZO, MeZO-GV, MeZO-Greedy and LDSD written plainly: every z materialized as a dense tensor.
+"""MeZO, MeZO-GV, MeZO-Greedy, LDSD and FZOO written plainly: every z materialized as a dense tensor.
 
 The reference for qzo's seed-replayed, in-place, fused implementation: same generator,
 same seeds (``qzo.optim.step_seed``), textbook arithmetic on fresh copies.
@@ -18,11 +18,14 @@ class PlainZO:
     """One object per run: ``named`` is a list of (name, tensor) set in place before each evaluation."""
 
     def __init__(self, named, strategy: str, rule: str, lr: float, eps: float, seed: int, *, pool=4, split=0.5,
-                 candidates=4, sigma=1.0, lr_mu=4e-2, beta=0.9, betas=(0.9, 0.999), adam_eps=1e-8, wd=0.0):
+                 candidates=4, sigma=1.0, lr_mu=4e-2, beta=0.9, betas=(0.9, 0.999), adam_eps=1e-8, wd=0.0,
+                 probes=4, baseline="theta", normalize=None, norm_beta=0.99, clip=None):
         self.named, self.strategy, self.rule = named, strategy, rule
         self.lr, self.eps, self.seed, self.wd = lr, eps, seed, wd
         self.pool, self.split, self.k, self.sigma, self.lr_mu = pool, split, candidates, sigma, lr_mu
         self.beta, self.betas, self.adam_eps = beta, betas, adam_eps
+        self.probes, self.baseline, self.normalize, self.norm_beta, self.clip = probes, baseline, normalize, norm_beta, clip
+        self.mean_square, self.norm_t = 0.0, 0
         self.theta = {n: t.detach().clone().float() for n, t in named}
         zeros = lambda: {n: torch.zeros_like(v) for n, v in self.theta.items()}
         self.mu, self.m, self.v = zeros(), zeros(), zeros()
@@ -41,11 +44,27 @@ class PlainZO:
     def step(self, closure, step):
         eps = self.eps
         lin = lambda terms: {n: sum(c * z[n] for c, z in terms) for n in self.theta}
+        zero = {n: torch.zeros_like(v) for n, v in self.theta.items()}
+        spread = None
         if self.strategy == "spsa":
             seeds = [step_seed(self.seed, step, 0)]
             z = self._z(seeds[0])
             fp, fm = self._f(closure, lin([(eps, z)])), self._f(closure, lin([(-eps, z)]))
             d, losses = z, [fp, fm]
+            g, reported = (fp - fm) / (2 * eps), 0.5 * (fp + fm)
+        elif self.strategy == "fzoo":
+            n = self.probes
+            seeds = [step_seed(self.seed, step, j) for j in range(n)]
+            zs = [self._z(s) for s in seeds]
+            f0 = [self._f(closure, zero)] if self.baseline == "theta" else []
+            fs = [self._f(closure, lin([(eps, z)])) for z in zs]
+            base, m = (f0[0], n) if f0 else (sum(fs) / n, n - 1)
+            # the estimate sum_i (f_i - b) / eps z_i / M, as its magnitude g (RMS of the slopes over
+            # M: what normalization and clipping act on) times the direction d
+            slopes = [(f - base) / eps for f in fs]
+            g = math.sqrt(sum(s * s for s in slopes) / m)
+            d = lin([(s / (m * g), z) for s, z in zip(slopes, zs)])
+            losses, reported, spread = f0 + fs, base, fs
         elif self.strategy in ("gv", "greedy", "ldsd"):
             n = self.k if self.strategy == "ldsd" else self.pool
             seeds = [step_seed(self.seed, step, j) for j in range(n)]
@@ -65,7 +84,10 @@ class PlainZO:
                 d = zs[b]
                 fp, fm = fs[b], self._f(closure, lin([(-eps, d)]))
                 losses = fs + [fm]
-        g = (fp - fm) / (2 * eps)
+            g, reported = (fp - fm) / (2 * eps), 0.5 * (fp + fm)
+        g = self._normalized(g, spread if spread is not None else losses)
+        if self.clip is not None:
+            g = max(-self.clip, min(self.clip, g))
         self._update(g, d)
         if self.strategy == "ldsd":
             c = [f - (sum(fs) - f) / (n - 1) for f in fs]
@@ -76,7 +98,17 @@ class PlainZO:
             for name, t in self.named:
                 t.copy_(self.theta[name])
         self.log.append((seeds, losses))
-        return 0.5 * (fp + fm)
+        return reported
+
+    def _normalized(self, g, losses):
+        if self.normalize == "spread":
+            sigma = float(torch.tensor(losses, dtype=torch.float64).std(unbiased=False))
+            return g * self.eps / sigma if sigma > 0 else 0.0
+        if self.normalize == "rms":
+            self.norm_t += 1
+            self.mean_square = self.norm_beta * self.mean_square + (1 - self.norm_beta) * g * g
+            return g / math.sqrt(self.mean_square / (1 - self.norm_beta**self.norm_t))
+        return g
 
     def _update(self, g, d):
         self.t += 1

@@ -5,8 +5,12 @@ strategy per module.
 """
 
 from .base import Component, Estimate, Probe, Strategy
+from .fzoo import FZOO
 from .ldsd import LDSD
 from .pool import GV, Greedy
 from .spsa import SPSA
 
-__all__ = ["Component", "Estimate", "Probe", "Strategy", "SPSA", "GV", "Greedy", "LDSD"]
+__all__ = ["Component", "Estimate", "Probe", "Strategy", "SPSA", "GV", "Greedy", "LDSD", "FZOO", "STRATEGIES"]
+
+#: config / CLI name -> strategy class (the one table the config, the CLI and the planner read)
+STRATEGIES = {"spsa": SPSA, "gv": GV, "greedy": Greedy, "ldsd": LDSD, "fzoo": FZOO}

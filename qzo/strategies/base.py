@@ -61,6 +61,8 @@ class Estimate:
         direction_mu: coefficient of the strategy's dense mean (LDSD's mu) in d.
         applied_mu: coefficient of that mean in the leftover perturbation.
         mu: name -> mean tensor, when the strategy keeps one (else ``None``).
+        spread: the losses whose standard deviation ``qzo.ZO(normalize="spread")`` divides
+            by (``None``: all of ``losses``; FZOO leaves its baseline out).
     """
 
     direction: list[tuple[int, float]]
@@ -72,6 +74,7 @@ class Estimate:
     direction_mu: float = 0.0
     applied_mu: float = 0.0
     mu: dict | None = None
+    spread: list[float] | None = None
 
 
 class Component:

@@ -1,0 +1,159 @@
+"""bitsandbytes' CPU 4-bit paths, chosen once per model, and the internals that choice touches.
+
+bitsandbytes 0.50 has two CPU paths for a ``Linear4bit``:
+
+* **plain**: dequantize the 4-bit codes with their float32 block scales, then one matmul in
+  the compute dtype. Every CPU runs it.
+* **fused**: on CPUs with AVX512-BF16, bitsandbytes *repacks* a layer for a fused bf16
+  kernel (``_convert_weight_packed_for_cpu``): the codes are re-tiled and the block scales
+  are replaced by a transposed bfloat16 copy. The kernel casts activations to bf16 whatever
+  the compute dtype says, and it has no backward. Measured 1.4x faster forwards on the demo.
+
+Left alone, bitsandbytes repacks a layer inside its **first** no-grad forward, so a loaded
+model's first forward ran the plain path and every later one the fused path, with
+different numerics (10.864558 vs 10.864559 on a tiny Llama's loss; 98% of a dense slice's
+logits moved by up to 3.3e-3). qzo therefore decides the path when it loads a model
+(:func:`choose_cpu_path`): every eligible layer is repacked at once, or the fused path is
+switched off for good. From the first forward on, the model computes one function.
+
+``QZO_CPU_4BIT=plain`` in the environment makes qzo treat the CPU as one without
+AVX512-BF16 (the plain path everywhere), which is how the suite checks the other kind of
+CPU on a machine that has the extension.
+
+This module also keeps bitsandbytes' "Failed to load CPU gemm_4bit_forward from
+kernels-community" warning out of the user's way: that faster kernel is downloaded from
+the Hugging Face hub at run time, which qzo never does (runs must work offline), and
+bitsandbytes falls back to its own fused kernel, which is what runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+__all__ = ["PLAIN_ENV", "fused_cpu_4bit_available", "choose_cpu_path", "unpack_cpu_4bit", "is_packed",
+           "quiet_hub_kernel_warning"]
+
+#: environment variable: ``plain`` makes qzo run the plain CPU 4-bit path even where the fused one exists
+PLAIN_ENV = "QZO_CPU_4BIT"
+
+_BLOCK_N = 32  # bitsandbytes' packed layout tiles output rows in blocks of 32
+
+
+def quiet_hub_kernel_warning() -> None:
+    """Drop bitsandbytes' warning about the hub kernel it cannot download (see the module docs).
+
+    Must run before bitsandbytes is first imported: the warning is logged at import time.
+    """
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "kernels-community" not in record.getMessage()
+    )
+
+
+def fused_cpu_4bit_available() -> bool:
+    """Whether this CPU runs bitsandbytes' fused AVX512-BF16 4-bit kernel (and ``QZO_CPU_4BIT`` allows it)."""
+    if os.environ.get(PLAIN_ENV, "").strip().lower() == "plain":
+        return False
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
+def is_packed(module) -> bool:
+    """Whether a ``Linear4bit`` holds bitsandbytes' fused-CPU (repacked) layout."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def _packable(module) -> bool:
+    weight = module.weight
+    state = getattr(weight, "quant_state", None)
+    if state is None or weight.device.type != "cpu" or len(state.shape) != 2:
+        return False
+    rows, cols = state.shape
+    # what bitsandbytes' repacking needs: 32-row tiles, whole scale blocks along each row
+    return rows % _BLOCK_N == 0 and cols % state.blocksize == 0
+
+
+def choose_cpu_path(model, fused: bool) -> int:
+    """Fix the CPU path of every 4-bit layer of ``model`` now; returns how many layers run fused.
+
+    ``fused=True`` repacks each CPU layer the fused kernel can take (its output size a
+    multiple of 32, its input size of the scale block) when the CPU has AVX512-BF16; every other layer is held on the plain
+    path, so no forward repacks anything later. ``state_dict()`` on a repacked layer would
+    un-pack it in place and leave its scales transposed (logits off by ~50 measured on the
+    demo); the packed state is restored after each call, so the live model never changes.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    fused = fused and fused_cpu_4bit_available()
+    count = 0
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        if not (fused and (is_packed(module) or _packable(module))):
+            unpack_cpu_4bit(module)
+            continue
+        module.support_avx512bf16_for_cpu = True
+        if not is_packed(module):
+            weight = module.weight
+            with torch.no_grad():
+                weight.data, state = _convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+            weight.quant_state = state
+            module.quant_state = state
+        if not getattr(module, "_qzo_keeps_packed_state", False):
+            module._save_to_state_dict = _keep_packed_state(module, module._save_to_state_dict)
+            module._qzo_keeps_packed_state = True
+        count += 1
+    return count
+
+
+def _keep_packed_state(module, save):
+    def guarded(destination, prefix, keep_vars):
+        weight = module.weight
+        data, state = weight.data, weight.quant_state
+        fields = dict(state.__dict__) if state is not None else None
+        try:
+            save(destination, prefix, keep_vars)
+        finally:
+            weight.data = data
+            if state is not None:
+                state.__dict__.clear()
+                state.__dict__.update(fields)
+                weight.quant_state = state
+
+    return guarded
+
+
+def unpack_cpu_4bit(module) -> None:
+    """Put a bitsandbytes ``Linear4bit`` back on its plain layout and keep it there.
+
+    A repacked layer's fused kernel reads only its transposed bfloat16 copy of the block
+    scales, so a trainable holding the float32 scales would be perturbed with no effect on
+    the output, and a dense slice would dequantize from a layout it does not expect. This
+    turns the fused path off for the layer (``support_avx512bf16_for_cpu``, the switch its
+    forward checks) and, if the layer was repacked, undoes it: the weight through
+    bitsandbytes' own inverse, the block scales by transposing the packed copy back to
+    float32 (bitsandbytes' inverse leaves non-nested scales transposed and re-quantizes
+    nested ones). The scales keep the bfloat16 rounding of the packed copy: load with
+    ``cpu_fused_4bit=False`` (the trainer does, when it trains scales or dense slices) to
+    keep the full-precision ones.
+    """
+    if hasattr(module, "support_avx512bf16_for_cpu"):
+        module.support_avx512bf16_for_cpu = False
+    if not is_packed(module):
+        return
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    weight = module.weight
+    state = weight.quant_state
+    packed_absmax = state.absmax  # [K / blocksize, N] bfloat16
+    state.original_nested = False  # keep the inverse from re-quantizing the scales
+    data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    state.absmax = packed_absmax.T.reshape(-1).to(torch.float32).contiguous()
+    state.nested, state.offset, state.state2 = False, None, None
+    weight.data = data
+    weight.quant_state = state
+    module.quant_state = state

@@ -1,0 +1,85 @@
+"""FZOO: N one-sided probes whose own losses weight their directions, against one shared baseline.
+
+"FZOO: Fast Zeroth-Order Optimizer" (ICLR 2026, github DKmiyan/FZOO). Per step, N probes
+f_i = f(theta + eps z_i) and a baseline b give the directional derivatives
+g_i = (f_i - b) / eps, and the estimate is
+
+    g_hat = sum_i g_i z_i / M,        M = N      when b = f(theta)      (baseline "theta")
+                                      M = N - 1  when b = mean_j f_j    (baseline "mean")
+
+Both are unbiased estimates of the smoothed gradient: E[g_i z_i] = grad f for b = f(theta);
+centring on the probes' own mean removes 1/N of each probe's signal, which N - 1 restores,
+and saves the forward at theta. Every evaluation enters the estimate, so the estimate's
+variance falls as 1/N at N (+1) forwards: that is where pool strategies that only *rank*
+their pool (GV, Greedy) lose per forward.
+
+GV is the sign-only relative of this: its guiding vector weights the pool by
++-1/|group| by which side of the split a loss falls, i.e. the signs of the centred ranks,
+and then spends two more forwards on a probe along it. FZOO keeps the magnitudes and
+needs no extra probe.
+
+FZOO's paper also divides the step by the standard deviation of the step's losses; in qzo
+that is the optimizer's ``normalize="spread"`` option (``qzo.ZO``), which composes with
+every strategy, so it is not baked in here.
+
+How the estimate is expressed: ``grad`` is the RMS of the g_i over M (a magnitude, what
+clipping and normalization act on) and the direction's coefficients are g_i / (M grad),
+so ``grad * d`` is exactly g_hat.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from .base import Estimate, Probe, Strategy
+from .pool import evaluate_pool
+
+__all__ = ["FZOO", "BASELINES"]
+
+BASELINES = ("theta", "mean")
+
+
+class FZOO(Strategy):
+    """N one-sided probes, each weighted by its loss against a shared baseline (FZOO).
+
+    Cost: ``probes + 1`` forwards a step with ``baseline="theta"``, ``probes`` with
+    ``baseline="mean"``. The reported loss is the baseline f(theta) (or the probes' mean).
+
+    Args:
+        probes: N, the one-sided probes per step (FZOO uses 8; at least 2 for ``"mean"``).
+        baseline: ``"theta"`` (evaluate f(theta), FZOO's choice) or ``"mean"`` (the probes'
+            mean, one forward fewer).
+        batched: evaluate the probes in one stacked forward (LoRA trainables and a
+            ``qzo.CausalLMLoss`` closure); ``opt.forwards`` still counts every evaluation.
+    """
+
+    def __init__(self, probes: int = 4, baseline: str = "theta", batched: bool = False):
+        if baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
+        least = 2 if baseline == "mean" else 1
+        if int(probes) < least:
+            raise ValueError(f"FZOO with baseline {baseline!r} needs probes >= {least}, got {probes}")
+        self.probes, self.baseline = int(probes), baseline
+        self.batched = bool(batched)
+        self.forwards_per_step = self.probes + (1 if baseline == "theta" else 0)
+
+    def estimate(self, probe: Probe, draw_seeds: Callable[[int], list[int]]) -> Estimate:
+        eps = probe.eps
+        seeds = draw_seeds(self.probes)
+        losses = []
+        if self.baseline == "theta":
+            losses.append(probe.evaluate())  # nothing is applied at the start of a step
+        probe_losses = evaluate_pool(probe, seeds, eps, batched=self.batched)
+        losses += probe_losses
+        if self.baseline == "theta":
+            base, m = losses[0], self.probes
+        else:
+            base, m = math.fsum(probe_losses) / self.probes, self.probes - 1
+        slopes = [(f - base) / eps for f in probe_losses]
+        grad = math.sqrt(math.fsum(g * g for g in slopes) / m)
+        direction = [(s, g / (m * grad) if grad > 0 else 0.0) for s, g in zip(seeds, slopes)]
+        # one by one, the last probe is still on the trainables; the rule undoes it in its pass
+        applied = [] if self.batched else [(seeds[-1], eps)]
+        return Estimate(direction=direction, grad=grad, applied=applied, losses=losses, loss=base, seeds=seeds,
+                        spread=probe_losses)
