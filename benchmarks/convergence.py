@@ -1,33 +1,42 @@
-"""Held-out loss against forward passes: MeZO (SPSA) vs steered ZO vs first-order QLoRA.
+"""Held-out loss against forward passes: MeZO (SPSA) vs FZOO, scale-free steps, steered ZO and first-order QLoRA.
 
 The demo model (SmolLM2-135M-Instruct, NF4, LoRA r 8 on q,v) on the shipped chat task
-(``builtin:demo_train``, held-out ``builtin:demo_eval``). Every method gets the same
-budget of forward passes, evaluated on the held-out set at the same forward counts. A
-first-order step (forward + backward) counts as 3 forward passes, the usual estimate of a
-backward costing two forwards, so the comparison is compute-matched; measured wall time
-is reported beside it:
+(``builtin:demo_train``, held-out ``builtin:demo_eval``), batch 4 x 96 tokens (the proxy that
+keeps a 2,000-forward run inside ~15 minutes of a 2-core CPU). Every method gets the same
+budget of loss evaluations, counted by ``qzo.ZO.forwards`` (baselines, pool members,
+re-probes: all of them), evaluated on the held-out set at the same forward counts, with the
+same data order and eps. A first-order step (forward + backward) counts as 3 forwards:
 
-    spsa   MeZO: qzo.SPSA, 2 forwards a step
-    gv2    MeZO-GV pool 2, split 0.5 (4 a step)      gv4   pool 4 (6 a step)
-    greedy MeZO-Greedy pool 4 (5 a step)             ldsd  LDSD k 4, sigma 1, lr_mu 4e-2 (5 a step)
-    first_order  LoRA + AdamW with backprop through the same NF4 model (the QLoRA way)
+    spsa              MeZO: qzo.SPSA, 2 a step (the baseline every fraction is relative to)
+    gv4, greedy       MeZO-GV pool 4 (6 a step), MeZO-Greedy pool 4 (5 a step), as the paper defines them
+    ldsd              LDSD k 4, sigma 1, lr_mu 4e-2 (5 a step)
+    fzoo4             qzo.FZOO: 4 one-sided probes weighted by their losses against f(theta) (5 a step)
+    fzoo4_mean        the same against the probes' mean (4 a step)
+    fzoo4_spread      FZOO as published: the step divided by the probes' loss spread, constant lr
+    *_cos             with a cosine lr schedule over the run (the normalized step does not shrink by itself)
+    spsa_rms_cos      MeZO with its slope divided by a running RMS, cosine schedule
+    gv4_spread_cos    steering + a scale-free step
+    first_order       LoRA + AdamW with backprop through the same NF4 model (the QLoRA way)
 
-lr is tuned per method on seed 0 over the same grid (recorded in the JSON); then each
-method runs its best lr with every seed. Results accumulate in a CSV (one row per
-evaluation), so an interrupted benchmark resumes where it stopped (runs already in the
-CSV are skipped). Outputs under benchmarks/results/:
+Fair tuning: per method an lr sweep on seed 0 at a third of the budget over a grid of 4
+values spanning its blow-up point (plain and normalized steps have their own grids, since a
+normalized step has no slope in it); the best lr whose sweep run did not blow up then runs
+the full budget on every seed, and the table says if any seed blew up there. Results
+accumulate in a CSV (one row per evaluation), so an interrupted benchmark resumes where it
+stopped (runs already in the CSV are skipped). Outputs under benchmarks/results/:
 
-    convergence.csv   method, lr, seed, phase, forwards, wall_s, eval_loss
-    convergence.png   mean +- spread of held-out loss against forwards per method
-    convergence.json  device, budget_forwards, sweep, and per method final_eval_loss and
-                      fraction_of_spsa_forwards (forwards to reach MeZO's final loss / MeZO's)
+    convergence.csv   method, lr, seed, phase, budget, forwards, wall_s, eval_loss
+    convergence.png   mean and min-max of held-out loss against forwards per method
+    convergence.json  device, budget_forwards, seeds, seconds_per_forward, the sweep, and per
+                      method final_eval_loss, fraction_of_spsa_forwards, fraction_of_spsa_wall
+                      (to reach MeZO's final loss; null where never reached), stable_lr_range
 
-    python benchmarks/convergence.py [--budget 240] [--seeds 0 1 2] [--sweep-budget 160]
+    python benchmarks/convergence.py [--budget 2000] [--seeds 0 1 2] [--methods spsa fzoo4 ...]
     python benchmarks/convergence.py --quick     # smoke run (CI): budget 8, one lr, one seed, results
                                                  # to a temporary folder unless QZO_BENCH_RESULTS is set
 
-The committed results were made with --budget 160 --sweep-budget 80 --eval-every 40 (what
-fits a 2-core CPU session: about 70 minutes).
+The full protocol is about 6 hours of a 2-core CPU for the whole table; the committed
+table says in its JSON (``note``) what budget, methods and seeds it holds.
 """
 
 from __future__ import annotations
@@ -50,24 +59,52 @@ from _common import RESULTS, device_name, write_result  # noqa: E402
 import qzo  # noqa: E402
 from qzo.data import Batcher, ChatDataset, eval_loss  # noqa: E402
 
+
+class Method:
+    """A ZO configuration of the table: a strategy and the options it runs with."""
+
+    def __init__(self, strategy, normalize=None, schedule="constant", grid=(5e-4, 1e-3, 2e-3, 4e-3)):
+        self.strategy, self.normalize, self.schedule, self.grid = strategy, normalize, schedule, grid
+
+    def optimizer(self, params, lr: float, seed: int, budget: int) -> "qzo.ZO":
+        strategy = self.strategy()
+        steps = -(-budget // strategy.forwards_per_step)
+        schedule = qzo.Schedule(self.schedule, total_steps=steps) if self.schedule != "constant" else None
+        return qzo.ZO(params, strategy=strategy, rule=qzo.SGD(lr=lr), eps=EPS, seed=seed, schedule=schedule,
+                      normalize=self.normalize)
+
+
+# A normalized step is lr * O(1) per unit slope where a plain one is lr * g: measured |g| ~ 1.7
+# (RMS of MeZO's first 8 slopes at batch 4), and FZOO's normalized step with N probes is
+# about lr * sqrt(d / N), so MeZO's 1e-3-2e-3 corresponds to 3e-3-7e-3. The normalized
+# methods get their own grid; each grid spans its blow-up point.
+NORMALIZED_GRID = (2.5e-3, 5e-3, 1e-2, 2e-2)
 METHODS = {
-    "spsa": lambda: qzo.SPSA(),
-    "gv2": lambda: qzo.GV(pool=2, split=0.5),
-    "gv4": lambda: qzo.GV(pool=4, split=0.5),
-    "greedy": lambda: qzo.Greedy(pool=4),
-    "ldsd": lambda: qzo.LDSD(candidates=4, sigma=1.0, lr_mu=4e-2),
+    "spsa": Method(lambda: qzo.SPSA()),  # MeZO: the baseline
+    "gv4": Method(lambda: qzo.GV(pool=4, split=0.5)),
+    "greedy": Method(lambda: qzo.Greedy(pool=4)),
+    "ldsd": Method(lambda: qzo.LDSD(candidates=4, sigma=1.0, lr_mu=4e-2)),
+    "fzoo4": Method(lambda: qzo.FZOO(probes=4)),  # every evaluation weighted, shared f(theta)
+    "fzoo4_mean": Method(lambda: qzo.FZOO(probes=4, baseline="mean")),
+    "fzoo4_spread": Method(lambda: qzo.FZOO(probes=4), normalize="spread", grid=NORMALIZED_GRID),  # FZOO's own
+    "fzoo4_spread_cos": Method(lambda: qzo.FZOO(probes=4), normalize="spread", schedule="cosine",
+                               grid=NORMALIZED_GRID),
+    "fzoo8_spread_cos": Method(lambda: qzo.FZOO(probes=8), normalize="spread", schedule="cosine",
+                               grid=NORMALIZED_GRID),
+    "spsa_rms_cos": Method(lambda: qzo.SPSA(), normalize="rms", schedule="cosine", grid=NORMALIZED_GRID),
+    "gv4_spread_cos": Method(lambda: qzo.GV(pool=4, split=0.5), normalize="spread", schedule="cosine",
+                             grid=NORMALIZED_GRID),  # steering + a scale-free step
     "first_order": None,
 }
-# One shared grid for every ZO method (ZO's lr multiplies a unit-variance direction), one
-# for AdamW (its steps are normalized); same number of points each.
-ZO_GRID = (1e-3, 2e-3)
+STEERED = ("gv4", "greedy", "ldsd", "gv4_spread_cos")  # the family that ranks a pool or learns a direction
 FO_GRID = (3e-4, 1e-3)
 EPS = 1e-2
 FO_FORWARDS_PER_STEP = 3  # forward + backward, in forward-equivalents
-BATCH, MAX_LEN, EVAL_BATCH = 8, 96, 16
-FIELDS = ["method", "lr", "seed", "phase", "forwards", "wall_s", "eval_loss"]
+BATCH, MAX_LEN, EVAL_BATCH = 4, 96, 16
+FIELDS = ["method", "lr", "seed", "phase", "budget", "forwards", "wall_s", "eval_loss"]
 CSV_PATH = RESULTS / "convergence.csv"
 HELD_OUT_LIMIT: int | None = None  # --quick evaluates on the first chats only
+BLOW_UP = 1.1  # a run blew up when a held-out loss exceeds its starting loss by 10% (or is not finite)
 
 
 def use_results_dir(folder: Path) -> None:
@@ -83,8 +120,8 @@ def load_rows() -> list[dict]:
     if not CSV_PATH.is_file():
         return []
     with open(CSV_PATH) as f:
-        return [dict(r, lr=float(r["lr"]), seed=int(r["seed"]), forwards=int(r["forwards"]), wall_s=float(r["wall_s"]),
-                     eval_loss=float(r["eval_loss"])) for r in csv.DictReader(f)]
+        return [dict(r, lr=float(r["lr"]), seed=int(r["seed"]), budget=int(r["budget"]), forwards=int(r["forwards"]),
+                     wall_s=float(r["wall_s"]), eval_loss=float(r["eval_loss"])) for r in csv.DictReader(f)]
 
 
 def append_rows(rows: list[dict]) -> None:
@@ -111,7 +148,9 @@ def run_one(method: str, lr: float, seed: int, budget: int, eval_every: int, pha
     batches = Batcher(train, BATCH, seed, tok.pad_token_id)
     rows, wall, forwards, step = [], 0.0, 0, 0
     evaluate = lambda: eval_loss(model, held, EVAL_BATCH, tok.pad_token_id)
-    rows.append(dict(method=method, lr=lr, seed=seed, phase=phase, forwards=0, wall_s=0.0, eval_loss=evaluate()))
+    row = lambda f, w: dict(method=method, lr=lr, seed=seed, phase=phase, budget=budget, forwards=f,  # noqa: E731
+                            wall_s=round(w, 2), eval_loss=evaluate())
+    rows.append(row(0, 0.0))
     next_eval = eval_every
     if first_order:
         lora_params = [p for n, p in params.peft_model.named_parameters() if "lora_" in n]
@@ -119,7 +158,7 @@ def run_one(method: str, lr: float, seed: int, budget: int, eval_every: int, pha
             p.requires_grad_(True)
         adam = torch.optim.AdamW(lora_params, lr=lr, weight_decay=0.0)
     else:
-        opt = qzo.ZO(params, strategy=METHODS[method](), rule=qzo.SGD(lr=lr), eps=EPS, seed=seed)
+        opt = METHODS[method].optimizer(params, lr, seed, budget)
     while forwards < budget:
         step += 1
         batch = batches.batch(step)
@@ -135,81 +174,109 @@ def run_one(method: str, lr: float, seed: int, budget: int, eval_every: int, pha
         else:
             if forwards + opt.strategy.forwards_per_step > budget:
                 break
-            opt.step(lambda: model(**batch).loss)
+            try:
+                opt.step(qzo.CausalLMLoss(model, batch))
+            except qzo.NonFiniteLossError:
+                rows.append(dict(row(forwards, wall), eval_loss=float("nan")))
+                break
             forwards = opt.forwards
         wall += time.perf_counter() - t0
         if forwards >= next_eval or forwards >= budget:
-            rows.append(dict(method=method, lr=lr, seed=seed, phase=phase, forwards=forwards, wall_s=round(wall, 2),
-                             eval_loss=evaluate()))
-            next_eval += eval_every
+            rows.append(row(forwards, wall))
+            while next_eval <= forwards:
+                next_eval += eval_every
         if not torch.isfinite(torch.tensor(rows[-1]["eval_loss"])):
             break
     if rows[-1]["forwards"] != forwards:
-        rows.append(dict(method=method, lr=lr, seed=seed, phase=phase, forwards=forwards, wall_s=round(wall, 2),
-                         eval_loss=evaluate()))
+        rows.append(row(forwards, wall))
     return rows
 
 
-def curve(rows, method, lr, seed, phase):
-    pts = [r for r in rows if r["method"] == method and r["lr"] == lr and r["seed"] == seed and r["phase"] == phase]
+def curve(rows, method, lr, seed, phase, budget=None):
+    pts = [r for r in rows if r["method"] == method and r["lr"] == lr and r["seed"] == seed and r["phase"] == phase
+           and (budget is None or r["budget"] == budget)]
     return sorted(pts, key=lambda r: r["forwards"])
 
 
-def forwards_to_reach(points: list[dict], target: float) -> float | None:
-    """First forward count at which the held-out loss is <= target (linear interpolation)."""
+def blew_up(points: list[dict]) -> bool:
+    """Whether a run's held-out loss went non-finite or rose past BLOW_UP x its start."""
+    start = points[0]["eval_loss"]
+    return any(not p["eval_loss"] == p["eval_loss"] or p["eval_loss"] > BLOW_UP * start for p in points)
+
+
+def forwards_to_reach(points: list[dict], target: float, key: str = "forwards") -> float | None:
+    """First ``key`` (forward count or wall seconds) at which the held-out loss is <= target (interpolated)."""
     for a, b in zip(points, points[1:]):
         if b["eval_loss"] <= target:
             if a["eval_loss"] <= target:
-                return a["forwards"]
+                return a[key]
             frac = (a["eval_loss"] - target) / (a["eval_loss"] - b["eval_loss"])
-            return a["forwards"] + frac * (b["forwards"] - a["forwards"])
-    return points[0]["forwards"] if points and points[0]["eval_loss"] <= target else None
+            return a[key] + frac * (b[key] - a[key])
+    return points[0][key] if points and points[0]["eval_loss"] <= target else None
 
 
 def mean_curve(rows, method, lr, seeds, budget) -> list[dict]:
-    """Seed-mean held-out loss on a common forward grid (each seed linearly interpolated)."""
-    curves = [c for c in (curve(rows, method, lr, s, "main") for s in seeds) if c]
+    """Seed-mean held-out loss and wall time on a common forward grid (each seed linearly interpolated)."""
+    curves = [c for c in (curve(rows, method, lr, s, "main", budget) for s in seeds) if c]
     end = min(c[-1]["forwards"] for c in curves)
     grid = sorted({p["forwards"] for c in curves for p in c if p["forwards"] <= end})
     out = []
     for x in grid:
-        vals = []
+        loss, wall = [], []
         for c in curves:
             for a, b in zip(c, c[1:]):
                 if a["forwards"] <= x <= b["forwards"]:
                     w = 0.0 if b["forwards"] == a["forwards"] else (x - a["forwards"]) / (b["forwards"] - a["forwards"])
-                    vals.append(a["eval_loss"] + w * (b["eval_loss"] - a["eval_loss"]))
+                    loss.append(a["eval_loss"] + w * (b["eval_loss"] - a["eval_loss"]))
+                    wall.append(a["wall_s"] + w * (b["wall_s"] - a["wall_s"]))
                     break
-        out.append({"forwards": x, "eval_loss": statistics.mean(vals)})
+        if loss:
+            out.append({"forwards": x, "eval_loss": statistics.mean(loss), "wall_s": statistics.mean(wall)})
     return out
 
 
-def summarize(rows, budget, seeds, sweep, best_lr) -> dict:
-    methods = {}
-    finals = {}
+def stable_lr_range(rows, method, sweep_budget) -> list[float] | None:
+    """[lowest, highest] swept lr whose seed-0 run did not blow up (None: every lr blew up)."""
+    grid = METHODS[method].grid if METHODS[method] is not None else FO_GRID
+    stable = [lr for lr in grid if (c := curve(rows, method, lr, 0, "sweep", sweep_budget)) and not blew_up(c)]
+    return [min(stable), max(stable)] if stable else None
+
+
+def summarize(rows, budget, seeds, sweep, best_lr, sweep_budget) -> dict:
+    methods, finals = {}, {}
     for m in METHODS:
-        curves = [curve(rows, m, best_lr.get(m), s, "main") for s in seeds]
-        curves = [c for c in curves if c]
+        curves = [c for c in (curve(rows, m, best_lr.get(m), s, "main", budget) for s in seeds) if c]
         if not curves:
             continue
         finals[m] = statistics.mean(c[-1]["eval_loss"] for c in curves)
         methods[m] = {"lr": best_lr[m], "seeds": len(curves), "final_eval_loss": round(finals[m], 4),
                       "final_eval_loss_per_seed": [round(c[-1]["eval_loss"], 4) for c in curves],
-                      "wall_s_mean": round(statistics.mean(c[-1]["wall_s"] for c in curves), 1)}
+                      "blew_up_seeds": sum(blew_up(c) for c in curves),
+                      "wall_s_mean": round(statistics.mean(c[-1]["wall_s"] for c in curves), 1),
+                      "stable_lr_range": stable_lr_range(rows, m, sweep_budget)}
+    per_forward = None
     if "spsa" in methods:
-        # fraction: forwards at which a method's seed-mean curve first reaches MeZO's final
-        # seed-mean loss, over MeZO's budget (interpolated between evaluations)
+        # fractions: where a method's seed-mean curve first reaches MeZO's final seed-mean
+        # loss, in forwards and in wall seconds, over MeZO's (interpolated between evaluations)
         target = finals["spsa"]
-        spsa_forwards = mean_curve(rows, "spsa", best_lr["spsa"], seeds, budget)[-1]["forwards"]
+        spsa = mean_curve(rows, "spsa", best_lr["spsa"], seeds, budget)[-1]
+        per_forward = round(spsa["wall_s"] / spsa["forwards"], 3)
         for m, info in methods.items():
-            reach = forwards_to_reach(mean_curve(rows, m, best_lr[m], seeds, budget), target)
-            info["fraction_of_spsa_forwards"] = None if reach is None else round(reach / spsa_forwards, 3)
+            mean = mean_curve(rows, m, best_lr[m], seeds, budget)
+            reach, wall = forwards_to_reach(mean, target), forwards_to_reach(mean, target, "wall_s")
+            info["fraction_of_spsa_forwards"] = None if reach is None else round(reach / spsa["forwards"], 3)
+            info["fraction_of_spsa_wall"] = None if wall is None else round(wall / spsa["wall_s"], 3)
+    zo = {m: i for m, i in methods.items() if m not in ("spsa", "first_order") and not i["blew_up_seeds"]}
+    ranked = lambda names: min(names, key=lambda m: methods[m]["final_eval_loss"]) if names else None  # noqa: E731
     return {"device": device_name(), "budget_forwards": budget, "seeds": list(seeds), "eps": EPS,
-            "batch": BATCH, "first_order_forwards_per_step": FO_FORWARDS_PER_STEP,
-            "sweep": sweep, "sweep_note": "final held-out loss on seed 0 per lr", "methods": methods}
+            "batch": BATCH, "max_len": MAX_LEN, "seconds_per_forward": per_forward,
+            "first_order_forwards_per_step": FO_FORWARDS_PER_STEP, "sweep_budget": sweep_budget,
+            "blow_up_rule": f"a held-out loss above {BLOW_UP} x the run's start, or not finite",
+            "best_zo": ranked(list(zo)), "best_steered": ranked([m for m in zo if m in STEERED]),
+            "sweep": sweep, "sweep_note": "final held-out loss on seed 0 per lr (nan: diverged)", "methods": methods}
 
 
-def plot(rows, summary, best_lr, seeds) -> Path | None:
+def plot(rows, summary, best_lr, seeds, budget) -> Path | None:
     try:
         import matplotlib
 
@@ -220,8 +287,7 @@ def plot(rows, summary, best_lr, seeds) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(8, 5))
     for m in summary["methods"]:
-        curves = [curve(rows, m, best_lr[m], s, "main") for s in seeds]
-        curves = [c for c in curves if c]
+        curves = [c for c in (curve(rows, m, best_lr[m], s, "main", budget) for s in seeds) if c]
         xs = sorted({p["forwards"] for c in curves for p in c})
         mean, lo, hi = [], [], []
         for x in xs:
@@ -243,11 +309,13 @@ def plot(rows, summary, best_lr, seeds) -> Path | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budget", type=int, default=240)
-    ap.add_argument("--sweep-budget", type=int, default=160)
+    ap.add_argument("--budget", type=int, default=2000)
+    ap.add_argument("--sweep-budget", type=int, default=None, help="default: a third of --budget")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
-    ap.add_argument("--eval-every", type=int, default=40)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--lrs", type=float, nargs="+", default=None, help="one grid for every method (default: each "
+                    "method's own)")
+    ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--note", default="", help="a remark stored in the JSON (e.g. why some seeds are missing)")
     ap.add_argument("--summarize-only", action="store_true",
                     help="only tabulate the runs already in the CSV (e.g. of an interrupted benchmark)")
@@ -255,52 +323,70 @@ def main() -> None:
                     help="smoke run (budget 8, one lr per method, seed 0, 16 held-out chats) into a temporary "
                          "results folder")
     args = ap.parse_args()
-    global ZO_GRID, FO_GRID, HELD_OUT_LIMIT
+    global FO_GRID, HELD_OUT_LIMIT
     if args.quick:
         args.budget, args.sweep_budget, args.seeds, args.eval_every = 8, 4, [0], 4
-        ZO_GRID, FO_GRID, HELD_OUT_LIMIT = ZO_GRID[:1], FO_GRID[:1], 16
+        for m in METHODS.values():
+            if m is not None:
+                m.grid = m.grid[:1]
+        FO_GRID, HELD_OUT_LIMIT = FO_GRID[:1], 16
         use_results_dir(Path(os.environ.get("QZO_BENCH_RESULTS") or tempfile.mkdtemp(prefix="qzo-convergence-")))
+    if args.lrs:
+        for m in METHODS.values():
+            if m is not None:
+                m.grid = tuple(args.lrs)
+    sweep_budget = args.sweep_budget or max(1, args.budget // 3)
     rows = load_rows()
 
     def ensure(method, lr, seed, budget, phase):
         nonlocal rows
-        if curve(rows, method, lr, seed, phase) or args.summarize_only:
+        if curve(rows, method, lr, seed, phase, budget) or args.summarize_only:
             return
         print(f"run {phase} {method} lr={lr:g} seed={seed} budget={budget}", flush=True)
-        new = run_one(method, lr, seed, budget, args.eval_every, phase)
+        new = run_one(method, lr, seed, budget, min(args.eval_every, budget), phase)
         append_rows(new)
         rows += new
-        print(f"  held-out {new[0]['eval_loss']:.4f} -> {new[-1]['eval_loss']:.4f} in {new[-1]['wall_s']:.0f} s", flush=True)
+        print(f"  held-out {new[0]['eval_loss']:.4f} -> {new[-1]['eval_loss']:.4f} in {new[-1]['wall_s']:.0f} s "
+              f"({new[-1]['wall_s'] / max(new[-1]['forwards'], 1):.2f} s/forward)", flush=True)
 
     sweep, best_lr = {}, {}
-    for m in args.methods:
-        grid = FO_GRID if METHODS[m] is None else ZO_GRID
+    for m in args.methods:  # a method's sweep, then its first seed: a partial table is usable early
+        grid = FO_GRID if METHODS[m] is None else METHODS[m].grid
         for lr in grid:
-            ensure(m, lr, 0, args.sweep_budget, "sweep")
-        finals = {lr: curve(rows, m, lr, 0, "sweep")[-1]["eval_loss"] for lr in grid if curve(rows, m, lr, 0, "sweep")}
-        if not finals:
+            ensure(m, lr, 0, sweep_budget, "sweep")
+        curves = {lr: c for lr in grid if (c := curve(rows, m, lr, 0, "sweep", sweep_budget))}
+        if not curves:
             continue
-        sweep[m] = {f"{lr:g}": round(v, 4) for lr, v in finals.items()}
-        best_lr[m] = min(finals, key=lambda lr: finals[lr] if finals[lr] == finals[lr] else float("inf"))
-    for s in args.seeds:
+        sweep[m] = {f"{lr:g}": round(c[-1]["eval_loss"], 4) for lr, c in curves.items()}
+        # the best final loss among the runs that did not blow up (else the least bad)
+        stable = {lr: c for lr, c in curves.items() if not blew_up(c)} or curves
+        best_lr[m] = min(stable, key=lambda lr: stable[lr][-1]["eval_loss"]
+                         if stable[lr][-1]["eval_loss"] == stable[lr][-1]["eval_loss"] else float("inf"))
+        ensure(m, best_lr[m], args.seeds[0], args.budget, "main")
+    for s in args.seeds[1:]:
         for m in best_lr:
             ensure(m, best_lr[m], s, args.budget, "main")
-    seeds_done = [s for s in args.seeds if all(curve(rows, m, best_lr[m], s, "main") for m in best_lr)]
+    seeds_done = [s for s in args.seeds if all(curve(rows, m, best_lr[m], s, "main", args.budget) for m in best_lr)]
     if seeds_done != args.seeds:
         print(f"complete seeds: {seeds_done} (of {args.seeds}); the table uses what each method has")
 
-    summary = summarize(rows, args.budget, args.seeds, sweep, best_lr)
+    summary = summarize(rows, args.budget, args.seeds, sweep, best_lr, sweep_budget)
     if args.note:
         summary["note"] = args.note
     write_result("convergence.json", summary)
-    png = plot(rows, summary, best_lr, args.seeds)
-    print(f"device: {summary['device']}")
-    print(f"budget {args.budget} forwards, seeds {args.seeds}; lr sweep on seed 0 at {args.sweep_budget} forwards")
-    print(f"{'method':12}{'lr':>9}{'final held-out':>16}{'frac of MeZO fwd':>18}{'wall s':>9}")
+    png = plot(rows, summary, best_lr, args.seeds, args.budget)
+    print(f"device: {summary['device']}; {summary['seconds_per_forward']} s per forward (MeZO, batch {BATCH})")
+    print(f"budget {args.budget} forwards, seeds {args.seeds}; lr sweep on seed 0 at {sweep_budget} forwards")
+    print(f"{'method':18}{'lr':>8}{'seeds':>6}{'final held-out':>15}{'frac fwd':>9}{'frac wall':>10}{'wall s':>8}"
+          f"{'blew up':>8}  stable lr range")
     for m, info in summary["methods"].items():
-        frac = info.get("fraction_of_spsa_forwards")
-        print(f"{m:12}{info['lr']:9.0e}{info['final_eval_loss']:16.4f}{('-' if frac is None else f'{frac:.2f}'):>18}"
-              f"{info['wall_s_mean']:9.0f}")
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        rng = info["stable_lr_range"]
+        print(f"{m:18}{info['lr']:8.0e}{info['seeds']:6d}{info['final_eval_loss']:15.4f}"
+              f"{fmt(info.get('fraction_of_spsa_forwards')):>9}{fmt(info.get('fraction_of_spsa_wall')):>10}"
+              f"{info['wall_s_mean']:8.0f}{info['blew_up_seeds']:8d}  "
+              f"{'none' if rng is None else f'{rng[0]:g}-{rng[1]:g}'}")
+    print(f"best ZO configuration: {summary['best_zo']}; best steered: {summary['best_steered']}")
     print(f"wrote {CSV_PATH}, {RESULTS / 'convergence.json'}" + (f", {png}" if png else ""))
 
 

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from .errors import NonFiniteLossError, QzoError
+from .strategies import STRATEGIES
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qzo", description="Zeroth-order fine-tuning of 4/8-bit quantized LLMs.")
@@ -42,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--seq", type=int, default=512)
     pl.add_argument("--lora-r", type=int, default=8)
     pl.add_argument("--rule", default="sgd", choices=["sgd", "momentum", "adam", "sign"])
-    pl.add_argument("--strategy", default="spsa", choices=["spsa", "gv", "greedy", "ldsd"])
+    pl.add_argument("--strategy", default="spsa", choices=list(STRATEGIES))
     pl.add_argument("--pool", type=int, default=1, help="candidates per stacked forward (optim.batched)")
     pl.add_argument("--double-quant", action="store_true")
     pl.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated decoder linears with LoRA")

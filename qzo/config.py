@@ -51,7 +51,7 @@ DEFAULTS: dict = {
         "packing": False,  # pack whole training examples into rows of train.max_len tokens
     },
     "optim": {
-        "strategy": "spsa",  # spsa | gv | greedy | ldsd | fzoo
+        "strategy": "spsa",  # spsa | gv | greedy | ldsd | fzoo | conmezo
         "rule": "sgd",  # sgd | momentum | adam | sign
         "lr": 1e-3,
         "eps": 1e-2,  # perturbation scale
@@ -63,6 +63,9 @@ DEFAULTS: dict = {
         "lr_mu": 4e-2,  # ldsd: learning rate of the mean
         "probes": 4,  # fzoo: one-sided probes per step (forwards: probes+1, or probes with baseline mean)
         "baseline": "theta",  # fzoo: theta (evaluate f(theta)) | mean (the probes' mean, one forward fewer)
+        "cone_theta": 1.35,  # conmezo: half-angle (radians) of the cone around the momentum; pi/2 is MeZO
+        "cone_beta": 0.99,  # conmezo: decay of the momentum of past estimates
+        "cone_ramp_steps": 0,  # conmezo: beta rises linearly from 0.1 over this many steps (0: constant)
         "normalize": None,  # null | spread (step / spread of the step's losses, FZOO) | rms (running RMS of the slope)
         "normalize_beta": 0.99,  # normalize rms: decay of the running mean square
         "momentum": 0.9,  # momentum rule: beta
@@ -312,12 +315,16 @@ def validate(cfg: dict) -> dict:
         raise ConfigError("config keys 'optim.pool' >= 1 and 'optim.candidates' >= 2 are required")
     if not 0 < o["split"] < 1 or not 0 <= o["momentum"] < 1 or o["min_lr_ratio"] > 1:
         raise ConfigError("need 0 < optim.split < 1, 0 <= optim.momentum < 1, optim.min_lr_ratio <= 1")
-    if o["batched"] and o["strategy"] == "spsa":
-        raise ConfigError("config key 'optim.batched' applies to pool strategies (gv, greedy, ldsd, fzoo), not spsa")
+    if o["batched"] and o["strategy"] in ("spsa", "conmezo"):
+        raise ConfigError(f"config key 'optim.batched' applies to pool strategies (gv, greedy, ldsd, fzoo), not "
+                          f"{o['strategy']}")
     least = 2 if o["baseline"] == "mean" else 1
     if o["probes"] < least:
         raise ConfigError(f"config key 'optim.probes' must be >= {least} with optim.baseline {o['baseline']}, "
                           f"got {o['probes']}")
+    if not 0 < o["cone_theta"] <= 1.5707963267948966 or not 0 <= o["cone_beta"] < 1 or o["cone_ramp_steps"] < 0:
+        raise ConfigError(f"need 0 < optim.cone_theta <= pi/2, 0 <= optim.cone_beta < 1 and optim.cone_ramp_steps "
+                          f">= 0, got {o['cone_theta']}, {o['cone_beta']}, {o['cone_ramp_steps']}")
     if not 0 <= o["normalize_beta"] < 1:
         raise ConfigError(f"config key 'optim.normalize_beta' must be in [0, 1), got {o['normalize_beta']}")
     for key in ("forwards", "eval_every_forwards"):

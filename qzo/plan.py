@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from .errors import QzoError
 from .loss import chunk_tokens
+from .strategies import STRATEGIES
 
 __all__ = ["PRESETS", "Plan", "plan", "model_config", "parse_size"]
 
@@ -202,7 +203,7 @@ def plan(source, quant: str = "nf4", gpu=None, batch: int = 8, seq: int = 512, l
         gpu: the GPU budget (``"8GiB"`` or bytes); ``None``: no verdict.
         batch, seq: the batch shape of a training step.
         lora_r, lora_targets: the LoRA adapters trained (r 0: none).
-        rule, strategy: decide the state kept (Adam 2x, Momentum 1x, LDSD's mean 1x).
+        rule, strategy: decide the state kept (Adam 2x, Momentum 1x, LDSD's mean and ConMeZO's momentum 1x).
         pool: candidates evaluated in one stacked forward (``batched=True``), else 1.
         double_quant: bitsandbytes' double quantization of the 4-bit scales.
         dtype: compute dtype of the unquantized parts and the activations.
@@ -211,6 +212,8 @@ def plan(source, quant: str = "nf4", gpu=None, batch: int = 8, seq: int = 512, l
         raise QzoError(f"unknown quant {quant!r}; choose nf4, fp4, int8 or none")
     if rule not in _RULE_STATE:
         raise QzoError(f"unknown rule {rule!r}; choose one of {', '.join(_RULE_STATE)}")
+    if strategy not in STRATEGIES:
+        raise QzoError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if dtype not in _DTYPE_BYTES:
         raise QzoError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPE_BYTES)}")
     cfg = model_config(source)
@@ -222,7 +225,7 @@ def plan(source, quant: str = "nf4", gpu=None, batch: int = 8, seq: int = 512, l
     h, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     layer_weights = sum(_quantized_bytes(i, o, quant, double_quant, db) for i, o in shapes.values()) + 2 * h * db
     lora_values = sum(lora_r * (shapes[t][0] + shapes[t][1]) for t in lora_targets) if lora_r else 0
-    state_copies = _RULE_STATE[rule] + (strategy == "ldsd")
+    state_copies = _RULE_STATE[rule] + STRATEGIES[strategy].dense_state_copies
     per_layer = layer_weights  # what keeping one more layer on the GPU costs
     streamed_layer = (sum(i * o for i, o in shapes.values()) + 2 * h) * db  # offloaded layers stay unquantized
     embed = vocab * h * db

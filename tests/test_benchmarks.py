@@ -15,11 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_convergence_quick_writes_its_table(tmp_path, smol_folder):
     env = dict(os.environ, QZO_BENCH_RESULTS=str(tmp_path))
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--quick", "--methods",
-                             "spsa", "gv2"], capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+                             "spsa", "fzoo4_spread_cos"], capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "convergence.json").read_text())
-    assert summary["budget_forwards"] == 8 and set(summary["methods"]) == {"spsa", "gv2"}
-    assert summary["methods"]["spsa"]["fraction_of_spsa_forwards"] == 1.0
+    assert summary["budget_forwards"] == 8 and set(summary["methods"]) == {"spsa", "fzoo4_spread_cos"}
+    # MeZO reaches its own final loss by the end (earlier if its loss rose at the end)
+    spsa = summary["methods"]["spsa"]
+    assert 0 < spsa["fraction_of_spsa_forwards"] <= 1.0 and 0 < spsa["fraction_of_spsa_wall"] <= 1.0
+    assert summary["seconds_per_forward"] > 0 and spsa["blew_up_seeds"] in (0, 1)
     for info in summary["methods"].values():
         assert 0 < info["final_eval_loss"] < 20
     assert (tmp_path / "convergence.csv").is_file()

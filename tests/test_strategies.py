@@ -17,6 +17,7 @@ STRATEGIES = {
     "ldsd": lambda: qzo.LDSD(candidates=4, sigma=1.0, lr_mu=0.5),
     "fzoo": lambda: qzo.FZOO(probes=4),
     "fzoo_mean": lambda: qzo.FZOO(probes=3, baseline="mean"),
+    "conmezo": lambda: qzo.ConMeZO(theta=1.2, beta=0.8),
 }
 RULES = {
     "sgd": lambda: qzo.SGD(lr=1e-2, weight_decay=0.1),
@@ -25,7 +26,8 @@ RULES = {
     "sign": lambda: qzo.Sign(lr=1e-2, weight_decay=0.1),
 }
 PLAIN_KW = {"gv": dict(pool=4, split=0.5), "greedy": dict(pool=3), "ldsd": dict(candidates=4, sigma=1.0, lr_mu=0.5),
-            "spsa": {}, "fzoo": dict(probes=4), "fzoo_mean": dict(probes=3, baseline="mean")}
+            "spsa": {}, "fzoo": dict(probes=4), "fzoo_mean": dict(probes=3, baseline="mean"),
+            "conmezo": dict(theta=1.2, cone_beta=0.8)}
 PLAIN_NAME = {"fzoo_mean": "fzoo"}
 PLAIN_LR = {"sgd": 1e-2, "momentum": 5e-3, "adam": 1e-2, "sign": 1e-2}
 
@@ -90,6 +92,12 @@ def test_strategy_rule_equals_plain_reference(strategy, rule, tiny_llama_pair, t
         # in-place round trips vs fresh copies: float rounding amplified by 1/(2 eps)
         _assert_close_up_to_rare_flips(ta.tensor, tb.tensor, atol=moved * 3e-2, flip=rule in ("sign", "adam"),
                                        lr=PLAIN_LR[rule], steps=steps)
+    if strategy == "conmezo":
+        for name, m in opt.strategy.m.items():
+            size = plain.mu[name].abs().max().item()
+            assert size > 1e-4
+            # Sign and Adam may flip near-zero elements (see above), which moves later slopes a little
+            torch.testing.assert_close(m, plain.mu[name], rtol=0, atol=size * (6e-2 if rule in ("sign", "adam") else 3e-2))
     if strategy == "ldsd":
         for name, mu in opt.strategy.mu.items():
             size = plain.mu[name].abs().max().item()
@@ -101,7 +109,7 @@ def test_strategy_rule_equals_plain_reference(strategy, rule, tiny_llama_pair, t
 
 
 @pytest.mark.parametrize("normalize", ["spread", "rms"])
-@pytest.mark.parametrize("strategy", ["spsa", "gv", "fzoo", "fzoo_mean"])
+@pytest.mark.parametrize("strategy", ["spsa", "gv", "fzoo", "fzoo_mean", "conmezo"])
 def test_scale_free_steps_equal_plain_reference(strategy, normalize, tiny_llama_pair, tiny_batch):
     (model_a, params_a), (model_b, params_b) = tiny_llama_pair
     init = params_a.state_dict()
@@ -191,7 +199,8 @@ def test_each_strategy_lowers_least_squares(strategy):
     w = torch.zeros(10, 1)
     f = lambda: ((X @ w - y) ** 2).mean()
     start = float(f())
-    lr = {"spsa": 1e-2, "gv": 5e-3, "greedy": 1e-2, "ldsd": 1e-2, "fzoo": 1e-2, "fzoo_mean": 1e-2}[strategy]
+    lr = {"spsa": 1e-2, "gv": 5e-3, "greedy": 1e-2, "ldsd": 1e-2, "fzoo": 1e-2, "fzoo_mean": 1e-2,
+          "conmezo": 1e-2}[strategy]
     opt = qzo.ZO([("w", w)], strategy=STRATEGIES[strategy](), rule=qzo.SGD(lr=lr), eps=1e-3)
     for _ in range(150):
         opt.step(f)
@@ -236,6 +245,8 @@ def test_strategy_argument_errors():
         qzo.FZOO(probes=1, baseline="mean")
     with pytest.raises(ValueError, match="baseline"):
         qzo.FZOO(baseline="median")
+    with pytest.raises(ValueError, match="theta"):
+        qzo.ConMeZO(theta=2.0)
     with pytest.raises(ValueError, match="normalize"):
         qzo.ZO([torch.zeros(2)], normalize="std")
     with pytest.raises(ValueError, match="beta"):

@@ -142,7 +142,7 @@ def test_sgd_run_is_rebuilt_from_its_step_log(tiny_model_dir, overfit_data, tmp_
 
 @pytest.mark.parametrize("strategy,rule,normalize", [("gv", "momentum", None), ("greedy", "sign", None),
                                                     ("ldsd", "adam", None), ("fzoo", "sgd", "rms"),
-                                                    ("fzoo", "momentum", "spread")])
+                                                    ("fzoo", "momentum", "spread"), ("conmezo", "sgd", None)])
 def test_resume_is_bit_exact_for_stateful_strategies_and_rules(strategy, rule, normalize, tiny_model_dir,
                                                                 overfit_data, tmp_path):
     extra = {"optim.strategy": strategy, "optim.rule": rule, "optim.pool": 3, "optim.candidates": 3,
@@ -152,14 +152,14 @@ def test_resume_is_bit_exact_for_stateful_strategies_and_rules(strategy, rule, n
     train(None, _sets(tiny_model_dir, overfit_data, full, **extra), progress=False)
     train(None, _sets(tiny_model_dir, overfit_data, half, **{**extra, "train.steps": 2}), progress=False)
     train(None, ["train.steps=4"], resume=half, progress=False)
-    stateful = strategy == "ldsd" or rule in ("momentum", "adam")  # mu, momentum, moments
+    stateful = strategy in ("ldsd", "conmezo") or rule in ("momentum", "adam")  # mu, momentum, moments
     names = ["trainables.safetensors", "meta.json"] + (["optimizer.safetensors"] if stateful else [])
     for name in names:
         a, b = full / "checkpoints/step-000004" / name, half / "checkpoints/step-000004" / name
         assert a.is_file() and a.read_bytes() == b.read_bytes()  # meta holds the running RMS of normalize rms
     assert (full / "checkpoints/step-000004/optimizer.safetensors").is_file() == stateful
     meta = json.loads((full / "checkpoints/step-000004/meta.json").read_text())
-    assert meta["forwards"] == 4 * {"gv": 5, "greedy": 4, "ldsd": 4, "fzoo": 4}[strategy]
+    assert meta["forwards"] == 4 * {"gv": 5, "greedy": 4, "ldsd": 4, "fzoo": 4, "conmezo": 2}[strategy]
     logs = [[{k: v for k, v in json.loads(line).items() if k != "wall_s"} for line in (run / "steps.jsonl").open()]
             for run in (full, half)]
     assert logs[0] == logs[1]  # the same seeds, losses and (normalized) grads, step for step

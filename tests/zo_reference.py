@@ -1,4 +1,4 @@
-"""MeZO, MeZO-GV, MeZO-Greedy, LDSD and FZOO written plainly: every z materialized as a dense tensor.
+"""MeZO, MeZO-GV, MeZO-Greedy, LDSD, FZOO and ConMeZO written plainly: every z materialized as a dense tensor.
 
 The reference for qzo's seed-replayed, in-place, fused implementation: same generator,
 same seeds (``qzo.optim.step_seed``), textbook arithmetic on fresh copies.
@@ -19,13 +19,15 @@ class PlainZO:
 
     def __init__(self, named, strategy: str, rule: str, lr: float, eps: float, seed: int, *, pool=4, split=0.5,
                  candidates=4, sigma=1.0, lr_mu=4e-2, beta=0.9, betas=(0.9, 0.999), adam_eps=1e-8, wd=0.0,
-                 probes=4, baseline="theta", normalize=None, norm_beta=0.99, clip=None):
+                 probes=4, baseline="theta", normalize=None, norm_beta=0.99, clip=None, theta=1.35,
+                 cone_beta=0.99):
         self.named, self.strategy, self.rule = named, strategy, rule
         self.lr, self.eps, self.seed, self.wd = lr, eps, seed, wd
         self.pool, self.split, self.k, self.sigma, self.lr_mu = pool, split, candidates, sigma, lr_mu
         self.beta, self.betas, self.adam_eps = beta, betas, adam_eps
         self.probes, self.baseline, self.normalize, self.norm_beta, self.clip = probes, baseline, normalize, norm_beta, clip
         self.mean_square, self.norm_t = 0.0, 0
+        self.cone_theta, self.cone_beta = theta, cone_beta
         self.theta = {n: t.detach().clone().float() for n, t in named}
         zeros = lambda: {n: torch.zeros_like(v) for n, v in self.theta.items()}
         self.mu, self.m, self.v = zeros(), zeros(), zeros()
@@ -51,6 +53,20 @@ class PlainZO:
             z = self._z(seeds[0])
             fp, fm = self._f(closure, lin([(eps, z)])), self._f(closure, lin([(-eps, z)]))
             d, losses = z, [fp, fm]
+            g, reported = (fp - fm) / (2 * eps), 0.5 * (fp + fm)
+        elif self.strategy == "conmezo":
+            seeds = [step_seed(self.seed, step, 0)]
+            z = self._z(seeds[0])
+            m = self.mu  # the momentum
+            norm = math.sqrt(sum(float((v.double() ** 2).sum()) for v in m.values()))
+            d_count = sum(v.numel() for v in m.values())
+            if norm > 0:
+                u = {k: math.cos(self.cone_theta) * math.sqrt(d_count) * m[k] / norm
+                     + math.sin(self.cone_theta) * z[k] for k in z}
+            else:
+                u = z
+            fp, fm = self._f(closure, lin([(eps, u)])), self._f(closure, lin([(-eps, u)]))
+            d, losses = u, [fp, fm]
             g, reported = (fp - fm) / (2 * eps), 0.5 * (fp + fm)
         elif self.strategy == "fzoo":
             n = self.probes
@@ -89,6 +105,8 @@ class PlainZO:
         if self.clip is not None:
             g = max(-self.clip, min(self.clip, g))
         self._update(g, d)
+        if self.strategy == "conmezo":
+            self.mu = {k: self.cone_beta * self.mu[k] + (1 - self.cone_beta) * g * d[k] for k in self.mu}
         if self.strategy == "ldsd":
             c = [f - (sum(fs) - f) / (n - 1) for f in fs]
             for k in self.mu:

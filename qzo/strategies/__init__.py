@@ -5,12 +5,13 @@ strategy per module.
 """
 
 from .base import Component, Estimate, Probe, Strategy
+from .conmezo import ConMeZO
 from .fzoo import FZOO
 from .ldsd import LDSD
 from .pool import GV, Greedy
 from .spsa import SPSA
 
-__all__ = ["Component", "Estimate", "Probe", "Strategy", "SPSA", "GV", "Greedy", "LDSD", "FZOO", "STRATEGIES"]
+__all__ = ["Component", "Estimate", "Probe", "Strategy", "SPSA", "GV", "Greedy", "LDSD", "FZOO", "ConMeZO", "STRATEGIES"]
 
 #: config / CLI name -> strategy class (the one table the config, the CLI and the planner read)
-STRATEGIES = {"spsa": SPSA, "gv": GV, "greedy": Greedy, "ldsd": LDSD, "fzoo": FZOO}
+STRATEGIES = {"spsa": SPSA, "gv": GV, "greedy": Greedy, "ldsd": LDSD, "fzoo": FZOO, "conmezo": ConMeZO}

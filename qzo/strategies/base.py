@@ -117,6 +117,8 @@ class Strategy(Component):
     forwards_per_step: int = 0
     #: evaluate the pool in one stacked forward (pool strategies; see ``qzo.batched``).
     batched: bool = False
+    #: float32 tensors the size of the trainables the strategy keeps (LDSD's mean, ConMeZO's momentum)
+    dense_state_copies: int = 0
 
     def bind(self, params) -> None:
         """Called once by ``qzo.ZO`` with the trainables (to size dense state such as a mean)."""

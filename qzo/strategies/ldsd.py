@@ -50,6 +50,8 @@ class LDSD(Strategy):
             ``qzo.CausalLMLoss`` closure); ``opt.forwards`` still counts ``candidates`` evaluations.
     """
 
+    dense_state_copies = 1  # mu
+
     def __init__(self, candidates: int = 8, sigma: float = 1.0, lr_mu: float = 4e-2, batched: bool = False):
         if candidates < 2:
             raise ValueError(f"LDSD needs candidates >= 2 (the baseline leaves one out), got {candidates}")

@@ -47,6 +47,10 @@ class GV(Strategy):
     Cost: ``pool + 2`` forwards a step. v has variance ``1/|best| + 1/|rest|`` per element
     (2 for a pool of 2, twice that of one z), so GV wants a smaller lr than SPSA.
 
+    v's coefficients are the signs of the pool's centred ranks, scaled by the group sizes:
+    :class:`qzo.FZOO` is the generalization that keeps each loss's magnitude against a shared
+    baseline and needs no re-probe along v.
+
     Args:
         pool: candidates per step (the paper uses 2 or 4).
         split: fraction of the pool in the low-loss group (the paper uses 0.5).
