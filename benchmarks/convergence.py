@@ -15,6 +15,9 @@ same data order and eps. A first-order step (forward + backward) counts as 3 for
     fzoo4_spread      FZOO as published: the step divided by the probes' loss spread, constant lr
     *_cos             with a cosine lr schedule over the run (the normalized step does not shrink by itself)
     spsa_rms_cos      MeZO with its slope divided by a running RMS, cosine schedule
+    spsa_b_only       MeZO on LoRA's B factors only (A keeps its init and draws no noise)
+    conmezo           ConMeZO: MeZO in a cone of half-angle 1.35 around the momentum, beta 0.99
+    per_example       a two-point probe per row, all rows in one forward each way (2 a step, B directions)
     gv4_spread_cos    steering + a scale-free step
     first_order       LoRA + AdamW with backprop through the same NF4 model (the QLoRA way)
 
@@ -63,11 +66,14 @@ from qzo.data import Batcher, ChatDataset, eval_loss  # noqa: E402
 class Method:
     """A ZO configuration of the table: a strategy and the options it runs with."""
 
-    def __init__(self, strategy, normalize=None, schedule="constant", grid=(5e-4, 1e-3, 2e-3, 4e-3)):
+    def __init__(self, strategy, normalize=None, schedule="constant", grid=(5e-4, 1e-3, 2e-3, 4e-3), select=None):
         self.strategy, self.normalize, self.schedule, self.grid = strategy, normalize, schedule, grid
+        self.select = select  # trainable-name patterns: only these draw noise and move
 
     def optimizer(self, params, lr: float, seed: int, budget: int) -> "qzo.ZO":
         strategy = self.strategy()
+        if self.select:
+            params = params.select(*self.select)
         steps = -(-budget // strategy.forwards_per_step)
         schedule = qzo.Schedule(self.schedule, total_steps=steps) if self.schedule != "constant" else None
         return qzo.ZO(params, strategy=strategy, rule=qzo.SGD(lr=lr), eps=EPS, seed=seed, schedule=schedule,
@@ -92,6 +98,11 @@ METHODS = {
     "fzoo8_spread_cos": Method(lambda: qzo.FZOO(probes=8), normalize="spread", schedule="cosine",
                                grid=NORMALIZED_GRID),
     "spsa_rms_cos": Method(lambda: qzo.SPSA(), normalize="rms", schedule="cosine", grid=NORMALIZED_GRID),
+    "spsa_b_only": Method(lambda: qzo.SPSA(), select=("*lora_B*",), grid=(1e-3, 2e-3, 4e-3, 8e-3)),  # LoRA-aware
+    "conmezo": Method(lambda: qzo.ConMeZO(theta=1.35, beta=0.99)),
+    "per_example": Method(lambda: qzo.PerExample()),  # a probe per row (GRZO's idea), 2 a step
+    "per_example_spread_cos": Method(lambda: qzo.PerExample(), normalize="spread", schedule="cosine",
+                                     grid=NORMALIZED_GRID),
     "gv4_spread_cos": Method(lambda: qzo.GV(pool=4, split=0.5), normalize="spread", schedule="cosine",
                              grid=NORMALIZED_GRID),  # steering + a scale-free step
     "first_order": None,
@@ -315,6 +326,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--lrs", type=float, nargs="+", default=None, help="one grid for every method (default: each "
                     "method's own)")
+    ap.add_argument("--grid", nargs="+", default=[], metavar="METHOD=LR,LR",
+                    help="a method's own lr grid, e.g. fzoo4_spread_cos=5e-3,1e-2 (a partial sweep; say so in --note)")
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--note", default="", help="a remark stored in the JSON (e.g. why some seeds are missing)")
     ap.add_argument("--summarize-only", action="store_true",
@@ -335,12 +348,21 @@ def main() -> None:
         for m in METHODS.values():
             if m is not None:
                 m.grid = tuple(args.lrs)
+    for item in args.grid:
+        name, _, values = item.partition("=")
+        METHODS[name].grid = tuple(float(v) for v in values.split(","))
     sweep_budget = args.sweep_budget or max(1, args.budget // 3)
     rows = load_rows()
 
     def ensure(method, lr, seed, budget, phase):
         nonlocal rows
         if curve(rows, method, lr, seed, phase, budget) or args.summarize_only:
+            return
+        swept = curve(rows, method, lr, seed, "sweep", budget)
+        if phase == "main" and swept:  # the sweep at the full budget was this very run (deterministic)
+            again = [dict(r, phase="main") for r in swept]
+            append_rows(again)
+            rows += again
             return
         print(f"run {phase} {method} lr={lr:g} seed={seed} budget={budget}", flush=True)
         new = run_one(method, lr, seed, budget, min(args.eval_every, budget), phase)

@@ -38,7 +38,7 @@ from .params import ParamSet, Trainable  # noqa: E402
 from .rules import SGD, Adam, Momentum, Rule, Sign  # noqa: E402
 from .schedule import Schedule  # noqa: E402
 from .normalize import Normalize  # noqa: E402
-from .strategies import FZOO, GV, LDSD, SPSA, ConMeZO, Estimate, Greedy, Strategy  # noqa: E402
+from .strategies import FZOO, GV, LDSD, SPSA, ConMeZO, Estimate, Greedy, PerExample, Strategy  # noqa: E402
 from . import objectives  # noqa: E402  (qzo.objectives.RewardLoss: train on a reward)
 from . import replay  # noqa: E402  (qzo.replay.replay_sgd: a run's values from its step log)
 # qzo.plan(...): a ZO step's planned peak memory. As with qzo.load, the function takes the module's
@@ -47,7 +47,7 @@ from .plan import plan  # noqa: E402
 
 __all__ = [
     "load", "lora", "scales", "dense", "combine", "ZO", "StepRecord",
-    "SPSA", "GV", "Greedy", "LDSD", "FZOO", "ConMeZO", "Normalize", "SGD", "Momentum", "Adam", "Sign", "Schedule", "clip_grad",
+    "SPSA", "GV", "Greedy", "LDSD", "FZOO", "ConMeZO", "PerExample", "Normalize", "SGD", "Momentum", "Adam", "Sign", "Schedule", "clip_grad",
     "CausalLMLoss", "Strategy", "Rule", "Estimate", "ParamSet", "Trainable",
     "ScaleParams", "DenseParams", "load_scales", "load_dense", "targets", "noise",
     "set_backend", "get_backend", "objectives", "replay", "plan",

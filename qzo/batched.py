@@ -36,7 +36,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 import torch
 
 from .errors import QzoError
-from .loss import batch_loss, decoder_and_head, head_loss
+from .loss import batch_loss, decoder_and_head, head_loss, row_losses
 from .params import ParamSet, Trainable
 from .perturb import perturb_
 
@@ -176,6 +176,42 @@ class CausalLMLoss:
         # one candidate at a time: the float32 upcast and log-softmax are one candidate's size
         return torch.stack([self._loss(logits[j * rows:(j + 1) * rows], labels).float().reshape(())
                             for j in range(k)])
+
+
+    @property
+    def rows(self) -> int:
+        """The batch's rows: how many perturbations :meth:`evaluate_rows` takes."""
+        return int(self.batch["labels"].shape[0])
+
+    @torch.no_grad()
+    def evaluate_rows(self, params: ParamSet, candidates: Sequence[Candidate],
+                      mu_for: Callable[[str], torch.Tensor | None] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row i's loss with candidate i applied to it, all rows in one ordinary forward.
+
+        Per-example perturbations: the same machinery as :meth:`evaluate_candidates` with one
+        row per block (the batch is not stacked), so it costs about one forward plus B
+        small adapter matmuls per LoRA layer.
+
+        Returns:
+            ``(losses, counts)``: float32 ``[B]`` token-mean loss of each row under its own
+            candidate, and each row's labelled-token count (the batch's token mean weights
+            row i by ``counts[i] / counts.sum()``).
+        """
+        candidates = list(candidates)
+        if len(candidates) != self.rows:
+            raise ValueError(f"evaluate_rows takes one candidate per row: {len(candidates)} for {self.rows} rows")
+        parts = decoder_and_head(self.model)
+        if parts is None or _has_lora(parts[1]):
+            raise QzoError("per-example perturbations need a supported causal LM (qzo.loss.SUPPORTED) whose LM head "
+                           "carries no LoRA; use a pool strategy instead")
+        decoder, head = parts
+        inputs = {key: v for key, v in self.batch.items() if key != "labels"}
+        inputs.setdefault("use_cache", False)
+        with lora_candidates(self.model, params, candidates, mu_for):
+            hidden = decoder(**inputs).last_hidden_state
+        sums, counts = row_losses(hidden, self.batch["labels"], head)
+        return sums / counts.clamp_min(1), counts
 
 
 def _lora_factors(model) -> dict[int, tuple[torch.nn.Linear, bool, str]]:

@@ -51,7 +51,7 @@ DEFAULTS: dict = {
         "packing": False,  # pack whole training examples into rows of train.max_len tokens
     },
     "optim": {
-        "strategy": "spsa",  # spsa | gv | greedy | ldsd | fzoo | conmezo
+        "strategy": "spsa",  # spsa | gv | greedy | ldsd | fzoo | conmezo | per_example
         "rule": "sgd",  # sgd | momentum | adam | sign
         "lr": 1e-3,
         "eps": 1e-2,  # perturbation scale
@@ -252,6 +252,9 @@ def _validate_targets(cfg: dict) -> None:
         if isinstance(value, list) and (not value or not all(isinstance(v, str) and v for v in value)):
             raise ConfigError(f"config key 'targets.{key}' must be null or a non-empty list of module patterns "
                               f"(strings), got {value!r}")
+    if cfg["optim"]["strategy"] == "per_example" and (t["scales"] or t["dense"] or not t["lora"]):
+        raise ConfigError("optim.strategy per_example perturbs each row inside the LoRA layers' forward: it trains "
+                          "LoRA only (targets.lora true, targets.scales and targets.dense null)")
     if cfg["optim"]["batched"] and (t["scales"] or t["dense"]):
         raise ConfigError("config key 'optim.batched' evaluates LoRA candidates inside the forward; it cannot "
                           "batch scale or dense targets: set optim.batched=false or train LoRA only")
@@ -275,9 +278,9 @@ def _validate_objective(cfg: dict) -> None:
     if cfg["data"]["packing"]:
         raise ConfigError("data.packing cannot be used with objective.kind=reward: replies are generated per "
                           "chat, and packed rows mix several; set data.packing=false")
-    if cfg["optim"]["batched"]:
-        raise ConfigError("config key 'optim.batched' evaluates a pool in one stacked forward of the "
-                          "cross-entropy loss; with objective.kind=reward set optim.batched=false")
+    if cfg["optim"]["batched"] or cfg["optim"]["strategy"] == "per_example":
+        raise ConfigError("config keys 'optim.batched' and optim.strategy per_example evaluate the cross-entropy loss "
+                          "inside one forward; with objective.kind=reward set optim.batched=false and another strategy")
 
 
 def validate(cfg: dict) -> dict:
@@ -315,7 +318,7 @@ def validate(cfg: dict) -> dict:
         raise ConfigError("config keys 'optim.pool' >= 1 and 'optim.candidates' >= 2 are required")
     if not 0 < o["split"] < 1 or not 0 <= o["momentum"] < 1 or o["min_lr_ratio"] > 1:
         raise ConfigError("need 0 < optim.split < 1, 0 <= optim.momentum < 1, optim.min_lr_ratio <= 1")
-    if o["batched"] and o["strategy"] in ("spsa", "conmezo"):
+    if o["batched"] and o["strategy"] in ("spsa", "conmezo", "per_example"):
         raise ConfigError(f"config key 'optim.batched' applies to pool strategies (gv, greedy, ldsd, fzoo), not "
                           f"{o['strategy']}")
     least = 2 if o["baseline"] == "mean" else 1

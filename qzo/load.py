@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from .cache import cache_dir
 from .bnb import choose_cpu_path
+from .cache import cache_dir
 from .errors import ModelSourceError, QzoError
 
 __all__ = ["load", "resolve_source", "hf_model_path", "QUANTS", "BUILTIN_MODELS"]

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["batch_loss", "labelled_loss", "head_loss", "decoder_and_head", "chunk_tokens", "CHUNK_BYTES",
-           "SUPPORTED"]
+__all__ = ["batch_loss", "labelled_loss", "head_loss", "row_losses", "decoder_and_head", "chunk_tokens",
+           "CHUNK_BYTES", "SUPPORTED"]
 
 IGNORE = -100
 #: logits (and their float32 copies) materialized at once: 256 MiB, ~210 tokens of a 128k vocabulary
@@ -74,6 +74,30 @@ def head_loss(hidden: torch.Tensor, labels: torch.Tensor, head, chunk_bytes: int
                                                  reduction="sum")
         total = total + part.to(total.device)
     return total / n if n else torch.full((), float("nan"), device=hidden.device)
+
+
+def row_losses(hidden: torch.Tensor, labels: torch.Tensor, head, chunk_bytes: int = CHUNK_BYTES
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of the batch: the next-token cross entropy *summed* over its labelled tokens, and their count.
+
+    ``(sums, counts)``, float32 ``[B]`` each, from the decoder's ``hidden`` ``[B, T, H]``, the
+    same shift and ``-100`` masking as :func:`head_loss`; ``sums.sum() / counts.sum()`` is the
+    batch's token-mean loss, and ``sums / counts`` each row's own. What per-example strategies
+    (a perturbation per row inside one forward) weight their rows by.
+    """
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE)[..., 1:].to(hidden.device)
+    keep = shifted != IGNORE
+    row_of = torch.arange(labels.shape[0], device=hidden.device).unsqueeze(1).expand_as(keep)[keep]  # [N]
+    states, targets = hidden[keep], shifted[keep]  # [N, H], [N]
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]
+    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
+    step = chunk_tokens(vocab, chunk_bytes)
+    for start in range(0, states.shape[0], step):
+        logits = head(states[start:start + step]).float()
+        part = torch.nn.functional.cross_entropy(logits, targets[start:start + step].to(logits.device),
+                                                 reduction="none")
+        sums.index_add_(0, row_of[start:start + step].to(sums.device), part.to(sums.device))
+    return sums, keep.sum(dim=1).to(torch.float32)
 
 
 def labelled_loss(model, batch: dict, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor | None:

@@ -152,6 +152,42 @@ class _Probe:
             self._check_finite(loss, len(self.losses))
         return losses
 
+    def rows(self) -> int:
+        """How many rows the closure's batch has (what :meth:`evaluate_rows` perturbs one by one)."""
+        rows = getattr(self._closure, "rows", None)
+        if rows is None or not hasattr(self._closure, "evaluate_rows"):
+            raise QzoError(
+                f"a per-example strategy perturbs each row of the batch inside one forward, but the closure given to "
+                f"opt.step ({type(self._closure).__name__}) cannot. Pass qzo.CausalLMLoss(model, batch) instead of a "
+                "lambda (LoRA trainables), or use another strategy.")
+        return int(rows)
+
+    def evaluate_rows(self, candidates: list[tuple[list[tuple[int, float]], float]]) -> tuple[list[float], list[float]]:
+        """Row i's loss at target i (absolute, as :meth:`move_to` takes), all rows in one forward; nothing moves.
+
+        Returns ``(losses, weights)``: each row's token-mean loss and its share of the batch's
+        labelled tokens. Counts one evaluation in ``opt.forwards`` (one batch loss, a
+        perturbation per row) and one forward call.
+        """
+        self.rows()
+        relative = []
+        for terms, mu_coef in candidates:
+            delta, mu_delta, _ = self._delta(terms, mu_coef)
+            relative.append(Candidate(tuple(delta), mu_delta))
+        with torch.no_grad():
+            losses, counts = self._closure.evaluate_rows(self._opt.params, relative, mu_for=self._opt.strategy.mu_for)
+        self._opt.forwards += 1
+        self._opt.forward_calls += 1
+        losses = [float(v) for v in losses.detach().float().cpu().tolist()]
+        counts = [float(c) for c in counts.detach().float().cpu().tolist()]
+        total = sum(counts)
+        if not total:
+            raise QzoError("no row of the batch has a labelled token: there is no loss to estimate")
+        batch_loss = math.fsum(f * c for f, c in zip(losses, counts)) / total
+        self.losses.append(batch_loss)
+        self._check_finite(batch_loss, len(self.losses))
+        return losses, [c / total for c in counts]
+
     def restore(self) -> None:
         """Undo every perturbation applied during this step."""
         self.move_to([])

@@ -70,6 +70,22 @@ class ParamSet:
     def __len__(self) -> int:
         return len(self.items)
 
+    def select(self, *patterns: str) -> "ParamSet":
+        """The trainables whose names match any fnmatch pattern, as a new set sharing the live tensors.
+
+        What ZO then perturbs and updates is only these; the others keep their values and draw
+        no noise, and each selected tensor draws exactly the noise it would in the full set
+        (stream ids come from names). ``lora.select("*lora_B*")`` trains LoRA's B factors
+        alone: at init B = 0, so the gradient with respect to A is zero and A's noise is pure
+        noise until B moves.
+        """
+        import fnmatch
+
+        chosen = [t for t in self.items if any(fnmatch.fnmatchcase(t.name, p) for p in patterns)]
+        if not chosen:
+            raise ValueError(f"no trainable matches {list(patterns)}; names look like {self.items[0].name!r}")
+        return ParamSet(chosen)
+
     @property
     def numel(self) -> int:
         """Total number of trained values."""

@@ -45,7 +45,7 @@ from .params import ParamSet
 from .rules import SGD, Adam, Momentum, Sign
 from .scales import scales
 from .schedule import Schedule
-from .strategies import FZOO, GV, LDSD, SPSA, ConMeZO, Greedy
+from .strategies import FZOO, GV, LDSD, SPSA, ConMeZO, Greedy, PerExample
 from .targets import combine
 
 __all__ = ["train", "build_optimizer", "build_targets", "load_model_and_targets", "load_run_model", "Session"]
@@ -64,6 +64,7 @@ def build_strategy(cfg: dict):
         "greedy": lambda: Greedy(pool=o["pool"], batched=o["batched"]),
         "ldsd": lambda: LDSD(candidates=o["candidates"], sigma=o["sigma"], lr_mu=o["lr_mu"], batched=o["batched"]),
         "fzoo": lambda: FZOO(probes=o["probes"], baseline=o["baseline"], batched=o["batched"]),
+        "per_example": lambda: PerExample(),
         "conmezo": lambda: ConMeZO(theta=o["cone_theta"], beta=o["cone_beta"], ramp_steps=o["cone_ramp_steps"]),
     }
     return strategies[o["strategy"]]()

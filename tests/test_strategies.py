@@ -251,3 +251,102 @@ def test_strategy_argument_errors():
         qzo.ZO([torch.zeros(2)], normalize="std")
     with pytest.raises(ValueError, match="beta"):
         qzo.Momentum(lr=1e-3, beta=1.0)
+
+
+def test_b_only_lora_draws_no_noise_on_a_and_lowers_the_loss(smol_tokenizer, tiny_batch):
+    # LoRA-aware directions: only the B factors are perturbed and moved (A keeps its init)
+    model, _ = qzo.load(tiny_config(len(smol_tokenizer)), quant="nf4", seed=0)
+    params = qzo.lora(model, r=4, target_modules=["q_proj", "v_proj"], seed=0)
+    b_only = params.select("*lora_B*")
+    assert len(b_only) == len(params) // 2 and all("lora_B" in t.name for t in b_only)
+    assert all(bt.stream == t.stream for bt in b_only for t in params if t.name == bt.name)  # the same noise
+    before = params.state_dict()
+    f = lambda: model(**tiny_batch).loss  # noqa: E731
+    with torch.no_grad():
+        start = float(f())
+    opt = qzo.ZO(b_only, strategy=qzo.SPSA(), rule=qzo.SGD(lr=2e-2), eps=1e-2, seed=0)
+    for _ in range(15):
+        opt.step(f)
+    after = params.state_dict()
+    assert all(torch.equal(after[n], before[n]) for n in before if "lora_A" in n)
+    assert all(not torch.equal(after[n], before[n]) for n in before if "lora_B" in n)
+    with torch.no_grad():
+        assert float(f()) < start - 0.05
+    with pytest.raises(ValueError, match="no trainable matches"):
+        params.select("*lora_C*")
+
+
+def _per_row(model, batch):
+    """(token-mean loss of each row, its labelled-token count) at the model's current values."""
+    from qzo.loss import decoder_and_head, row_losses
+
+    decoder, head = decoder_and_head(model)
+    with torch.no_grad():
+        hidden = decoder(**{k: v for k, v in batch.items() if k != "labels"}).last_hidden_state
+        sums, counts = row_losses(hidden, batch["labels"], head)
+    return sums / counts, counts
+
+
+def test_row_losses_weight_back_to_the_batch_loss(tiny_llama_pair, tiny_batch):
+    (model, _), _ = tiny_llama_pair
+    losses, counts = _per_row(model, tiny_batch)
+    assert losses.shape == (2,) and counts.tolist() == [int(n) for n in counts.tolist()] and (counts > 0).all()
+    with torch.no_grad():
+        want = model(**tiny_batch).loss
+    torch.testing.assert_close((losses * counts).sum() / counts.sum(), want, rtol=1e-5, atol=0)
+
+
+def test_per_example_rows_equal_their_one_by_one_evaluation(tiny_llama_pair, tiny_batch):
+    (model, params), _ = tiny_llama_pair
+    from qzo.batched import Candidate
+    from qzo.perturb import perturb_params_
+
+    seeds, eps = [11, 12], 1e-2
+    got, counts = qzo.CausalLMLoss(model, tiny_batch).evaluate_rows(params, [Candidate(((s, eps),)) for s in seeds])
+    before = params.state_dict()
+    for i, s in enumerate(seeds):  # row i alone, with row i's perturbation applied in place
+        perturb_params_(params, [s], [eps])
+        row, n = _per_row(model, tiny_batch)
+        perturb_params_(params, [s], [-eps])
+        assert float(n[i]) == float(counts[i])
+        torch.testing.assert_close(got[i], row[i], rtol=1e-5, atol=1e-6)
+    params.load_state_dict(before)
+    unperturbed, _ = _per_row(model, tiny_batch)
+    assert (got - unperturbed).abs().max() > 1e-5  # the rows really saw their perturbations
+
+
+@pytest.mark.parametrize("normalize", [None, "spread"])
+def test_per_example_equals_plain_reference(normalize, tiny_llama_pair, tiny_batch):
+    (model_a, params_a), (model_b, params_b) = tiny_llama_pair
+    init = params_a.state_dict()
+    params_b.load_state_dict(init)
+    lr = 1e-2 if normalize is None else 2e-3
+    opt = qzo.ZO(params_a, strategy=qzo.PerExample(), rule=qzo.SGD(lr=lr), eps=1e-2, seed=4, normalize=normalize)
+    plain = PlainZO([(t.name, t.tensor) for t in params_b], "per_example", "sgd", lr=lr, eps=1e-2, seed=4,
+                    normalize=normalize)
+    for step in range(1, 6):
+        loss = opt.step(qzo.CausalLMLoss(model_a, tiny_batch))
+        want = plain.step(lambda: _per_row(model_b, tiny_batch), step)
+        assert loss == pytest.approx(want, rel=1e-4)
+        assert len(opt.last_record.seeds) == 2 and opt.last_record.forwards == 2 * step
+    for ta, tb in zip(params_a, params_b):
+        moved = (tb.tensor - init[tb.name]).abs().max().item()
+        assert moved > 1e-4
+        torch.testing.assert_close(ta.tensor, tb.tensor, rtol=0, atol=moved * 3e-2)
+    params_a.load_state_dict(init)
+    params_b.load_state_dict(init)
+
+
+def test_per_example_lowers_tiny_llama_loss_and_needs_a_row_closure(smol_tokenizer, tiny_batch):
+    model, _ = qzo.load(tiny_config(len(smol_tokenizer)), quant="nf4", seed=0)
+    params = qzo.lora(model, r=4, target_modules=["q_proj", "v_proj"], seed=0)
+    loss = qzo.CausalLMLoss(model, tiny_batch)
+    with torch.no_grad():
+        start = float(loss())
+    opt = qzo.ZO(params, strategy=qzo.PerExample(), rule=qzo.SGD(lr=2e-2), eps=1e-2, seed=0)
+    for _ in range(15):
+        opt.step(loss)
+    with torch.no_grad():
+        assert float(loss()) < start - 0.05
+    with pytest.raises(qzo.QzoError, match="CausalLMLoss"):
+        opt.step(lambda: model(**tiny_batch).loss)

@@ -1,4 +1,4 @@
-"""MeZO, MeZO-GV, MeZO-Greedy, LDSD, FZOO and ConMeZO written plainly: every z materialized as a dense tensor.
+"""MeZO, MeZO-GV, MeZO-Greedy, LDSD, FZOO, ConMeZO and per-example probes written plainly: every z materialized as a dense tensor.
 
 The reference for qzo's seed-replayed, in-place, fused implementation: same generator,
 same seeds (``qzo.optim.step_seed``), textbook arithmetic on fresh copies.
@@ -37,6 +37,12 @@ class PlainZO:
     def _z(self, s):
         return {n: noise.randn(s, noise.stream_id(n), v.numel()).view_as(v) for n, v in self.theta.items()}
 
+    def _rows(self, closure, delta):
+        with torch.no_grad():
+            for n, t in self.named:
+                t.copy_(self.theta[n] + delta[n])
+            return closure()
+
     def _f(self, closure, delta):
         with torch.no_grad():
             for n, t in self.named:
@@ -68,6 +74,23 @@ class PlainZO:
             fp, fm = self._f(closure, lin([(eps, u)])), self._f(closure, lin([(-eps, u)]))
             d, losses = u, [fp, fm]
             g, reported = (fp - fm) / (2 * eps), 0.5 * (fp + fm)
+        elif self.strategy == "per_example":
+            # closure() -> (per-row token-mean losses, per-row token counts); row i is read at theta + eps z_i
+            rows = len(closure()[0])
+            seeds = [step_seed(self.seed, step, j) for j in range(rows)]
+            zs = [self._z(s) for s in seeds]
+            plus, minus, counts = [], [], None
+            for i, z in enumerate(zs):
+                row_p, counts = self._rows(closure, lin([(eps, z)]))
+                row_m, _ = self._rows(closure, lin([(-eps, z)]))
+                plus.append(float(row_p[i]))
+                minus.append(float(row_m[i]))
+            w = [float(c) / float(sum(counts)) for c in counts]
+            slopes = [(p - m) / (2 * eps) for p, m in zip(plus, minus)]
+            g = math.sqrt(sum(s * s for s in slopes) / rows)
+            d = lin([(wi * s / g, z) for wi, s, z in zip(w, slopes, zs)])
+            losses, reported = plus + minus, sum(wi * 0.5 * (p + m) for wi, p, m in zip(w, plus, minus))
+            spread = [0.5 * (p - m) for p, m in zip(plus, minus)]
         elif self.strategy == "fzoo":
             n = self.probes
             seeds = [step_seed(self.seed, step, j) for j in range(n)]

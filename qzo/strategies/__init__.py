@@ -8,10 +8,12 @@ from .base import Component, Estimate, Probe, Strategy
 from .conmezo import ConMeZO
 from .fzoo import FZOO
 from .ldsd import LDSD
+from .per_example import PerExample
 from .pool import GV, Greedy
 from .spsa import SPSA
 
-__all__ = ["Component", "Estimate", "Probe", "Strategy", "SPSA", "GV", "Greedy", "LDSD", "FZOO", "ConMeZO", "STRATEGIES"]
+__all__ = ["Component", "Estimate", "Probe", "Strategy", "SPSA", "GV", "Greedy", "LDSD", "FZOO", "ConMeZO", "PerExample", "STRATEGIES"]
 
 #: config / CLI name -> strategy class (the one table the config, the CLI and the planner read)
-STRATEGIES = {"spsa": SPSA, "gv": GV, "greedy": Greedy, "ldsd": LDSD, "fzoo": FZOO, "conmezo": ConMeZO}
+STRATEGIES = {"spsa": SPSA, "gv": GV, "greedy": Greedy, "ldsd": LDSD, "fzoo": FZOO, "conmezo": ConMeZO,
+              "per_example": PerExample}

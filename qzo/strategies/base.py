@@ -39,6 +39,12 @@ class Probe(Protocol):
     def evaluate(self) -> float:
         """Run the closure once at the current (perturbed) values; returns a finite float."""
 
+    def rows(self) -> int:
+        """Rows of the closure's batch (per-example strategies; needs ``qzo.CausalLMLoss`` and LoRA)."""
+
+    def evaluate_rows(self, candidates: list[tuple[list[tuple[int, float]], float]]) -> tuple[list[float], list[float]]:
+        """Row i's loss at target i, all rows in one forward: ``(losses, token weights)``; nothing moves."""
+
     def evaluate_batch(self, candidates: list[tuple[list[tuple[int, float]], float]]) -> list[float]:
         """The loss at each ``(terms, mu_coef)`` target, all in one stacked forward; the trainables stay put.
 
