@@ -4,24 +4,39 @@ Layout of ``<run>/checkpoints/step-000120/``:
 
 * ``trainables.safetensors``: the trained tensors by name (never base weights);
 * ``optimizer.safetensors``: dense optimizer/strategy state tensors, when there are any;
-* ``meta.json``: step, forwards, the optimizer's scalar state, and the qzo version.
+* ``meta.json``: step, forwards, the optimizer's scalar state, the qzo version, and the
+  size and SHA-256 of each tensor file (``files``).
 
-A checkpoint is written into a hidden ``.tmp-*`` folder next to it and renamed into place,
-so a crash mid-write leaves the previous checkpoint untouched and no half-written one.
+A checkpoint is written into a hidden ``.tmp-*`` folder next to it, its files flushed to
+disk, and renamed into place, so a crash mid-write leaves the previous checkpoint untouched
+and no half-written one. Reading goes through :func:`verify_checkpoint`: a checkpoint whose
+files are missing, truncated or altered (a disk that lied, a copy that stopped half way) is
+reported and skipped, and :func:`latest_checkpoint` falls back to the newest one that
+verifies, saying which it skipped and why.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "atomic_write_text"]
+from .errors import QzoError
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "atomic_write_text",
+           "verify_checkpoint", "CheckpointError"]
+
+
+class CheckpointError(QzoError):
+    """A checkpoint folder that cannot be trusted: a file missing, truncated or altered, or unreadable meta."""
 
 CHECKPOINT_FILES = ("trainables.safetensors", "meta.json")
 
@@ -40,6 +55,25 @@ def atomic_write_text(path: Path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to the disk, so a rename cannot outlive its contents."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on folders; the data files were synced
+        pass
+    finally:
+        os.close(fd)
 
 
 def _split_state(state, prefix: str = "") -> tuple[dict, dict]:
@@ -80,8 +114,15 @@ def save_checkpoint(run_dir: Path, step: int, trainables: dict, optimizer_state:
             save_file(tensors, str(tmp / "optimizer.safetensors"))
         from . import __version__
 
-        meta = {"step": step, "optimizer": tree, "qzo_version": __version__, **(extra or {})}
+        files = {}
+        for name in ("trainables.safetensors", "optimizer.safetensors"):
+            if (tmp / name).is_file():
+                _fsync(tmp / name)
+                files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _digest(tmp / name)}
+        meta = {"step": step, "optimizer": tree, "qzo_version": __version__, **(extra or {}), "files": files}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        _fsync(tmp / "meta.json")
+        _fsync(tmp)
         if final.exists():  # an identical step re-saved (e.g. after a resume): replace it whole
             old = root / f".old-step-{step:06d}"
             os.replace(final, old)
@@ -89,6 +130,7 @@ def save_checkpoint(run_dir: Path, step: int, trainables: dict, optimizer_state:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        _fsync(root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -104,21 +146,73 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+def verify_checkpoint(path: Path) -> dict:
+    """The checkpoint's meta, after checking every tensor file against the size and SHA-256 it records.
+
+    Raises :class:`CheckpointError` naming the file and what is wrong with it. Checkpoints
+    written before checksums existed (no ``files`` in meta) are checked for their files
+    being present and readable.
+    """
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        if not isinstance(meta, dict) or "step" not in meta or "optimizer" not in meta:
+            raise ValueError("not a checkpoint's meta (no step / optimizer)")
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path / 'meta.json'} is unreadable: {exc}") from None
+    files = meta.get("files")
+    if files is None:  # an older checkpoint: no checksums to compare
+        files = {"trainables.safetensors": None}
+    for name, want in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        if want is None:
+            continue
+        size = file.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointError(f"{file} has {size} bytes, its checkpoint recorded {want['bytes']} (truncated?)")
+        if _digest(file) != want["sha256"]:
+            raise CheckpointError(f"{file} does not match the SHA-256 its checkpoint recorded (altered)")
+    return meta
+
+
+def latest_checkpoint(run_dir: Path, log: Callable[[str], None] | None = None) -> Path | None:
+    """The newest checkpoint that verifies; corrupt newer ones are reported (to ``log``, else a warning) and skipped."""
+    skipped = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as exc:
+            skipped.append((path, exc))
+            continue
+        for bad, exc in skipped:
+            _say(f"qzo: checkpoint {bad.name} is corrupt ({exc}); using {path.name} instead", log)
+        return path
+    for bad, exc in skipped:
+        _say(f"qzo: checkpoint {bad.name} is corrupt ({exc}); no older checkpoint verifies", log)
+    return None
+
+
+def _say(message: str, log) -> None:
+    if log is not None:
+        log(message)
+    else:
+        warnings.warn(message, stacklevel=3)
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
-    """``(trainables, optimizer_state, meta)`` of a checkpoint folder."""
+    """``(trainables, optimizer_state, meta)`` of a checkpoint folder (verified first, see :func:`verify_checkpoint`)."""
     path = Path(path)
-    meta = json.loads((path / "meta.json").read_text())
+    meta = verify_checkpoint(path)
     trainables = load_file(str(path / "trainables.safetensors"))
     tensors = load_file(str(path / "optimizer.safetensors")) if (path / "optimizer.safetensors").is_file() else {}
     return trainables, _join_state(meta["optimizer"], tensors), meta
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints."""
+    """Delete all but the newest ``keep`` checkpoints, never the newest one that verifies."""
+    good = latest_checkpoint(run_dir, log=lambda _: None)
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != good:
+            shutil.rmtree(old, ignore_errors=True)

@@ -43,6 +43,7 @@ from .normalize import Normalize
 from .optim import ZO
 from .params import ParamSet
 from .rules import SGD, Adam, Momentum, Sign
+from .run_lock import RunLock
 from .scales import scales
 from .schedule import Schedule
 from .strategies import FZOO, GV, LDSD, SPSA, ConMeZO, Greedy, PerExample
@@ -197,6 +198,7 @@ class Session:
     eval_ds: ChatDataset
     batcher: Batcher
     reward_fn: object = None  # objective.kind reward: the loaded reward function
+    lock: RunLock | None = None  # held while this process trains the run (released by train())
 
 
 def _new_run_dir(cfg: dict, config_path) -> Path:
@@ -216,41 +218,53 @@ def _new_run_dir(cfg: dict, config_path) -> Path:
 
 
 def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
-    """Build a session: a new run from a config, or a resumed one from its last checkpoint."""
+    """Build a session: a new run from a config, or a resumed one from its last checkpoint.
+
+    The session holds the run's lock (``qzo.run_lock``) from before the first write to the
+    run directory; :func:`train` releases it, and so does a failure here.
+    """
     if resume is not None:
         run_dir = Path(resume)
         cfg = load_run_config(run_dir, overrides)
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
     else:
         cfg = load_config(config_path, overrides)
         run_dir = None
-    ob = cfg["objective"]
-    # loaded once, before the model: a bad objective.reward fails in seconds, not after the load
-    reward_fn = load_reward(ob["reward"]) if ob["kind"] == "reward" else None
-    log(f"qzo: loading {cfg['model']['source']} ({cfg['model']['quant']})")
-    model, tok, params, parts = load_model_and_targets(cfg)
-    train_ds, eval_ds = datasets_from_config(cfg, tok)
-    dropped = f", {train_ds.dropped} dropped: no assistant token within train.max_len" if train_ds.dropped else ""
-    packed = f" packed into {len(train_ds)} rows" if train_ds.row_len else ""
-    log(f"qzo: {train_ds.num_examples} training examples{packed}, {len(eval_ds)} held-out{dropped}; "
-        f"{describe_targets(parts)}")
-    if run_dir is None:
-        run_dir = _new_run_dir(cfg, config_path)
-    opt = build_optimizer(cfg, params)
-    batcher = Batcher(train_ds, cfg["train"]["batch_size"], cfg["train"]["seed"], tok.pad_token_id)
-    session = Session(cfg, run_dir, model, tok, params, parts, opt, train_ds, eval_ds, batcher, reward_fn)
-    if resume is not None:
-        ckpt = latest_checkpoint(run_dir)
-        done = 0
-        if ckpt is not None:
-            trainables, opt_state, meta = load_checkpoint(ckpt)
-            params.load_state_dict(trainables)
-            opt.load_state_dict(opt_state)
-            done = meta["step"]
-        _truncate_jsonl(run_dir / "steps.jsonl", done)
-        _truncate_jsonl(run_dir / "metrics.jsonl", done)
-        log(f"qzo: resuming {run_dir} from step {done}")
-    return session
+    lock = RunLock()
+    try:
+        if resume is not None:
+            lock.acquire(run_dir)  # before anything is written: another live run may own it
+            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        ob = cfg["objective"]
+        # loaded once, before the model: a bad objective.reward fails in seconds, not after the load
+        reward_fn = load_reward(ob["reward"]) if ob["kind"] == "reward" else None
+        log(f"qzo: loading {cfg['model']['source']} ({cfg['model']['quant']})")
+        model, tok, params, parts = load_model_and_targets(cfg)
+        train_ds, eval_ds = datasets_from_config(cfg, tok)
+        dropped = f", {train_ds.dropped} dropped: no assistant token within train.max_len" if train_ds.dropped else ""
+        packed = f" packed into {len(train_ds)} rows" if train_ds.row_len else ""
+        log(f"qzo: {train_ds.num_examples} training examples{packed}, {len(eval_ds)} held-out{dropped}; "
+            f"{describe_targets(parts)}")
+        if run_dir is None:
+            run_dir = _new_run_dir(cfg, config_path)
+            lock.acquire(run_dir)
+        opt = build_optimizer(cfg, params)
+        batcher = Batcher(train_ds, cfg["train"]["batch_size"], cfg["train"]["seed"], tok.pad_token_id)
+        session = Session(cfg, run_dir, model, tok, params, parts, opt, train_ds, eval_ds, batcher, reward_fn, lock)
+        if resume is not None:
+            ckpt = latest_checkpoint(run_dir, log)
+            done = 0
+            if ckpt is not None:
+                trainables, opt_state, meta = load_checkpoint(ckpt)
+                params.load_state_dict(trainables)
+                opt.load_state_dict(opt_state)
+                done = meta["step"]
+            _truncate_jsonl(run_dir / "steps.jsonl", done)
+            _truncate_jsonl(run_dir / "metrics.jsonl", done)
+            log(f"qzo: resuming {run_dir} from step {done}")
+        return session
+    except BaseException:
+        lock.release()
+        raise
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -396,7 +410,10 @@ def train(config_path=None, overrides=None, resume=None, log=print, progress: bo
     """Run ``qzo train``: returns the summary dict (also written to ``summary.json``)."""
     _refuse_several_ranks()
     session = setup(config_path, overrides, resume, log)
-    summary = run(session, log, progress)
+    try:
+        summary = run(session, log, progress)
+    finally:
+        session.lock.release()
     summary["run_dir"] = str(session.run_dir)
     return summary
 

@@ -32,7 +32,8 @@ def test_training_lowers_loss_and_writes_the_run(tiny_model_dir, overfit_data, t
     assert summary["final_eval_loss"] < summary["initial_eval_loss"] - 0.05
     optional = {"loss.png", "tensorboard"}  # with matplotlib / tensorboard installed (tests/test_plot.py)
     assert {p.name for p in out.iterdir()} - optional == {"config.yaml", "steps.jsonl", "metrics.jsonl",
-                                                          "checkpoints", "adapter", "summary.json"}
+                                                          "checkpoints", "adapter", "summary.json",
+                                                          ".lock"}  # qzo.run_lock: who trained it last
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(41))
     assert [m["step"] for m in metrics if "eval_loss" in m] == [0, 20, 40]
