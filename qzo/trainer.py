@@ -44,6 +44,7 @@ from .optim import ZO
 from .params import ParamSet
 from .rules import SGD, Adam, Momentum, Sign
 from .run_lock import RunLock
+from .stop_signals import GracefulStop
 from .scales import scales
 from .schedule import Schedule
 from .strategies import FZOO, GV, LDSD, SPSA, ConMeZO, Greedy, PerExample
@@ -328,36 +329,59 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
     bar = tqdm(total=steps, initial=s.opt.steps, desc="qzo train", unit="step", disable=not progress,
                dynamic_ncols=True)
     last_eval = None
+    stop = GracefulStop()  # Ctrl-C / SIGTERM: finish this step, checkpoint, say how to resume
     try:
-        for step in range(first_step, steps + 1):
-            forwards_before = s.opt.forwards
-            try:
-                loss = s.opt.step(objective_closure(s, step, device))  # objective.kind: cross-entropy or reward
-            except NonFiniteLossError as exc:
-                ckpt = latest_checkpoint(s.run_dir)
-                kept = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint had been written yet"
-                raise NonFiniteLossError(f"{exc} Training stopped at step {exc.step}; {kept}.", exc.step) from None
-            wall = time.perf_counter() - start_wall
-            record = s.opt.last_record.to_json()
-            record["wall_s"] = round(wall, 4)
-            _append_jsonl(steps_path, record)
-            row = {"step": step, "forwards": s.opt.forwards, "loss": loss, "wall_s": round(wall, 4)}
-            if _eval_due(t, step, forwards_before, s.opt.forwards) or step == steps:
-                last_eval = _evaluate(s)
-                row["eval_loss"] = last_eval
-                bar.write(f"step {step}: held-out loss {last_eval:.4f}")
-            _append_jsonl(metrics_path, row)
-            scalars.add(row, lr=record.get("lr"))
-            if step % t["save_every"] == 0 or step == steps:
-                _save(s)
-            bar.set_postfix(loss=f"{loss:.4f}", eval=f"{last_eval:.3f}" if last_eval is not None else "-",
-                            fwd_s=f"{s.opt.forwards / max(wall, 1e-9):.2f}" if step > first_step else "-",
-                            refresh=False)  # drawn once, by update
-            bar.update(1)
+        with stop:
+            for step in range(first_step, steps + 1):
+                loss, evaluated, wall = _train_step(s, step, steps, device, start_wall, scalars)
+                if evaluated is not None:
+                    last_eval = evaluated
+                    bar.write(f"step {step}: held-out loss {last_eval:.4f}")
+                if step % t["save_every"] == 0 or step == steps or stop.requested:
+                    _save(s)
+                if stop.requested and step < steps:
+                    bar.close()
+                    return _stopped(s, stop.signal_name, step, steps, initial, time.perf_counter() - start_wall, log)
+                bar.set_postfix(loss=f"{loss:.4f}", eval=f"{last_eval:.3f}" if last_eval is not None else "-",
+                                fwd_s=f"{s.opt.forwards / max(wall, 1e-9):.2f}" if step > first_step else "-",
+                                refresh=False)  # drawn once, by update
+                bar.update(1)
     finally:
         bar.close()
         scalars.close()
     return finish(s, initial, time.perf_counter() - start_wall, log)
+
+
+def _train_step(s: Session, step: int, steps: int, device, start_wall: float, scalars):
+    """One ZO step and its logs: ``(loss, held-out loss if evaluated now else None, wall seconds)``."""
+    forwards_before = s.opt.forwards
+    try:
+        loss = s.opt.step(objective_closure(s, step, device))  # objective.kind: cross-entropy or reward
+    except NonFiniteLossError as exc:
+        ckpt = latest_checkpoint(s.run_dir)
+        kept = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint had been written yet"
+        raise NonFiniteLossError(f"{exc} Training stopped at step {exc.step}; {kept}.", exc.step) from None
+    wall = time.perf_counter() - start_wall
+    record = s.opt.last_record.to_json()
+    record["wall_s"] = round(wall, 4)
+    _append_jsonl(s.run_dir / "steps.jsonl", record)
+    row = {"step": step, "forwards": s.opt.forwards, "loss": loss, "wall_s": round(wall, 4)}
+    evaluated = None
+    if _eval_due(s.cfg["train"], step, forwards_before, s.opt.forwards) or step == steps:
+        evaluated = row["eval_loss"] = _evaluate(s)
+    _append_jsonl(s.run_dir / "metrics.jsonl", row)
+    scalars.add(row, lr=record.get("lr"))
+    return loss, evaluated, wall
+
+
+def _stopped(s: Session, signal_name: str, step: int, steps: int, initial, wall: float, log) -> dict:
+    """The summary of a run stopped by a signal after ``step`` (its checkpoint already written)."""
+    log(f"qzo: {signal_name} received: stopped after step {step} of {steps} with a checkpoint; "
+        f"continue with: qzo train --resume {s.run_dir}")
+    summary = finish(s, initial, wall, log)
+    summary["stopped_by"] = signal_name
+    atomic_write_text(s.run_dir / "summary.json", json.dumps(summary, indent=2))
+    return summary
 
 
 def _eval_due(t: dict, step: int, forwards_before: int, forwards: int) -> bool:
