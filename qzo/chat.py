@@ -14,12 +14,12 @@ from .load import load
 __all__ = ["load_for_chat", "reply", "chat_loop"]
 
 
-def load_for_chat(source: str):
-    """``(model, tokenizer)`` for a run directory (base + trained adapter) or any model source."""
+def load_for_chat(source: str, checkpoint: str = "last"):
+    """``(model, tokenizer)`` for a run directory (base + a checkpoint's values) or any model source."""
     from .trainer import is_run_dir, load_run_model
 
     if is_run_dir(Path(source)):
-        model, tok, _, _ = load_run_model(Path(source))
+        model, tok, _, _ = load_run_model(Path(source), checkpoint)
         return model, tok
     return load(source)
 

@@ -32,7 +32,10 @@ from safetensors.torch import load_file, save_file
 from .errors import QzoError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "atomic_write_text",
-           "verify_checkpoint", "CheckpointError"]
+           "verify_checkpoint", "CheckpointError", "find_checkpoint", "best_step", "record_best", "CHOICES_HELP"]
+
+#: what ``--checkpoint`` takes in ``qzo eval``, ``qzo chat`` and ``qzo export``
+CHOICES_HELP = "last (default: the newest that verifies), best (lowest held-out loss) or step-N"
 
 
 class CheckpointError(QzoError):
@@ -210,9 +213,50 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     return trainables, _join_state(meta["optimizer"], tensors), meta
 
 
+def best_step(run_dir: Path) -> dict | None:
+    """``{"step", "eval_loss"}`` of the run's best held-out loss so far (``RUN/best.json``), or ``None``."""
+    path = Path(run_dir) / "best.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def record_best(run_dir: Path, step: int, eval_loss: float) -> None:
+    """Mark ``step`` (whose checkpoint exists) as the run's best; atomically, so a crash keeps the old mark."""
+    atomic_write_text(Path(run_dir) / "best.json", json.dumps({"step": int(step), "eval_loss": float(eval_loss)}))
+
+
+def find_checkpoint(run_dir: Path, which: str = "last", log: Callable[[str], None] | None = None) -> Path:
+    """The checkpoint ``which`` names (see :data:`CHOICES_HELP`), verified; :class:`QzoError` naming what exists."""
+    run_dir = Path(run_dir)
+    which = str(which).strip()
+    if which == "last":
+        found = latest_checkpoint(run_dir, log)
+        if found is None:
+            raise QzoError(f"run {str(run_dir)!r} has no checkpoint that verifies yet; train it first (or let it "
+                           "reach train.save_every)")
+        return found
+    if which == "best":
+        best = best_step(run_dir)
+        if best is None:
+            raise QzoError(f"run {str(run_dir)!r} has no best checkpoint yet (one is kept at each held-out "
+                           "evaluation that improves on the best); use --checkpoint last")
+        which = f"step-{best['step']}"
+    if not which.startswith("step-") or not which[5:].isdigit():
+        raise QzoError(f"--checkpoint {which!r}: give {CHOICES_HELP}")
+    path = run_dir / "checkpoints" / f"step-{int(which[5:]):06d}"
+    if not (path / "meta.json").is_file():
+        have = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
+        raise QzoError(f"run {str(run_dir)!r} has no checkpoint {which}; it has: {have}")
+    verify_checkpoint(path)
+    return path
+
+
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints, never the newest one that verifies."""
+    """Delete all but the newest ``keep`` checkpoints; never the newest one that verifies, nor the best one."""
     good = latest_checkpoint(run_dir, log=lambda _: None)
+    best = best_step(run_dir)
     for old in list_checkpoints(run_dir)[:-keep]:
-        if old != good:
+        if old != good and not (best and old.name == f"step-{best['step']:06d}"):
             shutil.rmtree(old, ignore_errors=True)

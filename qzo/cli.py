@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .checkpoint import CHOICES_HELP
 from .errors import NonFiniteLossError, QzoError
 from .strategies import STRATEGIES
 
@@ -33,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--prompt", help="one-shot: answer this prompt and exit")
     c.add_argument("--max-new-tokens", type=int, default=128)
     c.add_argument("--system", help="system prompt")
+    c.add_argument("--checkpoint", default="last", help=f"for a run: {CHOICES_HELP}")
 
     pl = sub.add_parser("plan", help="expected peak memory of a ZO step, from the config alone (no weights read)")
     pl.add_argument("model", help="a preset (llama-2-7b, llama-3.1-8b, ...), a model folder, a .gguf or a hub id "
@@ -63,11 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--base", help="the base model's new place, if it moved since training")
     e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="--merged: weight dtype (float32 keeps the merge exact)")
+    e.add_argument("--checkpoint", default="last", help=CHOICES_HELP)
 
     ev = sub.add_parser("eval", help="held-out loss/perplexity and sample replies: base model vs a run's checkpoint")
     ev.add_argument("run", help="a run directory written by qzo train")
     ev.add_argument("--samples", type=int, default=4, help="held-out prompts to answer with both models (0: none)")
     ev.add_argument("--max-new-tokens", type=int, default=64, help="longest greedy reply per sample")
+    ev.add_argument("--checkpoint", default="last", help=CHOICES_HELP)
 
     pt = sub.add_parser("plot", help="PNG of training and held-out loss against forward passes (needs matplotlib)")
     pt.add_argument("runs", nargs="+", metavar="RUN", help="one or more run directories, overlaid")
@@ -102,7 +106,7 @@ def _recipes(args) -> int:
 def _chat(args) -> int:
     from .chat import chat_loop, load_for_chat, reply
 
-    model, tok = load_for_chat(args.source)
+    model, tok = load_for_chat(args.source, args.checkpoint)
     if args.prompt is not None:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": args.prompt})
@@ -130,14 +134,14 @@ def _plan(args) -> int:
 def _export(args) -> int:
     from .export import export
 
-    export(args.run, args.fmt, out=args.out, base=args.base, dtype=args.dtype)
+    export(args.run, args.fmt, out=args.out, base=args.base, dtype=args.dtype, checkpoint=args.checkpoint)
     return 0
 
 
 def _eval(args) -> int:
     from .evaluate import evaluate_run
 
-    evaluate_run(args.run, samples=args.samples, max_new_tokens=args.max_new_tokens)
+    evaluate_run(args.run, samples=args.samples, max_new_tokens=args.max_new_tokens, checkpoint=args.checkpoint)
     return 0
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write_text, latest_checkpoint
+from .checkpoint import atomic_write_text, find_checkpoint
 from .data import datasets_from_config, eval_loss
 from .errors import QzoError
 from .objectives import last_user_text, split_chat
@@ -56,8 +56,10 @@ def _measure(model, tok, held, batch_size: int, prompts: list[list[dict]], max_n
     return loss, replies
 
 
-def evaluate_run(run_dir, samples: int = 4, max_new_tokens: int = 64, log=print) -> dict:
-    """Held-out loss/perplexity and greedy sample replies, base model vs the run's latest checkpoint.
+def evaluate_run(run_dir, samples: int = 4, max_new_tokens: int = 64, log=print, checkpoint: str = "last") -> dict:
+    """Held-out loss/perplexity and greedy sample replies, base model vs a checkpoint of the run.
+
+    ``checkpoint``: ``last`` (default), ``best`` or ``step-N`` (:func:`qzo.checkpoint.find_checkpoint`).
 
     Returns the dict also written to ``RUN/eval.json``: ``before`` / ``after`` (``loss``,
     ``perplexity``), ``samples`` (``messages``, ``prompt``, ``reference``, ``base``,
@@ -73,9 +75,7 @@ def evaluate_run(run_dir, samples: int = 4, max_new_tokens: int = 64, log=print)
         raise QzoError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)  # QzoError when it is not a run directory
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise QzoError(f"run {str(run_dir)!r} has no checkpoint yet; train it first (or let it reach train.save_every)")
+    ckpt = find_checkpoint(run_dir, checkpoint, log)
     meta = json.loads((ckpt / "meta.json").read_text())
     log(f"qzo: loading {cfg['model']['source']} ({cfg['model']['quant']}) with {ckpt.name}")
     model, tok, params, cfg = load_run_model(run_dir, ckpt)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import find_checkpoint, load_checkpoint
 from .errors import ModelSourceError, QzoError
 from .targets import clean_path, is_quantized, unwrap_peft
 
@@ -40,8 +40,8 @@ FORMATS = ("peft", "merged", "quantized")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def export(run_dir, fmt: str, out=None, base=None, dtype: str = "bfloat16", log=print) -> Path:
-    """Export a run's latest checkpoint as ``fmt`` (``peft``, ``merged`` or ``quantized``) into ``out``.
+def export(run_dir, fmt: str, out=None, base=None, dtype: str = "bfloat16", log=print, checkpoint: str = "last") -> Path:
+    """Export a checkpoint of a run (``last`` by default) as ``fmt`` (``peft``, ``merged`` or ``quantized``) into ``out``.
 
     Args:
         run_dir: a directory ``qzo train`` wrote.
@@ -49,6 +49,7 @@ def export(run_dir, fmt: str, out=None, base=None, dtype: str = "bfloat16", log=
         out: destination folder (must not exist); default ``<run>/export-<fmt>``.
         base: where the base model is now, when it moved since training (same model).
         dtype: ``merged`` only: ``bfloat16`` (default), ``float16`` or ``float32``.
+        checkpoint: ``last``, ``best`` or ``step-N`` (:func:`qzo.checkpoint.find_checkpoint`).
 
     Returns:
         The folder written.
@@ -61,9 +62,7 @@ def export(run_dir, fmt: str, out=None, base=None, dtype: str = "bfloat16", log=
         raise QzoError(f"unknown export dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise QzoError(f"run {str(run_dir)!r} has no checkpoint yet; train it first")
+    ckpt = find_checkpoint(run_dir, checkpoint)
     out = Path(out) if out is not None else run_dir / f"export-{fmt}"
     if out.exists():
         raise QzoError(f"export destination {str(out)!r} already exists; remove it or pass --out elsewhere")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,7 +32,8 @@ from pathlib import Path
 import yaml
 
 from .batched import CausalLMLoss
-from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoint import (atomic_write_text, best_step, find_checkpoint, latest_checkpoint, load_checkpoint,
+                         prune_checkpoints, record_best, save_checkpoint)
 from .config import DEFAULTS, ConfigError, load_config, merge_config, validate
 from .data import Batcher, ChatDataset, datasets_from_config, eval_loss, model_input_device
 from .errors import NonFiniteLossError, QzoError
@@ -261,11 +263,26 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
                 done = meta["step"]
             _truncate_jsonl(run_dir / "steps.jsonl", done)
             _truncate_jsonl(run_dir / "metrics.jsonl", done)
+            _forget_best_after(run_dir, done)
             log(f"qzo: resuming {run_dir} from step {done}")
         return session
     except BaseException:
         lock.release()
         raise
+
+
+def _forget_best_after(run_dir: Path, done: int) -> None:
+    """A resume from step ``done`` redoes later steps: a best mark past it is recomputed from the metrics kept."""
+    best = best_step(run_dir)
+    if best is None or best["step"] <= done:
+        return
+    (run_dir / "best.json").unlink()
+    kept = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [(m["eval_loss"], m["step"]) for m in kept if m.get("eval_loss") is not None and 0 < m["step"] <= done
+             and (run_dir / "checkpoints" / f"step-{m['step']:06d}").is_dir()]
+    if evals:
+        loss, step = min(evals)
+        record_best(run_dir, step, loss)
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -278,9 +295,12 @@ def _logged_wall(steps_path: Path) -> float:
     return float(json.loads(lines[-1])["wall_s"]) if lines else 0.0
 
 
-def _save(s: Session) -> None:
+def _save(s: Session, best_loss: float | None = None) -> None:
+    """Checkpoint this step; with ``best_loss`` also mark it the run's best. Then prune (never the best)."""
     save_checkpoint(s.run_dir, s.opt.steps, s.params.state_dict(), s.opt.state_dict(),
                     extra={"forwards": s.opt.forwards})
+    if best_loss is not None:
+        _keep_best(s, s.opt.steps, best_loss)
     prune_checkpoints(s.run_dir, s.cfg["train"]["keep_checkpoints"])
 
 
@@ -334,11 +354,12 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
         with stop:
             for step in range(first_step, steps + 1):
                 loss, evaluated, wall = _train_step(s, step, steps, device, start_wall, scalars)
+                best = evaluated is not None and _is_best(s, evaluated)
                 if evaluated is not None:
                     last_eval = evaluated
-                    bar.write(f"step {step}: held-out loss {last_eval:.4f}")
-                if step % t["save_every"] == 0 or step == steps or stop.requested:
-                    _save(s)
+                    bar.write(f"step {step}: held-out loss {last_eval:.4f}" + (" (best so far)" if best else ""))
+                if step % t["save_every"] == 0 or step == steps or stop.requested or best:
+                    _save(s, evaluated if best else None)
                 if stop.requested and step < steps:
                     bar.close()
                     return _stopped(s, stop.signal_name, step, steps, initial, time.perf_counter() - start_wall, log)
@@ -350,6 +371,24 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
         bar.close()
         scalars.close()
     return finish(s, initial, time.perf_counter() - start_wall, log)
+
+
+def _is_best(s: Session, eval_loss: float) -> bool:
+    best = best_step(s.run_dir)
+    return eval_loss == eval_loss and (best is None or eval_loss < best["eval_loss"])
+
+
+def _keep_best(s: Session, step: int, eval_loss: float) -> None:
+    """Step ``step`` (checkpointed) becomes the run's best: ``RUN/best.json`` and ``RUN/best/`` (its final values)."""
+    record_best(s.run_dir, step, eval_loss)
+    tmp = s.run_dir / ".best-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_final_values(s.parts, tmp)
+    old = s.run_dir / ".best-old"
+    if (s.run_dir / "best").exists():
+        os.replace(s.run_dir / "best", old)
+    os.replace(tmp, s.run_dir / "best")
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _train_step(s: Session, step: int, steps: int, device, start_wall: float, scalars):
@@ -442,18 +481,18 @@ def train(config_path=None, overrides=None, resume=None, log=print, progress: bo
     return summary
 
 
-def load_run_model(run_dir: Path, checkpoint: Path | None = None, source=None):
-    """Base model + trainables with a run's latest (or given) values: ``(model, tok, params, cfg)``.
+def load_run_model(run_dir: Path, checkpoint: "Path | str | None" = None, source=None):
+    """Base model + trainables with a run's checkpoint: ``(model, tok, params, cfg)``.
 
-    ``source`` loads the base from another place than the run's ``model.source`` (a moved
-    folder); it must be the same model, which the checkpoint's names and shapes check.
+    ``checkpoint`` is a checkpoint folder or what ``--checkpoint`` takes (``last``, the
+    default; ``best``; ``step-N``; see :func:`qzo.checkpoint.find_checkpoint`). ``source``
+    loads the base from another place than the run's ``model.source`` (a moved folder); it
+    must be the same model, which the checkpoint's names and shapes check.
     """
     cfg = load_run_config(run_dir)
     if source is not None:
         cfg["model"]["source"] = str(source)
+    ckpt = checkpoint if isinstance(checkpoint, Path) else find_checkpoint(run_dir, checkpoint or "last")
     model, tok, params, _ = load_model_and_targets(cfg)
-    ckpt = checkpoint or latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise QzoError(f"run {str(run_dir)!r} has no checkpoint yet; train it first")
     params.load_state_dict(load_checkpoint(ckpt)[0])
     return model, tok, params, cfg
