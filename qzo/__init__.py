@@ -47,7 +47,8 @@ from .plan import plan  # noqa: E402
 
 __all__ = [
     "load", "lora", "scales", "dense", "combine", "ZO", "StepRecord",
-    "SPSA", "GV", "Greedy", "LDSD", "FZOO", "ConMeZO", "PerExample", "Normalize", "SGD", "Momentum", "Adam", "Sign", "Schedule", "clip_grad",
+    "SPSA", "GV", "Greedy", "LDSD", "FZOO", "ConMeZO", "PerExample", "Normalize",
+    "SGD", "Momentum", "Adam", "Sign", "Schedule", "clip_grad",
     "CausalLMLoss", "Strategy", "Rule", "Estimate", "ParamSet", "Trainable",
     "ScaleParams", "DenseParams", "load_scales", "load_dense", "targets", "noise",
     "set_backend", "get_backend", "objectives", "replay", "plan",

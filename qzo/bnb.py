@@ -81,9 +81,9 @@ def choose_cpu_path(model, fused: bool) -> int:
     """Fix the CPU path of every 4-bit layer of ``model`` now; returns how many layers run fused.
 
     ``fused=True`` repacks each CPU layer the fused kernel can take (its output size a
-    multiple of 32, its input size of the scale block) when the CPU has AVX512-BF16; every other layer is held on the plain
-    path, so no forward repacks anything later. ``state_dict()`` on a repacked layer would
-    un-pack it in place and leave its scales transposed (logits off by ~50 measured on the
+    multiple of 32, its input size of the scale block) when the CPU has AVX512-BF16; every
+    other layer is held on the plain path, so no forward repacks anything later.
+    ``state_dict()`` on a repacked layer would un-pack it in place and leave its scales transposed (logits off by ~50 measured on the
     demo); the packed state is restored after each call, so the live model never changes.
     """
     from bitsandbytes.functional import _convert_weight_packed_for_cpu

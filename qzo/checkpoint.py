@@ -205,7 +205,7 @@ def _say(message: str, log) -> None:
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
-    """``(trainables, optimizer_state, meta)`` of a checkpoint folder (verified first, see :func:`verify_checkpoint`)."""
+    """``(trainables, optimizer_state, meta)`` of a checkpoint folder, verified first (:func:`verify_checkpoint`)."""
     path = Path(path)
     meta = verify_checkpoint(path)
     trainables = load_file(str(path / "trainables.safetensors"))

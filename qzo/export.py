@@ -40,8 +40,9 @@ FORMATS = ("peft", "merged", "quantized")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def export(run_dir, fmt: str, out=None, base=None, dtype: str = "bfloat16", log=print, checkpoint: str = "last") -> Path:
-    """Export a checkpoint of a run (``last`` by default) as ``fmt`` (``peft``, ``merged`` or ``quantized``) into ``out``.
+def export(run_dir, fmt: str, out=None, base=None, dtype: str = "bfloat16", log=print,
+           checkpoint: str = "last") -> Path:
+    """Export a checkpoint of a run (``last`` by default) as ``fmt`` (``peft``, ``merged``, ``quantized``) into ``out``.
 
     Args:
         run_dir: a directory ``qzo train`` wrote.

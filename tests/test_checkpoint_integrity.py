@@ -46,7 +46,8 @@ def test_resume_skips_a_corrupt_checkpoint_and_matches_the_uninterrupted_run(dam
     half = _run(tiny_model_dir, data, tmp_path / "half", **{"train.steps": 6})
     step3, step6 = list_checkpoints(half)
     meta = json.loads((step6 / "meta.json").read_text())
-    assert set(meta["files"]) == {"trainables.safetensors"} and len(meta["files"]["trainables.safetensors"]["sha256"]) == 64
+    assert set(meta["files"]) == {"trainables.safetensors"}
+    assert len(meta["files"]["trainables.safetensors"]["sha256"]) == 64
     damage(step6 / "trainables.safetensors")
     with pytest.raises(CheckpointError, match="trainables.safetensors"):
         verify_checkpoint(step6)

@@ -12,7 +12,8 @@ from .per_example import PerExample
 from .pool import GV, Greedy
 from .spsa import SPSA
 
-__all__ = ["Component", "Estimate", "Probe", "Strategy", "SPSA", "GV", "Greedy", "LDSD", "FZOO", "ConMeZO", "PerExample", "STRATEGIES"]
+__all__ = ["Component", "Estimate", "Probe", "Strategy", "SPSA", "GV", "Greedy", "LDSD", "FZOO", "ConMeZO",
+           "PerExample", "STRATEGIES"]
 
 #: config / CLI name -> strategy class (the one table the config, the CLI and the planner read)
 STRATEGIES = {"spsa": SPSA, "gv": GV, "greedy": Greedy, "ldsd": LDSD, "fzoo": FZOO, "conmezo": ConMeZO,
