@@ -89,10 +89,11 @@ def _train(args) -> int:
     # smollm2-135m/demo spells them out; a test keeps the two equal). CONFIG is a YAML file or
     # a shipped recipe's name (qzo.recipes).
     summary = train(args.config, args.overrides, args.resume, progress=not args.no_progress)
-    if summary.get("stopped_by"):  # SIGINT / SIGTERM at a step boundary: the shell's 128 + signal number
+    stopped = summary.get("stopped_by", "")
+    if stopped.endswith(" received"):  # SIGINT / SIGTERM at a step boundary: the shell's 128 + signal number
         import signal
 
-        return 128 + int(signal.Signals[summary["stopped_by"]])
+        return 128 + int(signal.Signals[stopped.split()[0]])
     return 0
 
 

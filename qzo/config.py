@@ -83,6 +83,8 @@ DEFAULTS: dict = {
         "max_len": 96,
         "eval_every": 50,  # steps between held-out evaluations (also at step 0 and the end)
         "eval_every_forwards": None,  # instead of eval_every: evaluate at the first step past each multiple
+        "early_stop_patience": None,  # stop after this many held-out evaluations without a new best (null: off)
+        "early_stop_factor": None,  # stop when a held-out loss exceeds the best by this factor, e.g. 1.5 (null: off)
         "eval_batch_size": 16,
         "save_every": 50,  # steps between checkpoints (also at the end)
         "keep_checkpoints": 2,
@@ -124,6 +126,8 @@ _NULLABLE_TYPES = {
     ("optim", "normalize"): (str,),
     ("train", "forwards"): (int,),
     ("train", "eval_every_forwards"): (int,),
+    ("train", "early_stop_patience"): (int,),
+    ("train", "early_stop_factor"): (float, int),
     ("targets", "scales"): (str, list),
     ("targets", "dense"): (list,),
     ("objective", "reward"): (str,),
@@ -330,6 +334,12 @@ def validate(cfg: dict) -> dict:
                           f">= 0, got {o['cone_theta']}, {o['cone_beta']}, {o['cone_ramp_steps']}")
     if not 0 <= o["normalize_beta"] < 1:
         raise ConfigError(f"config key 'optim.normalize_beta' must be in [0, 1), got {o['normalize_beta']}")
+    patience, factor = cfg["train"]["early_stop_patience"], cfg["train"]["early_stop_factor"]
+    if factor is not None and not factor > 1:
+        raise ConfigError(f"config key 'train.early_stop_factor' must be > 1 (a loss that many times the best) or "
+                          f"null, got {factor}")
+    if patience is not None and patience < 1:
+        raise ConfigError(f"config key 'train.early_stop_patience' must be >= 1 or null, got {patience}")
     for key in ("forwards", "eval_every_forwards"):
         if cfg["train"][key] is not None and cfg["train"][key] < 1:
             raise ConfigError(f"config key 'train.{key}' must be >= 1 or null, got {cfg['train'][key]}")

@@ -358,11 +358,13 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
                 if evaluated is not None:
                     last_eval = evaluated
                     bar.write(f"step {step}: held-out loss {last_eval:.4f}" + (" (best so far)" if best else ""))
-                if step % t["save_every"] == 0 or step == steps or stop.requested or best:
+                early = _early_stop_reason(s, evaluated) if evaluated is not None and not best else None
+                if step % t["save_every"] == 0 or step == steps or stop.requested or best or early:
                     _save(s, evaluated if best else None)
-                if stop.requested and step < steps:
+                if (stop.requested or early) and step < steps:
                     bar.close()
-                    return _stopped(s, stop.signal_name, step, steps, initial, time.perf_counter() - start_wall, log)
+                    why = early or f"{stop.signal_name} received"
+                    return _stopped(s, why, step, steps, initial, time.perf_counter() - start_wall, log)
                 bar.set_postfix(loss=f"{loss:.4f}", eval=f"{last_eval:.3f}" if last_eval is not None else "-",
                                 fwd_s=f"{s.opt.forwards / max(wall, 1e-9):.2f}" if step > first_step else "-",
                                 refresh=False)  # drawn once, by update
@@ -413,12 +415,29 @@ def _train_step(s: Session, step: int, steps: int, device, start_wall: float, sc
     return loss, evaluated, wall
 
 
-def _stopped(s: Session, signal_name: str, step: int, steps: int, initial, wall: float, log) -> dict:
-    """The summary of a run stopped by a signal after ``step`` (its checkpoint already written)."""
-    log(f"qzo: {signal_name} received: stopped after step {step} of {steps} with a checkpoint; "
+def _early_stop_reason(s: Session, eval_loss: float) -> str | None:
+    """Why ``train.early_stop_*`` ends the run after this evaluation (``None``: go on)."""
+    t, best = s.cfg["train"], best_step(s.run_dir)
+    if best is None:
+        return None
+    if t["early_stop_factor"] is not None and not eval_loss <= t["early_stop_factor"] * best["eval_loss"]:
+        return (f"early stop: held-out loss {eval_loss:.4f} is over {t['early_stop_factor']:g} x the best "
+                f"({best['eval_loss']:.4f} at step {best['step']})")
+    if t["early_stop_patience"] is not None:
+        rows = [json.loads(line) for line in (s.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        since = [r for r in rows if r.get("eval_loss") is not None and r["step"] > best["step"]]
+        if len(since) >= t["early_stop_patience"]:
+            return (f"early stop: no better held-out loss in {len(since)} evaluations since step {best['step']} "
+                    f"({best['eval_loss']:.4f})")
+    return None
+
+
+def _stopped(s: Session, why: str, step: int, steps: int, initial, wall: float, log) -> dict:
+    """The summary of a run stopped early after ``step`` (its checkpoint already written)."""
+    log(f"qzo: {why}: stopped after step {step} of {steps} with a checkpoint; "
         f"continue with: qzo train --resume {s.run_dir}")
     summary = finish(s, initial, wall, log)
-    summary["stopped_by"] = signal_name
+    summary["stopped_by"] = why
     atomic_write_text(s.run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 

@@ -51,7 +51,7 @@ def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint(sig, tiny_model_dir
     stopped = _steps_logged(run)
     assert 2 <= stopped < 400
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["stopped_by"] == signal.Signals(sig).name and summary["steps"] == stopped
+    assert summary["stopped_by"] == f"{signal.Signals(sig).name} received" and summary["steps"] == stopped
     assert (run / f"checkpoints/step-{stopped:06d}/trainables.safetensors").is_file()
     # the checkpoint is the step the log ends on: the same bytes as a run that only went that far
     same = tmp_path / "same"
