@@ -12,6 +12,7 @@ default's type, and impossible values are rejected with the valid range.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import yaml
@@ -300,8 +301,12 @@ def validate(cfg: dict) -> dict:
             except ValueError:
                 pass
         if not _type_ok(default, value, key):
-            want = type(default).__name__ if default is not None else "/".join(t.__name__ for t in _NULLABLE_TYPES.get(key, ()))
+            kinds = _NULLABLE_TYPES.get(key, ())
+            want = type(default).__name__ if default is not None else "/".join(t.__name__ for t in kinds)
             raise ConfigError(f"config key {dotted!r} must be {want}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value) or (
+                isinstance(value, list) and any(isinstance(v, float) and not math.isfinite(v) for v in value)):
+            raise ConfigError(f"config key {dotted!r} must be a finite number, got {value!r}")
         if key in _CHOICES and value not in _CHOICES[key]:
             raise ConfigError(f"config key {dotted!r} is {value!r}; choose one of {', '.join(map(str, _CHOICES[key]))}")
         if key in _POSITIVE and not value > 0:
