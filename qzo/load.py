@@ -431,12 +431,23 @@ def _load_model(folder, quant, double_quant, dtype, device_map, max_memory, offl
         kwargs["max_memory"] = max_memory
     if offload_folder is not None:
         kwargs["offload_folder"] = str(offload_folder)
+    # safetensors only: a pickle (pytorch_model.bin) can run code when it is read, and qzo never reads one
+    kwargs["use_safetensors"] = True
     try:
         return AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except OSError as exc:
+        if not list(Path(str(folder)).glob("*.safetensors")) and list(Path(str(folder)).glob("*.bin")):
+            raise ModelSourceError(f"{str(folder)!r} holds only pickled PyTorch weights (*.bin), which qzo does not "
+                                   "read (unpickling can run code); save the model as safetensors first: "
+                                   "model.save_pretrained(folder, safe_serialization=True)") from None
         raise ModelSourceError(f"could not load a model from {str(folder)!r}: {exc}") from exc
     except ValueError as exc:
         if "offload_folder" in str(exc) or "offload_dir" in str(exc):
             raise QzoError("some layers do not fit max_memory and go to disk, but no folder was given for them: set "
                            "model.offload_folder (qzo.load(..., offload_folder=...)) or raise model.max_memory") from None
         raise
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error type for a damaged file
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise ModelSourceError(f"a weights file in {str(folder)!r} is damaged ({exc}); download or convert the "
+                               "model again") from None
