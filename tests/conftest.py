@@ -90,6 +90,23 @@ def tiny_batch(smol_tokenizer):
     return collate(ds.input_ids, ds.labels, smol_tokenizer.pad_token_id)
 
 
+def write_code_chats(folder) -> Path:
+    """``folder/chats.jsonl``: 8 one-turn chats whose assistant always replies ``CODE`` (a task a few steps learn)."""
+    import json
+
+    rows = [{"messages": [{"role": "user", "content": f"Code {i}?"}, {"role": "assistant", "content": "CODE"}]}
+            for i in range(8)]
+    path = Path(folder) / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def code_chats(tmp_path) -> Path:
+    """:func:`write_code_chats` in the test's temporary folder."""
+    return write_code_chats(tmp_path)
+
+
 def run_overrides(model_dir, data, out_dir, **extra) -> list[str]:
     """``--set`` overrides of a short run of the tiny model on ``data``; ``extra`` (dotted keys) wins.
 

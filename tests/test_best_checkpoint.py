@@ -11,17 +11,14 @@ from qzo.cli import main
 from qzo.errors import QzoError
 from qzo.trainer import load_run_model, train
 
-from conftest import run_overrides
+from conftest import run_overrides, write_code_chats
 
 
 @pytest.fixture(scope="module")
 def noisy_run(tiny_model_dir, tmp_path_factory):
     """Held-out loss every step at an lr high enough to go up and down; one checkpoint kept."""
     folder = tmp_path_factory.mktemp("best")
-    rows = [{"messages": [{"role": "user", "content": f"Code {i}?"}, {"role": "assistant", "content": "CODE"}]}
-            for i in range(8)]
-    data = folder / "chats.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_code_chats(folder)
     out = folder / "run"
     train(None, run_overrides(tiny_model_dir, data, out, **{"train.steps": 8, "train.eval_every": 1,
                                                             "train.save_every": 100, "train.keep_checkpoints": 1,
@@ -61,11 +58,8 @@ def test_checkpoint_names_and_bad_ones(noisy_run, capsys):
 
 
 @pytest.mark.parametrize("rule", ["patience", "factor"])
-def test_early_stop_ends_the_run_and_says_why(rule, tiny_model_dir, tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"Code {i}?"}, {"role": "assistant", "content": "CODE"}]}
-            for i in range(8)]
-    data = tmp_path / "chats.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+def test_early_stop_ends_the_run_and_says_why(rule, tiny_model_dir, tmp_path, code_chats):
+    data = code_chats
     # the tiny random model's loss stays near ln(vocab) = 10.8; at lr 3 / 300 it stalls / swings by ~0.05
     # (measured), so later evaluations lose to the first ones, by more than 0.3% at lr 300
     extra = {"train.steps": 40, "train.eval_every": 1, "train.save_every": 100,

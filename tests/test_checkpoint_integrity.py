@@ -16,12 +16,8 @@ from conftest import run_overrides
 
 
 @pytest.fixture
-def data(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"Code {i}?"}, {"role": "assistant", "content": "CODE"}]}
-            for i in range(8)]
-    path = tmp_path / "chats.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def data(code_chats):
+    return code_chats
 
 
 def _run(model_dir, data, out, **extra):
@@ -89,7 +85,7 @@ def test_pruning_never_deletes_the_newest_good_checkpoint(tiny_model_dir, data, 
     from qzo.checkpoint import prune_checkpoints
 
     run = _run(tiny_model_dir, data, tmp_path / "run", **{"train.steps": 6, "train.save_every": 2,
-                                                          "train.keep_checkpoints": 3})
+                                                          "train.keep_checkpoints": 3, "train.eval_every": 100})
     steps = list_checkpoints(run)
     assert [p.name for p in steps] == ["step-000002", "step-000004", "step-000006"]
     _truncate(steps[2] / "trainables.safetensors")

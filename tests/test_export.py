@@ -1,6 +1,5 @@
 """qzo export: each format loads outside qzo and gives the trained model's outputs (tolerance per format)."""
 
-import json
 import shutil
 
 import pytest
@@ -13,14 +12,13 @@ from qzo.errors import QzoError
 from qzo.export import export
 from qzo.trainer import load_run_model, train
 
+from conftest import write_code_chats
+
 PROMPT = [[1, 524, 3, 17, 9921, 42, 7, 7, 2]]
 
 
 def _train(model_dir, tmp_path, name, **extra):
-    data = tmp_path / "chats.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"Code {i}?"}, {"role": "assistant", "content": "CODE"}]}
-            for i in range(8)]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_code_chats(tmp_path)
     sets = {"model.source": str(model_dir), "model.quant": "nf4", "lora.r": 4, "data.train": str(data),
             "data.eval": str(data), "optim.lr": 0.5, "train.steps": 4, "train.batch_size": 4, "train.max_len": 48,
             "train.eval_every": 4, "train.save_every": 4, "out_dir": str(tmp_path / name), **extra}

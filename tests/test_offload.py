@@ -25,12 +25,8 @@ def _run(model_dir, data, out, **extra):
 
 
 @pytest.fixture
-def chat_file(tmp_path):
-    path = tmp_path / "chats.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"Code {i}?"}, {"role": "assistant", "content": "CODE"}]}
-            for i in range(8)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def chat_file(code_chats):
+    return code_chats
 
 
 @pytest.mark.parametrize("strategy", ["spsa", "gv"])

@@ -1,6 +1,5 @@
 """One live run per run directory: a second is refused while the first lives, and a killed run leaves no lock."""
 
-import json
 import os
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import pytest
 from qzo.run_lock import RunInUseError, RunLock
 from qzo.trainer import train
 
-from conftest import run_overrides
+from conftest import run_overrides, write_code_chats
 
 HOLD = """
 import sys, time
@@ -24,10 +23,7 @@ time.sleep(120)
 
 @pytest.fixture
 def finished_run(tiny_model_dir, tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"Code {i}?"}, {"role": "assistant", "content": "CODE"}]}
-            for i in range(8)]
-    data = tmp_path / "chats.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_code_chats(tmp_path)
     out = tmp_path / "run"
     train(None, run_overrides(tiny_model_dir, data, out, **{"train.steps": 3}), progress=False, log=lambda *_: None)
     return out

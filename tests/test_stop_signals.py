@@ -16,12 +16,8 @@ from conftest import run_overrides
 
 
 @pytest.fixture
-def data(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"Code {i}?"}, {"role": "assistant", "content": "CODE"}]}
-            for i in range(8)]
-    path = tmp_path / "chats.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def data(code_chats):
+    return code_chats
 
 
 def _steps_logged(run) -> int:

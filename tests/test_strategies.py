@@ -50,6 +50,16 @@ def _assert_close_up_to_rare_flips(got, want, atol, flip, lr, steps=5):
     assert (got - want).abs().max().item() <= 2 * lr * steps + atol
 
 
+def _assert_moved_alike_and_reset(params_a, params_b, init, rel):
+    """Both sets moved from ``init`` and agree to ``rel`` of the move; then both go back to ``init``."""
+    for ta, tb in zip(params_a, params_b):
+        moved = (tb.tensor - init[tb.name]).abs().max().item()
+        assert moved > 1e-4
+        torch.testing.assert_close(ta.tensor, tb.tensor, rtol=0, atol=moved * rel)
+    params_a.load_state_dict(init)
+    params_b.load_state_dict(init)
+
+
 @pytest.fixture(scope="module")
 def tiny_llama_pair(smol_tokenizer):
     def build():
@@ -127,12 +137,7 @@ def test_scale_free_steps_equal_plain_reference(strategy, normalize, tiny_llama_
         plain.step(lambda: model_b(**tiny_batch).loss, step)
     if normalize == "spread":  # a unit-free slope: |g| eps / sigma is O(1), whatever the loss scale
         assert all(0 < abs(g) < 10 for g in grads)
-    for ta, tb in zip(params_a, params_b):
-        moved = (tb.tensor - init[tb.name]).abs().max().item()
-        assert moved > 1e-4
-        torch.testing.assert_close(ta.tensor, tb.tensor, rtol=0, atol=moved * 2e-2)
-    params_a.load_state_dict(init)
-    params_b.load_state_dict(init)
+    _assert_moved_alike_and_reset(params_a, params_b, init, rel=2e-2)
 
 
 def test_fzoo_on_a_hand_worked_example():
@@ -330,12 +335,7 @@ def test_per_example_equals_plain_reference(normalize, tiny_llama_pair, tiny_bat
         want = plain.step(lambda: _per_row(model_b, tiny_batch), step)
         assert loss == pytest.approx(want, rel=1e-4)
         assert len(opt.last_record.seeds) == 2 and opt.last_record.forwards == 2 * step
-    for ta, tb in zip(params_a, params_b):
-        moved = (tb.tensor - init[tb.name]).abs().max().item()
-        assert moved > 1e-4
-        torch.testing.assert_close(ta.tensor, tb.tensor, rtol=0, atol=moved * 3e-2)
-    params_a.load_state_dict(init)
-    params_b.load_state_dict(init)
+    _assert_moved_alike_and_reset(params_a, params_b, init, rel=3e-2)
 
 
 def test_per_example_lowers_tiny_llama_loss_and_needs_a_row_closure(smol_tokenizer, tiny_batch):
