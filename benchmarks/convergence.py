@@ -147,9 +147,9 @@ def append_rows(rows: list[dict]) -> None:
 def run_one(method: str, lr: float, seed: int, budget: int, eval_every: int, phase: str) -> list[dict]:
     """Train one method to ``budget`` forwards; held-out loss at every multiple of eval_every."""
     first_order = METHODS[method] is None
-    # bitsandbytes' fused CPU 4-bit kernel has no backward (gradients come out zero), so
-    # first-order runs use the dequantize-then-matmul path; ZO runs use qzo's default.
-    model, tok = qzo.load("smollm2-135m", quant="nf4", cpu_fused_4bit=not first_order)
+    # every method on bitsandbytes' plain CPU 4-bit path (qzo's default; the fused kernel has no
+    # backward, and measured slower here: benchmarks/cpu_4bit_paths.py)
+    model, tok = qzo.load("smollm2-135m", quant="nf4", cpu_fused_4bit=False)
     params = qzo.lora(model, r=8, alpha=16, target_modules=["q_proj", "v_proj"], seed=seed)
     train = ChatDataset.from_jsonl(tok, "builtin:demo_train", MAX_LEN)
     held = ChatDataset.from_jsonl(tok, "builtin:demo_eval", MAX_LEN)

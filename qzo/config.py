@@ -35,7 +35,7 @@ DEFAULTS: dict = {
         "max_memory": None,  # e.g. {0: "6GiB", "cpu": "48GiB"} (GPU by index: accelerate rejects "cuda:0")
         "offload_folder": None,
         "trust_remote_code": False,
-        "cpu_fused_4bit": True,  # bitsandbytes' fused bf16 CPU kernel for 4-bit layers (AVX512-BF16 CPUs)
+        "cpu_fused_4bit": False,  # bitsandbytes' fused bf16 CPU kernel (AVX512-BF16 only; faster on some CPUs)
     },
     "lora": {"r": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"]},
     "targets": {

@@ -226,7 +226,7 @@ def load(
     trust_remote_code: bool = False,
     tokenizer=None,
     seed: int = 0,
-    cpu_fused_4bit: bool = True,
+    cpu_fused_4bit: bool = False,
 ):
     """Load a causal LM and its tokenizer, quantized with bitsandbytes and placed by accelerate.
 
@@ -246,12 +246,15 @@ def load(
         tokenizer: for a config source, a tokenizer folder or object to return alongside.
         seed: torch seed for random init of a config source.
         cpu_fused_4bit: on CPUs with AVX512-BF16, repack the 4-bit layers for bitsandbytes'
-            fused kernel now, at load (measured 1.4x faster forwards on the demo, but those
-            matmuls run in bf16 with bf16 block scales whatever ``dtype`` says, which is
-            printed once, and they have no backward: gradients through them come out zero).
-            ``False`` keeps the dequantize-then-matmul path in ``dtype`` for good; use it for
-            first-order training on CPU. Either way the path is fixed here, so the first
-            forward and every later one compute the same function (see ``qzo.bnb``).
+            fused kernel now, at load. Off by default: its speed depends on the CPU (1.4x
+            faster forwards measured on a 2-core AMD EPYC in an earlier session, 1.36-1.63x
+            *slower* at batch 4-8 on a 2-core Intel Xeon, ``benchmarks/cpu_4bit_paths.py``;
+            bitsandbytes uses its own bf16 kernel when the hub kernel cannot be downloaded), its
+            matmuls run in bf16 with bf16 block scales whatever ``dtype`` says (printed once),
+            and it has no backward. ``False``
+            keeps the dequantize-then-matmul path in ``dtype`` for good. Either way the path is
+            fixed here, so the first forward and every later one compute the same function
+            (see ``qzo.bnb``).
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode with all base weights frozen.
@@ -309,8 +312,8 @@ def _announce_cpu_path(fused_layers: int, dtype: torch.dtype) -> None:
         return
     _announced_cpu_path = True
     print(f"qzo: {fused_layers} 4-bit layers run bitsandbytes' fused AVX512-BF16 CPU kernel: their matmuls are "
-          f"bfloat16, the rest of the model {str(dtype).removeprefix('torch.')} (model.cpu_fused_4bit: false keeps "
-          "them in full precision, about 1.4x slower)", flush=True)
+          f"bfloat16, the rest of the model {str(dtype).removeprefix('torch.')} (model.cpu_fused_4bit: false, the "
+          "default, keeps them in full precision)", flush=True)
 
 
 def _detach_from_checkpoint_files(model) -> None:

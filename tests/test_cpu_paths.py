@@ -85,8 +85,8 @@ def test_fused_path_in_float32_is_announced_once(capsys, monkeypatch):
     import sys
 
     monkeypatch.setattr(sys.modules["qzo.load"], "_announced_cpu_path", False)
-    qzo.load(tiny_config(1000), quant="nf4", dtype="float32")
-    qzo.load(tiny_config(1000), quant="nf4", dtype="float32")
+    qzo.load(tiny_config(1000), quant="nf4", dtype="float32", cpu_fused_4bit=True)
+    qzo.load(tiny_config(1000), quant="nf4", dtype="float32", cpu_fused_4bit=True)
     said = [line for line in capsys.readouterr().out.splitlines() if "fused AVX512-BF16" in line]
     assert len(said) == 1 and "bfloat16" in said[0] and "cpu_fused_4bit: false" in said[0]
 
