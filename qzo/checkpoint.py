@@ -32,7 +32,8 @@ from safetensors.torch import load_file, save_file
 from .errors import QzoError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "atomic_write_text",
-           "verify_checkpoint", "CheckpointError", "find_checkpoint", "best_step", "record_best", "CHOICES_HELP"]
+           "verify_checkpoint", "CheckpointError", "find_checkpoint", "best_step", "record_best", "CHOICES_HELP",
+           "remove_partial_writes"]
 
 #: what ``--checkpoint`` takes in ``qzo eval``, ``qzo chat`` and ``qzo export``
 CHOICES_HELP = "last (default: the newest that verifies), best (lowest held-out loss) or step-N"
@@ -211,6 +212,21 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     trainables = load_file(str(path / "trainables.safetensors"))
     tensors = load_file(str(path / "optimizer.safetensors")) if (path / "optimizer.safetensors").is_file() else {}
     return trainables, _join_state(meta["optimizer"], tensors), meta
+
+
+def remove_partial_writes(run_dir: Path) -> list[str]:
+    """Delete what a process killed inside :func:`save_checkpoint` left: ``.tmp-*`` / ``.old-*`` folders.
+
+    Only the process that owns the run (it holds the run's lock) may call this. Returns the
+    names removed.
+    """
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    partial = [p for p in root.iterdir() if p.is_dir() and p.name.startswith((".tmp-", ".old-"))]
+    for p in partial:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in partial]
 
 
 def best_step(run_dir: Path) -> dict | None:

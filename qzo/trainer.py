@@ -33,7 +33,7 @@ import yaml
 
 from .batched import CausalLMLoss
 from .checkpoint import (atomic_write_text, best_step, find_checkpoint, latest_checkpoint, load_checkpoint,
-                         prune_checkpoints, record_best, save_checkpoint)
+                         prune_checkpoints, record_best, remove_partial_writes, save_checkpoint)
 from .config import DEFAULTS, ConfigError, load_config, merge_config, validate
 from .data import Batcher, ChatDataset, datasets_from_config, eval_loss, model_input_device
 from .errors import NonFiniteLossError, QzoError
@@ -46,9 +46,9 @@ from .optim import ZO
 from .params import ParamSet
 from .rules import SGD, Adam, Momentum, Sign
 from .run_lock import RunLock
-from .stop_signals import GracefulStop
 from .scales import scales
 from .schedule import Schedule
+from .stop_signals import GracefulStop
 from .strategies import FZOO, GV, LDSD, SPSA, ConMeZO, Greedy, PerExample
 from .targets import combine
 
@@ -179,10 +179,20 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> dict:
 
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep the lines of steps <= last_step (a crash may have logged steps past the checkpoint)."""
+    """Keep the lines of steps <= last_step (a crash may have logged steps past the checkpoint).
+
+    A line that does not parse is the one a kill tore in half while it was written (always
+    the last): it is dropped with the steps past the checkpoint.
+    """
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if line.strip() and json.loads(line)["step"] <= last_step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
@@ -204,10 +214,17 @@ class Session:
     lock: RunLock | None = None  # held while this process trains the run (released by train())
 
 
+def _unstarted(run_dir: Path) -> bool:
+    """A run folder that a killed ``qzo train`` created but never trained: nothing in it is worth keeping."""
+    names = {p.name for p in run_dir.iterdir()}
+    steps = run_dir / "steps.jsonl"
+    return names <= {"config.yaml", "steps.jsonl", ".lock"} and (not steps.is_file() or steps.stat().st_size == 0)
+
+
 def _new_run_dir(cfg: dict, config_path) -> Path:
     if cfg["out_dir"]:
         run_dir = Path(cfg["out_dir"])
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and any(run_dir.iterdir()) and not _unstarted(run_dir):
             raise QzoError(f"out_dir {str(run_dir)!r} already exists and is not empty; continue it with "
                            f"`qzo train --resume {run_dir}` or choose another with --set out_dir=...")
     else:
@@ -254,6 +271,8 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
         batcher = Batcher(train_ds, cfg["train"]["batch_size"], cfg["train"]["seed"], tok.pad_token_id)
         session = Session(cfg, run_dir, model, tok, params, parts, opt, train_ds, eval_ds, batcher, reward_fn, lock)
         if resume is not None:
+            for name in remove_partial_writes(run_dir):
+                log(f"qzo: removed checkpoints/{name}, a checkpoint write that was interrupted")
             ckpt = latest_checkpoint(run_dir, log)
             done = 0
             if ckpt is not None:
@@ -471,7 +490,7 @@ def finish(s: Session, initial: float | None, wall: float, log=print) -> dict:
 
 
 def write_final_values(parts: dict[str, ParamSet], run_dir: Path) -> None:
-    """The trained values in their users' formats: ``adapter/`` (PEFT), ``scales.safetensors``, ``dense.safetensors``."""
+    """The trained values in their users' formats: ``adapter/`` (PEFT), ``scales/dense.safetensors``."""
     if "lora" in parts:
         parts["lora"].save_adapter(run_dir / "adapter")
     for kind in ("scales", "dense"):

@@ -92,3 +92,13 @@ def test_pruning_never_deletes_the_newest_good_checkpoint(tiny_model_dir, data, 
     prune_checkpoints(run, keep=1)  # would keep only the corrupt step 6
     assert [p.name for p in list_checkpoints(run)] == ["step-000004", "step-000006"]
     assert latest_checkpoint(run, log=lambda _: None).name == "step-000004"
+
+
+def test_a_resume_removes_what_an_interrupted_checkpoint_write_left(tiny_model_dir, data, tmp_path):
+    run = _run(tiny_model_dir, data, tmp_path / "run")
+    torn = run / "checkpoints" / ".tmp-step-000007-abc"
+    torn.mkdir()
+    (torn / "trainables.safetensors").write_bytes(b"half")
+    said = []
+    train(None, [], resume=run, progress=False, log=said.append)
+    assert not torn.exists() and any(".tmp-step-000007-abc" in line for line in said)

@@ -1,0 +1,19 @@
+"""The short form of scripts/kill_campaign.py: a real qzo train killed 3 times at random moments ends bit-exact."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_three_random_kills_leave_no_corrupt_checkpoint_and_a_bit_exact_run(tmp_path, smol_folder):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "kill_campaign.py"), "--kills", "3",
+                             "--per-round", "3", "--steps", "8", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    counts = json.loads((tmp_path / "kill_campaign.json").read_text())
+    assert counts["kills"] == 3 and counts["rounds"] == counts["rounds_bit_exact"] == 1
+    assert counts["corrupt_checkpoints"] == counts["lost_steps"] == counts["log_gaps"] == 0
+    assert counts["starts"] == 4  # three killed starts and the one that finished
