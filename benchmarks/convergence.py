@@ -355,13 +355,15 @@ def main() -> None:
 
     def ensure(method, lr, seed, budget, phase):
         nonlocal rows
-        if curve(rows, method, lr, seed, phase, budget) or args.summarize_only:
+        if curve(rows, method, lr, seed, phase, budget):
             return
         swept = curve(rows, method, lr, seed, "sweep", budget)
         if phase == "main" and swept:  # the sweep at the full budget was this very run (deterministic)
             again = [dict(r, phase="main") for r in swept]
             append_rows(again)
             rows += again
+            return
+        if args.summarize_only:
             return
         print(f"run {phase} {method} lr={lr:g} seed={seed} budget={budget}", flush=True)
         new = run_one(method, lr, seed, budget, min(args.eval_every, budget), phase)
