@@ -195,7 +195,7 @@ def run_one(method: str, lr: float, seed: int, budget: int, eval_every: int, pha
             rows.append(row(forwards, wall))
             while next_eval <= forwards:
                 next_eval += eval_every
-        if not torch.isfinite(torch.tensor(rows[-1]["eval_loss"])):
+        if blew_up(rows):  # disqualified whatever follows: spend the CPU on the next run instead
             break
     if rows[-1]["forwards"] != forwards:
         rows.append(row(forwards, wall))

@@ -33,7 +33,7 @@ import os
 
 import torch
 
-__all__ = ["PLAIN_ENV", "fused_cpu_4bit_available", "choose_cpu_path", "unpack_cpu_4bit", "is_packed",
+__all__ = ["PLAIN_ENV", "plain_path_forced", "fused_cpu_4bit_available", "choose_cpu_path", "unpack_cpu_4bit", "is_packed",
            "quiet_hub_kernel_warning"]
 
 #: environment variable: ``plain`` makes qzo run the plain CPU 4-bit path even where the fused one exists
@@ -52,9 +52,14 @@ def quiet_hub_kernel_warning() -> None:
     )
 
 
+def plain_path_forced() -> bool:
+    """Whether ``QZO_CPU_4BIT=plain`` asks for the plain path whatever the CPU (how a CPU without AVX512-BF16 is tested)."""
+    return os.environ.get(PLAIN_ENV, "").strip().lower() == "plain"
+
+
 def fused_cpu_4bit_available() -> bool:
     """Whether this CPU runs bitsandbytes' fused AVX512-BF16 4-bit kernel (and ``QZO_CPU_4BIT`` allows it)."""
-    if os.environ.get(PLAIN_ENV, "").strip().lower() == "plain":
+    if plain_path_forced():
         return False
     from bitsandbytes.functional import has_avx512bf16
 

@@ -269,10 +269,15 @@ def find_checkpoint(run_dir: Path, which: str = "last", log: Callable[[str], Non
     return path
 
 
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints; never the newest one that verifies, nor the best one."""
-    good = latest_checkpoint(run_dir, log=lambda _: None)
-    best = best_step(run_dir)
+def prune_checkpoints(run_dir: Path, keep: int, newest_good: Path | None = None, best: dict | None = None) -> None:
+    """Delete all but the newest ``keep`` checkpoints; never the newest one that verifies, nor the best one.
+
+    A caller that has just written a checkpoint passes it as ``newest_good`` (and its best
+    mark as ``best``), so nothing is read back: otherwise the newest checkpoint that verifies
+    is looked up, which hashes every tensor file.
+    """
+    good = Path(newest_good) if newest_good is not None else latest_checkpoint(run_dir, log=lambda _: None)
+    best = best if best is not None else best_step(run_dir)
     for old in list_checkpoints(run_dir)[:-keep]:
         if old != good and not (best and old.name == f"step-{best['step']:06d}"):
             shutil.rmtree(old, ignore_errors=True)

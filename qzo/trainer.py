@@ -212,6 +212,8 @@ class Session:
     batcher: Batcher
     reward_fn: object = None  # objective.kind reward: the loaded reward function
     lock: RunLock | None = None  # held while this process trains the run (released by train())
+    best: dict | None = None  # RUN/best.json as last written ({"step", "eval_loss"}), kept here so no eval re-reads it
+    evals_since_best: int = 0  # held-out evaluations after the best one (train.early_stop_patience counts them)
 
 
 def _unstarted(run_dir: Path) -> bool:
@@ -283,6 +285,8 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
             _truncate_jsonl(run_dir / "steps.jsonl", done)
             _truncate_jsonl(run_dir / "metrics.jsonl", done)
             _forget_best_after(run_dir, done)
+            session.best = best_step(run_dir)
+            session.evals_since_best = _evals_after(run_dir, session.best)
             log(f"qzo: resuming {run_dir} from step {done}")
         return session
     except BaseException:
@@ -304,6 +308,14 @@ def _forget_best_after(run_dir: Path, done: int) -> None:
         record_best(run_dir, step, loss)
 
 
+def _evals_after(run_dir: Path, best: dict | None) -> int:
+    """Held-out evaluations logged in ``metrics.jsonl`` after the best one (read once, at resume)."""
+    if best is None:
+        return 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return sum(1 for r in rows if r.get("eval_loss") is not None and r["step"] > best["step"])
+
+
 def _append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -316,11 +328,11 @@ def _logged_wall(steps_path: Path) -> float:
 
 def _save(s: Session, best_loss: float | None = None) -> None:
     """Checkpoint this step; with ``best_loss`` also mark it the run's best. Then prune (never the best)."""
-    save_checkpoint(s.run_dir, s.opt.steps, s.params.state_dict(), s.opt.state_dict(),
-                    extra={"forwards": s.opt.forwards})
+    written = save_checkpoint(s.run_dir, s.opt.steps, s.params.state_dict(), s.opt.state_dict(),
+                              extra={"forwards": s.opt.forwards})
     if best_loss is not None:
         _keep_best(s, s.opt.steps, best_loss)
-    prune_checkpoints(s.run_dir, s.cfg["train"]["keep_checkpoints"])
+    prune_checkpoints(s.run_dir, s.cfg["train"]["keep_checkpoints"], newest_good=written, best=s.best)
 
 
 def _evaluate(s: Session) -> float:
@@ -376,6 +388,7 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
                 best = evaluated is not None and _is_best(s, evaluated)
                 if evaluated is not None:
                     last_eval = evaluated
+                    s.evals_since_best = 0 if best else s.evals_since_best + 1
                     bar.write(f"step {step}: held-out loss {last_eval:.4f}" + (" (best so far)" if best else ""))
                 early = _early_stop_reason(s, evaluated) if evaluated is not None and not best else None
                 if step % t["save_every"] == 0 or step == steps or stop.requested or best or early:
@@ -395,13 +408,13 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
 
 
 def _is_best(s: Session, eval_loss: float) -> bool:
-    best = best_step(s.run_dir)
-    return eval_loss == eval_loss and (best is None or eval_loss < best["eval_loss"])
+    return eval_loss == eval_loss and (s.best is None or eval_loss < s.best["eval_loss"])
 
 
 def _keep_best(s: Session, step: int, eval_loss: float) -> None:
     """Step ``step`` (checkpointed) becomes the run's best: ``RUN/best.json`` and ``RUN/best/`` (its final values)."""
     record_best(s.run_dir, step, eval_loss)
+    s.best = {"step": int(step), "eval_loss": float(eval_loss)}
     tmp = s.run_dir / ".best-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     write_final_values(s.parts, tmp)
@@ -436,17 +449,15 @@ def _train_step(s: Session, step: int, steps: int, device, start_wall: float, sc
 
 def _early_stop_reason(s: Session, eval_loss: float) -> str | None:
     """Why ``train.early_stop_*`` ends the run after this evaluation (``None``: go on)."""
-    t, best = s.cfg["train"], best_step(s.run_dir)
+    t, best = s.cfg["train"], s.best
     if best is None:
         return None
     if t["early_stop_factor"] is not None and not eval_loss <= t["early_stop_factor"] * best["eval_loss"]:
         return (f"early stop: held-out loss {eval_loss:.4f} is over {t['early_stop_factor']:g} x the best "
                 f"({best['eval_loss']:.4f} at step {best['step']})")
     if t["early_stop_patience"] is not None:
-        rows = [json.loads(line) for line in (s.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        since = [r for r in rows if r.get("eval_loss") is not None and r["step"] > best["step"]]
-        if len(since) >= t["early_stop_patience"]:
-            return (f"early stop: no better held-out loss in {len(since)} evaluations since step {best['step']} "
+        if s.evals_since_best >= t["early_stop_patience"]:
+            return (f"early stop: no better held-out loss in {s.evals_since_best} evaluations since step {best['step']} "
                     f"({best['eval_loss']:.4f})")
     return None
 

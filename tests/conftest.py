@@ -21,7 +21,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-if os.environ.get("QZO_CPU_4BIT", "").strip().lower() == "plain":
+from qzo.bnb import plain_path_forced  # noqa: E402
+
+if plain_path_forced():
     import bitsandbytes.nn.modules
 
     bitsandbytes.nn.modules.has_avx512bf16 = lambda: False  # what a CPU without AVX512-BF16 answers

@@ -11,12 +11,13 @@ Greedy, LDSD) plug in beside SPSA without touching the loop or the rules.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
 
-__all__ = ["Component", "Estimate", "Probe", "Strategy"]
+__all__ = ["Component", "Estimate", "Probe", "Strategy", "weighted_slopes"]
 
 
 class Probe(Protocol):
@@ -138,3 +139,16 @@ class Strategy(Component):
 
     def estimate(self, probe: Probe, draw_seeds: Callable[[int], list[int]]) -> Estimate:
         raise NotImplementedError
+
+
+def weighted_slopes(seeds: list[int], slopes: list[float], weights: list[float], count: int):
+    """``(direction, grad)`` of the estimate ``g_hat = sum_i weights[i] * slopes[i] * z(seeds[i])``.
+
+    ``grad`` is the RMS of the slopes over ``count`` (a magnitude: what clipping and
+    normalization act on) and each coefficient is ``weights[i] * slopes[i] / grad``, so
+    ``grad * d`` is exactly g_hat. Used by the strategies whose every evaluation enters the
+    estimate (FZOO, PerExample).
+    """
+    grad = math.sqrt(math.fsum(g * g for g in slopes) / count)
+    direction = [(s, w * g / grad if grad > 0 else 0.0) for s, w, g in zip(seeds, weights, slopes)]
+    return direction, grad

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from .base import Estimate, Probe, Strategy
+from .base import Estimate, Probe, Strategy, weighted_slopes
 from .pool import evaluate_pool
 
 __all__ = ["FZOO", "BASELINES"]
@@ -77,8 +77,7 @@ class FZOO(Strategy):
         else:
             base, m = math.fsum(probe_losses) / self.probes, self.probes - 1
         slopes = [(f - base) / eps for f in probe_losses]
-        grad = math.sqrt(math.fsum(g * g for g in slopes) / m)
-        direction = [(s, g / (m * grad) if grad > 0 else 0.0) for s, g in zip(seeds, slopes)]
+        direction, grad = weighted_slopes(seeds, slopes, [1.0 / m] * len(slopes), m)
         # one by one, the last probe is still on the trainables; the rule undoes it in its pass
         applied = [] if self.batched else [(seeds[-1], eps)]
         return Estimate(direction=direction, grad=grad, applied=applied, losses=losses, loss=base, seeds=seeds,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from .base import Estimate, Probe, Strategy
+from .base import Estimate, Probe, Strategy, weighted_slopes
 
 __all__ = ["PerExample"]
 
@@ -50,8 +50,7 @@ class PerExample(Strategy):
         plus, weights = probe.evaluate_rows([([(s, eps)], 0.0) for s in seeds])
         minus, _ = probe.evaluate_rows([([(s, -eps)], 0.0) for s in seeds])
         slopes = [(fp - fm) / (2.0 * eps) for fp, fm in zip(plus, minus)]
-        grad = math.sqrt(math.fsum(g * g for g in slopes) / len(slopes))
-        direction = [(s, w * g / grad if grad > 0 else 0.0) for s, w, g in zip(seeds, weights, slopes)]
+        direction, grad = weighted_slopes(seeds, slopes, weights, len(slopes))
         loss = math.fsum(w * 0.5 * (fp + fm) for w, fp, fm in zip(weights, plus, minus))
         return Estimate(direction=direction, grad=grad, applied=[], losses=plus + minus, loss=loss, seeds=seeds,
                         spread=[0.5 * (fp - fm) for fp, fm in zip(plus, minus)])
