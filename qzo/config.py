@@ -37,7 +37,14 @@ DEFAULTS: dict = {
         "trust_remote_code": False,
         "cpu_fused_4bit": False,  # bitsandbytes' fused bf16 CPU kernel (AVX512-BF16 only; faster on some CPUs)
     },
-    "lora": {"r": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"]},
+    "lora": {
+        "r": 8,
+        "alpha": 16.0,
+        "target_modules": ["q_proj", "v_proj"],
+        # null: fresh adapters (B = 0); a PEFT adapter folder, a qzo run or its checkpoints/step-N: start from
+        # its values (r, alpha, modules and shapes must match; qzo.lora.load_initial_values checks them)
+        "init_from": None,
+    },
     "targets": {
         "lora": True,  # train the LoRA adapters of the lora section
         "scales": None,  # null: off; "all" or module patterns: train their quantization scales (qzo.scales)
@@ -122,6 +129,7 @@ _NULLABLE_TYPES = {
     ("model", "offload_folder"): (str,),
     ("data", "eval"): (str,),
     ("data", "system_prompt"): (str,),
+    ("lora", "init_from"): (str,),
     ("out_dir",): (str,),
     ("optim", "clip"): (float, int),
     ("optim", "normalize"): (str,),
@@ -317,6 +325,10 @@ def validate(cfg: dict) -> dict:
     _validate_objective(cfg)
     if cfg["targets"]["lora"] and not cfg["lora"]["target_modules"]:
         raise ConfigError("config key 'lora.target_modules' is empty; name at least one layer, e.g. [q_proj, v_proj]")
+    init = cfg["lora"]["init_from"]
+    if init is not None and (not init.strip() or not cfg["targets"]["lora"]):
+        raise ConfigError(f"config key 'lora.init_from' is {init!r}: give the path of a PEFT adapter folder, a qzo run or "
+                          "one of its checkpoints, with targets.lora true (it sets the adapters' starting values), or null")
     o = cfg["optim"]
     for key, low in (("weight_decay", 0), ("lr_mu", 0), ("warmup_steps", 0), ("min_lr_ratio", 0)):
         if o[key] < low:

@@ -14,12 +14,23 @@ same initial values as without offload (peft draws them on CPU in the same order
 
 Names are peft's saved-adapter keys (``base_model.model.<module>.lora_A.weight``), so the
 noise stream of each tensor is tied to what it is in the saved file, not to its position.
+
+Starting values (``init_from``, config ``lora.init_from``): a PEFT adapter folder (what peft,
+Unsloth or TRL save after first-order (Q)LoRA training), a qzo run directory (its last
+checkpoint) or one of its ``checkpoints/step-N`` folders. Its rank, alpha, adapted modules
+and every tensor's shape are checked against this model and these settings before a value
+is copied, and a mismatch names what differs and the setting that fixes it; nothing is
+adapted to fit silently. Only the LoRA tensors are taken (a run's trained scales or dense
+slices are not), and they are cast to float32 like every adapter here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -27,7 +38,7 @@ from .errors import QzoError
 from .params import ParamSet, Trainable
 from .noise import stream_id
 
-__all__ = ["lora", "LoraParams", "linear_module_names"]
+__all__ = ["lora", "LoraParams", "linear_module_names", "load_initial_values"]
 
 
 def linear_module_names(model) -> list[str]:
@@ -107,6 +118,7 @@ def lora(
     alpha: float = 16,
     target_modules: list[str] | tuple[str, ...] = ("q_proj", "v_proj"),
     seed: int = 0,
+    init_from=None,
 ) -> LoraParams:
     """Inject LoRA adapters into ``model`` (in place) and return them as ZO trainables.
 
@@ -116,6 +128,8 @@ def lora(
         alpha: scaling numerator (the adapter output is scaled by alpha / r).
         target_modules: short module names to adapt, e.g. ``["q_proj", "v_proj"]``.
         seed: torch seed for the A matrices' init (B starts at zero, as in LoRA).
+        init_from: start from these values instead: a PEFT adapter folder, a qzo run directory
+            or one of its ``checkpoints/step-N`` folders (:func:`load_initial_values`).
 
     Returns:
         :class:`LoraParams`; call the original ``model`` as before, the adapters are in it.
@@ -151,4 +165,143 @@ def lora(
         p.requires_grad_(False)  # ZO never builds a graph; no .grad buffers either
         saved = name.replace(".default.", ".")
         items.append(Trainable(saved, p.data, stream_id(saved)))
-    return LoraParams(items, peft_model, model)
+    params = LoraParams(items, peft_model, model)
+    if init_from is not None:
+        what = load_initial_values(params, init_from, r=r, alpha=alpha, target_modules=targets)
+        print(f"qzo: LoRA starts from {what}", flush=True)
+    return params
+
+
+
+_INIT_HELP = ("give a PEFT adapter folder (adapter_config.json + adapter_model.safetensors), a qzo run directory "
+              "or one of its checkpoints/step-N folders")
+
+
+class _Found:
+    """LoRA values read for ``init_from`` and what their source says about them (``None``: not recorded)."""
+
+    def __init__(self, what: str, tensors: dict, r, alpha, base, alpha_note: str = ""):
+        self.what, self.tensors, self.r, self.alpha, self.base, self.alpha_note = what, tensors, r, alpha, base, alpha_note
+
+
+def load_initial_values(params: LoraParams, source, r: int, alpha: float, target_modules) -> str:
+    """Copy starting values from ``source`` into ``params`` after checking that they fit; returns what was read.
+
+    Args:
+        params: the adapters :func:`lora` just built (their names are peft's saved keys).
+        source: a PEFT adapter folder, a qzo run directory (its last checkpoint that verifies)
+            or a ``checkpoints/step-N`` folder of one.
+        r, alpha, target_modules: this run's LoRA settings, which the source must have too.
+
+    Raises:
+        QzoError: the source is missing or unreadable, or its rank, alpha, adapted modules,
+            tensor names or shapes differ from this model's adapters (the message names the
+            difference and the setting that fixes it).
+    """
+    path = Path(str(source)).expanduser()
+    if not path.exists():
+        raise QzoError(f"lora.init_from {str(source)!r} does not exist; {_INIT_HELP}")
+    found = _read_adapter(path) if (path / "adapter_config.json").is_file() else _read_qzo_values(path)
+    _check_fits(found, params, r, alpha, list(target_modules))
+    with torch.no_grad():
+        for t in params:
+            t.tensor.copy_(found.tensors[t.name].to(device=t.tensor.device, dtype=t.tensor.dtype))
+    return found.what
+
+
+def _read_adapter(path: Path) -> _Found:
+    """A PEFT LoRA adapter folder; refuses the variants whose extra tensors or scales qzo's LoRA does not have."""
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+    except ValueError as exc:
+        raise QzoError(f"lora.init_from: {path / 'adapter_config.json'} is not valid JSON ({exc})") from None
+    kind = str(config.get("peft_type") or "LORA").upper()
+    if kind != "LORA":
+        raise QzoError(f"lora.init_from {str(path)!r} is a {kind} adapter; qzo starts LoRA adapters only (peft_type LORA)")
+    unsupported = []
+    if config.get("use_dora"):
+        unsupported.append("use_dora (DoRA's magnitude vectors)")
+    if (config.get("bias") or "none") != "none" or config.get("lora_bias"):
+        unsupported.append(f"bias {config.get('bias')!r} (trained biases)")
+    if config.get("modules_to_save"):
+        unsupported.append(f"modules_to_save {config['modules_to_save']} (whole modules trained beside the adapters)")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        unsupported.append("rank_pattern / alpha_pattern (per-layer ranks or alphas)")
+    if unsupported:
+        raise QzoError(f"lora.init_from {str(path)!r} uses {'; '.join(unsupported)}, which qzo's LoRA (one r and alpha, "
+                       "no other trained tensors) cannot start from; train the adapter without them, or merge it into "
+                       "the base (peft's merge_and_unload, then save_pretrained) and use that as model.source")
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise QzoError(f"lora.init_from {str(path)!r} holds pickled weights (adapter_model.bin), which qzo does not "
+                           "read (unpickling can run code); load it with peft and save it again with "
+                           "save_pretrained(folder, safe_serialization=True)")
+        raise QzoError(f"lora.init_from {str(path)!r} has adapter_config.json but no adapter_model.safetensors")
+    from safetensors.torch import load_file
+
+    r0, alpha0, note = config.get("r"), config.get("lora_alpha"), ""
+    if config.get("use_rslora") and r0 and alpha0 is not None:
+        # rsLoRA scales the adapter by alpha / sqrt(r), qzo by alpha / r: the same scale is alpha * sqrt(r) here
+        alpha0, note = alpha0 * math.sqrt(r0), f" (rsLoRA lora_alpha {config['lora_alpha']:g} / sqrt(r), as alpha / r)"
+    return _Found(f"the PEFT adapter {path}", load_file(str(weights)), r0, alpha0,
+                  config.get("base_model_name_or_path"), note)
+
+
+def _read_qzo_values(path: Path) -> _Found:
+    """The LoRA tensors of a qzo run's last checkpoint, or of one checkpoint folder, with the run's settings."""
+    from .checkpoint import find_checkpoint, load_checkpoint
+
+    if (path / "config.yaml").is_file() and (path / "steps.jsonl").exists():
+        ckpt, run_dir = find_checkpoint(path, "last"), path
+    elif (path / "meta.json").is_file() and (path / "trainables.safetensors").is_file():
+        ckpt, run_dir = path, path.parent.parent
+    else:
+        raise QzoError(f"lora.init_from {str(path)!r} is neither a PEFT adapter folder nor a qzo run or checkpoint; "
+                       f"{_INIT_HELP}")
+    tensors = {k: v for k, v in load_checkpoint(ckpt)[0].items() if ".lora_A." in k or ".lora_B." in k}
+    if not tensors:
+        raise QzoError(f"lora.init_from {str(ckpt)!r} holds no LoRA values (its run did not train LoRA); start from a "
+                       "run that did (targets.lora: true)")
+    r0 = alpha0 = base = None
+    if (run_dir / "config.yaml").is_file():  # a checkpoint copied out of its run: rank and shapes are still checked
+        import yaml
+
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        r0, alpha0 = cfg.get("lora", {}).get("r"), cfg.get("lora", {}).get("alpha")
+        base = cfg.get("model", {}).get("source")
+    return _Found(f"{ckpt.name} of the qzo run {run_dir}", tensors, r0, alpha0, base)
+
+
+def _adapted_module(key: str) -> str:
+    """``q_proj`` for ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``."""
+    return key.split(".lora_", 1)[0].rsplit(".", 1)[-1]
+
+
+def _check_fits(found: _Found, params: LoraParams, r: int, alpha: float, targets: list[str]) -> None:
+    ours, theirs = {t.name: t.tensor for t in params}, found.tensors
+    base = (f"it was made for {found.base!r}: set model.source to that model" if found.base
+            else "set model.source to the model it was trained on")
+    rank = found.r if found.r is not None else next((v.shape[0] for k, v in theirs.items() if ".lora_A." in k), None)
+    if rank is not None and int(rank) != r:
+        raise QzoError(f"lora.init_from: {found.what} has rank {rank}, this run has lora.r {r}; set lora.r: {rank} "
+                       f"(--set lora.r={rank}) to start from it")
+    if found.alpha is not None and not math.isclose(float(found.alpha), float(alpha), rel_tol=1e-6):
+        raise QzoError(f"lora.init_from: {found.what} has alpha {float(found.alpha):g}{found.alpha_note}, this run "
+                       f"has lora.alpha {float(alpha):g}; the adapter's output is scaled by alpha / r, so set lora.alpha: "
+                       f"{float(found.alpha):g} (--set lora.alpha={float(found.alpha):g}) to start from what it computes")
+    adapted = sorted({_adapted_module(k) for k in theirs})
+    if set(adapted) != set(targets):
+        raise QzoError(f"lora.init_from: {found.what} adapts {', '.join(adapted)}; this run's lora.target_modules is "
+                       f"{', '.join(targets)}: set lora.target_modules: [{', '.join(adapted)}]")
+    missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    if missing or extra:
+        raise QzoError(f"lora.init_from: {found.what} does not match this model's adapters: {len(missing)} of them are "
+                       f"not in it (e.g. {missing[:2]}) and {len(extra)} of its tensors have no place here "
+                       f"(e.g. {extra[:2]}); {base}")
+    for name, tensor in ours.items():
+        if tuple(theirs[name].shape) != tuple(tensor.shape):
+            raise QzoError(f"lora.init_from: {name} is {tuple(theirs[name].shape)} in {found.what} but "
+                           f"{tuple(tensor.shape)} in this model, so it was trained on another base; {base}")
+        if not torch.isfinite(theirs[name]).all():
+            raise QzoError(f"lora.init_from: {name} in {found.what} holds NaN or inf values; start from a good one")

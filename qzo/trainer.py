@@ -113,7 +113,7 @@ def build_targets(model, cfg: dict) -> tuple[ParamSet, dict[str, ParamSet]]:
     if t["lora"]:
         lc = cfg["lora"]
         parts["lora"] = lora(model, r=lc["r"], alpha=lc["alpha"], target_modules=lc["target_modules"],
-                             seed=cfg["train"]["seed"])
+                             seed=cfg["train"]["seed"], init_from=lc["init_from"])
     if t["scales"]:
         parts["scales"] = scales(model, modules=None if t["scales"] == "all" else t["scales"])
     if t["dense"]:
@@ -542,6 +542,7 @@ def load_run_model(run_dir: Path, checkpoint: "Path | str | None" = None, source
     if source is not None:
         cfg["model"]["source"] = str(source)
     ckpt = checkpoint if isinstance(checkpoint, Path) else find_checkpoint(run_dir, checkpoint or "last")
+    cfg["lora"]["init_from"] = None  # the checkpoint holds the values: the run's starting point need not exist now
     model, tok, params, _ = load_model_and_targets(cfg)
     params.load_state_dict(load_checkpoint(ckpt)[0])
     return model, tok, params, cfg
