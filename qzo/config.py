@@ -17,10 +17,12 @@ from pathlib import Path
 
 import yaml
 
+from .data_formats import FORMATS, check_fields
 from .errors import ConfigError
 from .normalize import NORMALIZATIONS
 from .strategies import STRATEGIES
 from .strategies.fzoo import BASELINES
+from .templates import template_problem
 
 __all__ = ["DEFAULTS", "load_config", "config_file", "merge_config", "apply_overrides", "validate", "flat_keys",
            "get"]
@@ -51,12 +53,15 @@ DEFAULTS: dict = {
         "dense": None,  # null: off; module patterns trained as float32 dense slices (qzo.dense)
     },
     "data": {
-        "train": "builtin:demo_train",  # JSONL (chat, alpaca or prompt/completion lines) or hf:KIND:PATH
+        "train": "builtin:demo_train",  # JSONL, builtin:NAME, hf:KIND:PATH, hf:NAME[:SPLIT] or hf:NAME:CONFIG:SPLIT
         "eval": "builtin:demo_eval",  # null: hold out data.eval_fraction of train
         "eval_fraction": 0.1,
-        "format": "auto",  # auto | chat | alpaca | completion: record fields (auto: detected per line)
+        "format": "auto",  # auto | chat | sharegpt | alpaca | completion | text (auto: detected per record)
+        "fields": None,  # null, or qzo's field names -> the dataset's, e.g. {messages: conv, role: speaker}
         "system_prompt": None,  # system message added to examples without one; null: none added
-        "packing": False,  # pack whole training examples into rows of train.max_len tokens
+        "chat_template": None,  # null: the tokenizer's; chatml | llama3 | qwen2.5 | path to a jinja file
+        "train_on_inputs": False,  # true: loss on every token of the chat, not only the assistant's
+        "packing": False,  # pack whole training examples into rows of train.max_len (no attention across them)
     },
     "optim": {
         "strategy": "spsa",  # spsa | gv | greedy | ldsd | fzoo | conmezo | per_example
@@ -115,7 +120,7 @@ _CHOICES = {
     ("optim", "normalize"): (None, *NORMALIZATIONS),
     ("optim", "rule"): ("sgd", "momentum", "adam", "sign"),
     ("optim", "schedule"): ("constant", "linear", "cosine"),
-    ("data", "format"): ("auto", "chat", "alpaca", "completion"),
+    ("data", "format"): FORMATS,
     ("objective", "kind"): ("cross_entropy", "reward"),
 }
 _POSITIVE = {("optim", "lr"), ("optim", "eps"), ("lora", "alpha"), ("optim", "sigma")}
@@ -129,6 +134,8 @@ _NULLABLE_TYPES = {
     ("model", "offload_folder"): (str,),
     ("data", "eval"): (str,),
     ("data", "system_prompt"): (str,),
+    ("data", "fields"): (dict,),
+    ("data", "chat_template"): (str,),
     ("lora", "init_from"): (str,),
     ("out_dir",): (str,),
     ("optim", "clip"): (float, int),
@@ -273,6 +280,19 @@ def _validate_targets(cfg: dict) -> None:
                           "batch scale or dense targets: set optim.batched=false or train LoRA only")
 
 
+def _validate_data(cfg: dict) -> None:
+    d = cfg["data"]
+    problem = check_fields(d["fields"])
+    if problem:
+        raise ConfigError(f"config key 'data.fields' {problem}")
+    problem = template_problem(d["chat_template"])
+    if problem:
+        raise ConfigError(f"config key 'data.chat_template' {problem}")
+    if d["format"] == "text" and cfg["objective"]["kind"] == "reward":
+        raise ConfigError("data.format text (raw text, no prompts) cannot be used with objective.kind=reward, which "
+                          "generates replies to chats; set data.format to a chat format or objective.kind=cross_entropy")
+
+
 def _validate_objective(cfg: dict) -> None:
     ob = cfg["objective"]
     if ob["max_new_tokens"] < 1:
@@ -322,6 +342,7 @@ def validate(cfg: dict) -> dict:
         if key in _AT_LEAST_ONE and value < 1:
             raise ConfigError(f"config key {dotted!r} must be >= 1, got {value}")
     _validate_targets(cfg)
+    _validate_data(cfg)
     _validate_objective(cfg)
     if cfg["targets"]["lora"] and not cfg["lora"]["target_modules"]:
         raise ConfigError("config key 'lora.target_modules' is empty; name at least one layer, e.g. [q_proj, v_proj]")

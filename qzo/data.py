@@ -1,41 +1,39 @@
-"""Training data: chat, Alpaca and prompt/completion records -> token ids with loss only on
-assistant tokens -> (optionally packed) batches.
+"""Training data: records -> token ids with loss on the assistant tokens (or every token) -> batches.
 
-Input. ``data.train`` / ``data.eval`` name a JSONL file (one record a line), a built-in
-set (``builtin:demo_train``), or, with the optional ``datasets`` library, a local file read
-by Hugging Face ``datasets`` (``hf:json:PATH``, ``hf:parquet:PATH``, ``hf:csv:PATH``,
-``hf:arrow:PATH``). Every record becomes a chat (a list of ``{"role", "content"}``
-messages); its format is detected per record (``format="auto"``) or forced:
+Input (:mod:`qzo.data_sources`): ``data.train`` / ``data.eval`` name a JSONL file, a
+built-in set (``builtin:demo_train``), local files read by Hugging Face ``datasets``
+(``hf:json:PATH``, ``hf:parquet:PATH``, ...) or a dataset by name (``hf:org/name``,
+``hf:org/name:split``, ``hf:org/name:config:split``, or a local dataset folder). Formats
+(:mod:`qzo.data_formats`, ``data.format``, ``data.fields``): chat messages, ShareGPT,
+Alpaca, prompt/completion (strings or TRL's message lists) and raw ``text``. Templates
+(:mod:`qzo.templates`, ``data.chat_template``): the tokenizer's own, a built-in (chatml,
+llama3, qwen2.5) or a jinja file. A ``system_prompt`` is prepended as a ``system`` message
+to every chat that has none.
 
-- ``chat``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``;
-- ``alpaca``: ``{"instruction", "input" (optional), "output"}`` -> a user turn (the
-  instruction, plus ``"\n\n"`` and the input when the input is non-empty) and an
-  assistant turn (the output);
-- ``completion``: ``{"prompt", "completion"}`` -> a user turn and an assistant turn.
-
-Auto-detection tries the formats in that order, so a record with ``messages`` is a chat
-whatever else it holds; fields whose value is ``null`` count as absent (``datasets`` fills
-a column missing from a row with ``None``). A ``system_prompt`` is prepended as a
-``system`` message to every chat that has none. All formats go through the tokenizer's
-chat template, so prompts are rendered exactly as at inference and only the
-assistant/completion text (with its end-of-turn marker) is trained on.
-
-Masking works on the rendered text, not on template internals: for each assistant turn the
-chat template is rendered up to the turn (with the generation prompt) and through it; the
-characters in between are the assistant's (content and end-of-turn marker), and a token
-is trained on when its first character falls in such a span (fast-tokenizer offsets).
-This works for any template in which earlier turns render the same whatever follows,
-which is checked per example.
+Masking works on the rendered text, not on template internals: for each trained assistant
+turn the chat template is rendered up to the turn (with the generation prompt) and through
+it; the characters in between are the assistant's (content and end-of-turn marker), and a
+token is trained on when its first character falls in such a span (fast-tokenizer
+offsets). This works for any template in which earlier turns render the same whatever
+follows, which is checked per example. ``data.train_on_inputs: true`` trains on every
+token of the rendered chat instead. Raw ``text`` is tokenized without a template (the
+tokenizer's BOS if it adds one, EOS appended), trained on every token, and a text longer
+than ``max_len`` is cut into consecutive ``max_len`` pieces (continued pre-training keeps
+all of it); chats are truncated to ``max_len`` instead.
 
 Packing (``data.packing``, :meth:`ChatDataset.pack`) concatenates whole encoded examples,
-in order, into rows of ``max_len`` tokens; batches of packed rows are padded to exactly
-``max_len``, the padding masked out of attention and loss. Labels keep their ``-100``
-masks, and since every example starts with masked prompt tokens no target crosses from one
-example into the next. The attention mask stays the plain causal one and position ids
-run on across the row (common SFT packing without position resets or block-diagonal
-masks): a token attends to the earlier examples in its row too, so the loss of a packed
-example is not exactly its loss alone. :func:`datasets_from_config` packs the training set
-only; the held-out set stays one example per row so its loss is comparable across runs.
+in order, into rows of ``max_len`` tokens, without cross-talk: a packed batch carries
+``position_ids`` that restart at 0 with every example (and again for the padding at the
+row's end) and no 2D ``attention_mask``. That is transformers' packed-sequence format
+(its ``DataCollatorWithFlattening``): for eager, sdpa and flex attention its mask builder
+(``masking_utils.find_packed_sequence_indices``) turns position resets into a
+block-diagonal causal mask, and flash-attention runs it varlen; so a token attends only to
+its own example, at the positions it has alone, and its loss is the loss of the example
+alone (tested to float rounding). The mask builder does this only for a forward without a
+KV cache: qzo's loss paths pass ``use_cache=False``. The first label of every packed
+example is ``-100`` (alone it is never a target either), so no target crosses from one
+example into the next even where every token is trained. :func:`datasets_from_config`
+packs the training set only; the held-out set stays one example per row.
 
 Batches are a pure function of ``(seed, step)``: the epoch permutation comes from a
 generator seeded by ``(seed, epoch)``, so a resumed run sees exactly the batches the
@@ -44,214 +42,94 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
-import glob
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from .data_formats import FORMATS, Example, to_example
+from .data_sources import demo_data_path, read_examples, read_jsonl, resolve_data_path
+from .data_sources import read_hf as _read_hf_examples
 from .errors import DataError
 from .loss import batch_loss
 from .noise import _mix64
+from .templates import BUILTIN, check_renders, render, set_chat_template
 
 __all__ = [
-    "FORMATS", "read_chats", "read_chat_jsonl", "read_hf", "to_chat", "encode_chat", "ChatDataset",
-    "datasets_from_config", "Batcher", "collate", "demo_data_path", "eval_loss",
+    "FORMATS", "Example", "read_chats", "read_chat_jsonl", "read_hf", "read_examples", "to_chat", "encode_chat",
+    "encode_example", "ChatDataset", "datasets_from_config", "Batcher", "collate", "collate_packed",
+    "demo_data_path", "resolve_data_path", "eval_loss", "eval_batches",
 ]
 
 IGNORE = -100
-_ROLES = ("system", "user", "assistant")
-FORMATS = ("auto", "chat", "alpaca", "completion")
-"""Record formats: ``auto`` detects each record's format; the others force one."""
-_HF_KINDS = ("json", "parquet", "csv", "arrow")
-_EXPECTED = {
-    "chat": 'a non-empty "messages" list',
-    "alpaca": '"instruction" and "output" strings (and an optional "input")',
-    "completion": '"prompt" and "completion" strings',
-}
-_REQUIRED = {"chat": {"messages"}, "alpaca": {"instruction", "output"}, "completion": {"prompt", "completion"}}
 
 
-def demo_data_path(split: str) -> Path:
-    """Path of the built-in demo chat data (``train`` or ``eval``), shipped inside qzo."""
-    return Path(__file__).parent / "assets" / f"demo_{split}.jsonl"
+def _chats(examples: list[Example]) -> list[list[dict]]:
+    for e in examples:
+        if e.messages is None:
+            raise DataError(f"{e.where}: a raw text record is not a chat; read it with qzo.data.read_examples")
+    return [e.messages for e in examples]
 
 
-def resolve_data_path(value: str) -> Path:
-    """``builtin:demo_train`` style names map to the shipped files; anything else is a path."""
-    if value.startswith("builtin:"):
-        name = value.split(":", 1)[1]
-        split = name.removeprefix("demo_")
-        path = demo_data_path(split)
-        if not name.startswith("demo_") or not path.is_file():
-            raise DataError(f"unknown built-in dataset {value!r}; choose builtin:demo_train or builtin:demo_eval")
-        return path
-    return Path(value).expanduser()
+def to_chat(record, format: str = "auto", system_prompt: str | None = None, where: str = "record",
+            fields: dict | None = None) -> list[dict]:
+    """One chat-like record as a list of messages (see :func:`qzo.data_formats.to_example`)."""
+    return _chats([to_example(record, format, system_prompt, where, fields)])[0]
 
 
-def _check_format(format: str) -> None:
-    if format not in FORMATS:
-        raise DataError(f"data.format is {format!r}; choose one of {', '.join(FORMATS)}")
+def read_chat_jsonl(path, format: str = "auto", system_prompt: str | None = None,
+                    fields: dict | None = None) -> list[list[dict]]:
+    """The chats of a JSONL file (or ``builtin:`` set); errors name the file and line."""
+    return _chats(read_jsonl(path, format, system_prompt, fields))
 
 
-def _detect(record: dict) -> str | None:
-    for fmt in ("chat", "alpaca", "completion"):
-        if _REQUIRED[fmt] <= set(record):
-            return fmt
-    return None
+def read_hf(spec: str, format: str = "auto", system_prompt: str | None = None,
+            fields: dict | None = None) -> list[list[dict]]:
+    """The chats of an ``hf:`` source (:mod:`qzo.data_sources`); errors name the spec and row."""
+    return _chats(_read_hf_examples(spec, format, system_prompt, fields))
 
 
-def _str_field(record: dict, key: str, where: str, fmt: str) -> str:
-    value = record[key]
-    if not isinstance(value, str):
-        raise DataError(f'{where}: "{key}" must be a string in the {fmt} format, got {type(value).__name__}')
-    return value
+def read_chats(source, format: str = "auto", system_prompt: str | None = None,
+               fields: dict | None = None) -> list[list[dict]]:
+    """Chats from a ``data.train``/``data.eval`` value: ``hf:...``, ``builtin:NAME`` or a JSONL path."""
+    return _chats(read_examples(source, format, system_prompt, fields))
 
 
-def to_chat(record, format: str = "auto", system_prompt: str | None = None, where: str = "record") -> list[dict]:
-    """One record (a JSON object or a ``datasets`` row) as a chat: a list of messages.
-
-    ``format`` is ``auto`` (detect: ``messages``, then ``instruction``/``output``, then
-    ``prompt``/``completion``) or one of ``chat``, ``alpaca``, ``completion``. Fields set
-    to ``None`` count as absent. ``system_prompt``, when not ``None``, is prepended as a
-    ``system`` message unless the chat already has one. Raises :class:`DataError`
-    starting with ``where`` (e.g. ``file.jsonl:3``) that says which fields were expected.
-    """
-    _check_format(format)
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    record = {k: v for k, v in record.items() if v is not None}
-    found = ", ".join(map(str, record)) or "none"
-    if format == "auto":
-        fmt = _detect(record)
-        if fmt is None:
-            raise DataError(f"{where}: expected an object with {_EXPECTED['chat']}, or {_EXPECTED['alpaca']}, "
-                            f"or {_EXPECTED['completion']}; found fields: {found}")
-    else:
-        fmt = format
-        if not _REQUIRED[fmt] <= set(record):
-            raise DataError(f'{where}: data.format "{fmt}" expects {_EXPECTED[fmt]}; found fields: {found}')
-    if fmt == "chat":
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: expected an object with {_EXPECTED['chat']}")
-        chat = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
-                raise DataError(f'{where}: message {i} needs "role" (one of {", ".join(_ROLES)}) '
-                                'and a string "content"')
-            chat.append({k: v for k, v in m.items() if v is not None})
-        if not any(m["role"] == "assistant" for m in chat):
-            raise DataError(f"{where}: the chat has no assistant turn, so there is nothing to train on")
-    elif fmt == "alpaca":
-        user = _str_field(record, "instruction", where, fmt)
-        extra = _str_field(record, "input", where, fmt) if "input" in record else ""
-        if extra:
-            user = f"{user}\n\n{extra}"
-        chat = [{"role": "user", "content": user},
-                {"role": "assistant", "content": _str_field(record, "output", where, fmt)}]
-    else:
-        chat = [{"role": "user", "content": _str_field(record, "prompt", where, fmt)},
-                {"role": "assistant", "content": _str_field(record, "completion", where, fmt)}]
-    if system_prompt is not None and not any(m["role"] == "system" for m in chat):
-        chat.insert(0, {"role": "system", "content": system_prompt})
-    return chat
-
-
-def read_chat_jsonl(path, format: str = "auto", system_prompt: str | None = None) -> list[list[dict]]:
-    """Read a JSONL file (or ``builtin:`` set) of chat, Alpaca or prompt/completion records as chats.
-
-    See :func:`to_chat` for ``format`` and ``system_prompt``. Raises :class:`DataError`
-    naming the file and line for a missing or empty file, a malformed line, a record
-    without the expected fields, a bad message, or a chat without an assistant turn.
-    """
-    _check_format(format)
-    path = resolve_data_path(str(path))
-    if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist")
-    chats = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            chats.append(to_chat(record, format, system_prompt, where))
-    if not chats:
-        raise DataError(f"data file {str(path)!r} is empty; it needs one JSON record per line")
-    return chats
-
-
-def read_hf(spec: str, format: str = "auto", system_prompt: str | None = None) -> list[list[dict]]:
-    """Read a local file through Hugging Face ``datasets``: ``hf:KIND:PATH`` -> chats.
-
-    ``KIND`` is one of json, parquet, csv, arrow; ``PATH`` a local file or glob, loaded with
-    ``datasets.load_dataset(KIND, data_files=PATH, split="train")``. Rows then go through
-    :func:`to_chat` like JSONL lines; errors name the spec and the (0-based) row. Needs the
-    optional ``datasets`` package (``pip install datasets``).
-    """
-    _check_format(format)
-    parts = spec.split(":", 2)
-    if len(parts) != 3 or parts[0] != "hf" or not parts[2]:
-        raise DataError(f"{spec!r}: expected hf:KIND:PATH, e.g. hf:json:data/train.jsonl "
-                        "or hf:parquet:data/train.parquet")
-    kind, path = parts[1], str(Path(parts[2]).expanduser())
-    if kind not in _HF_KINDS:
-        raise DataError(f"{spec!r}: unknown kind {kind!r}; choose one of {', '.join(_HF_KINDS)} "
-                        "(local files only; hub datasets are not loaded)")
-    if not any(Path(p).is_file() for p in glob.glob(path)):
-        raise DataError(f"{spec!r}: no local file matches {path!r}")
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"{spec!r} needs the Hugging Face datasets library: pip install datasets") from None
-    try:
-        rows = datasets.load_dataset(kind, data_files=path, split="train")
-    except Exception as exc:  # datasets raises many types (pyarrow, its own); the user needs the message
-        raise DataError(f"{spec!r}: datasets could not load it as {kind}: {type(exc).__name__}: {exc}") from None
-    chats = [to_chat(row, format, system_prompt, f"{spec} row {i}") for i, row in enumerate(rows)]
-    if not chats:
-        raise DataError(f"{spec!r} holds no rows")
-    return chats
-
-
-def read_chats(source, format: str = "auto", system_prompt: str | None = None) -> list[list[dict]]:
-    """Chats from a ``data.train``/``data.eval`` value: ``hf:KIND:PATH``, ``builtin:NAME`` or a JSONL path."""
-    if str(source).startswith("hf:"):
-        return read_hf(str(source), format, system_prompt)
-    return read_chat_jsonl(source, format, system_prompt)
-
-
-def _render(tok, messages, generation_prompt: bool) -> str:
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-
-def encode_chat(tok, messages: list[dict], max_len: int) -> tuple[list[int], list[int]] | None:
-    """Token ids and labels (``-100`` outside assistant turns), truncated to ``max_len``.
-
-    Returns ``None`` when truncation leaves no assistant token.
-    """
+def _check_tokenizer(tok, chat: bool) -> None:
     if not getattr(tok, "is_fast", False):
         raise DataError("qzo needs a fast (Rust) tokenizer for assistant-token masking")
-    if not getattr(tok, "chat_template", None):
-        raise DataError("the tokenizer has no chat template; pass a chat model or set tokenizer.chat_template")
-    full = _render(tok, messages, generation_prompt=False)
+    if chat and not getattr(tok, "chat_template", None):
+        raise DataError("the tokenizer has no chat template (a base model?): set data.chat_template to a built-in "
+                        f"({', '.join(BUILTIN)}) or a jinja file, or use a chat model")
+
+
+def encode_chat(tok, messages: list[dict], max_len: int, train_on_inputs: bool = False, first_trained: int = 0,
+                tools: list[dict] | None = None, where: str = "chat") -> tuple[list[int], list[int]] | None:
+    """Token ids and labels (``-100`` outside trained assistant turns), truncated to ``max_len``.
+
+    Assistant turns from message ``first_trained`` on are trained; ``train_on_inputs``
+    trains every token. ``tools`` go to the template. Returns ``None`` when truncation
+    leaves no trained token. Raises :class:`DataError` naming ``where`` when the template
+    cannot render the chat or drops its tool calls, tool messages or tools.
+    """
+    _check_tokenizer(tok, chat=True)
+    full = render(tok, messages, False, tools, where)
+    if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        check_renders(tok, messages, tools, full, where)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < first_trained or train_on_inputs:
             continue
-        before = _render(tok, messages[:i], generation_prompt=True) if i else ""
-        through = _render(tok, messages[: i + 1], generation_prompt=False)
+        before = render(tok, messages[:i], True, tools, where) if i else ""
+        through = render(tok, messages[: i + 1], False, tools, where)
         if not through.startswith(before) or not full.startswith(through):
-            raise DataError("this chat template renders earlier turns differently depending on later ones; "
-                            "qzo cannot locate the assistant tokens")
+            raise DataError(f"{where}: this chat template renders earlier turns differently depending on later "
+                            "ones; qzo cannot locate the assistant tokens (data.train_on_inputs: true trains on "
+                            "every token and needs no such spans)")
         spans.append((len(before), len(through)))
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
     ids = enc["input_ids"][:max_len]
+    if train_on_inputs:
+        return (ids, list(ids)) if len(ids) >= 2 else None
     labels = []
     for tid, (start, _) in zip(ids, enc["offset_mapping"][:max_len]):
         inside = any(a <= start < b for a, b in spans)
@@ -261,24 +139,46 @@ def encode_chat(tok, messages: list[dict], max_len: int) -> tuple[list[int], lis
     return ids, labels
 
 
+def encode_text(tok, text: str, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """Raw text as ``max_len`` pieces, every token trained: the tokenizer's specials (BOS) plus EOS."""
+    _check_tokenizer(tok, chat=False)
+    ids = tok(text, truncation=False)["input_ids"]
+    eos = getattr(tok, "eos_token_id", None)
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids = ids + [eos]  # documents end where they end: packed, the next one does not continue this one
+    pieces = [ids[i : i + max_len] for i in range(0, len(ids), max_len)]
+    return [(p, list(p)) for p in pieces if len(p) >= 2]  # a 1-token piece has no target
+
+
+def encode_example(tok, example: Example, max_len: int,
+                   train_on_inputs: bool = False) -> list[tuple[list[int], list[int]]]:
+    """An example's ``(ids, labels)`` rows: one for a chat (none if truncation left no target), one or more for text."""
+    if example.text is not None:
+        return encode_text(tok, example.text, max_len)
+    encoded = encode_chat(tok, example.messages, max_len, train_on_inputs, example.first_trained, example.tools,
+                          example.where)
+    return [] if encoded is None else [encoded]
+
+
 @dataclass
 class ChatDataset:
     """Encoded examples: parallel lists of token ids and labels (``-100`` where no loss is taken).
 
     Unpacked, each row is one example. After :meth:`pack`, each row holds one or more
     whole examples (``segments`` gives their token counts, row by row) and ``row_len`` is
-    the width batches of it are padded to. Built from chats (:meth:`from_chats`,
+    the width batches of it are padded to. Built from chats or examples (:meth:`from_chats`,
     :meth:`from_source`) and not packed, ``chats[i]`` is the chat row ``i`` was encoded from
-    (what a reward objective generates replies to); ``None`` otherwise.
+    (what a reward objective generates replies to; ``None`` for a raw-text row); ``None``
+    otherwise.
     """
 
     input_ids: list[list[int]]
     labels: list[list[int]]
     source: str = ""
-    dropped: int = 0  # examples left out because truncation removed every assistant token
+    dropped: int = 0  # examples left out because truncation removed every trained token
     row_len: int = 0  # packed: every batch is padded to this width; 0: not packed
     segments: list[list[int]] | None = None  # packed: token counts of the examples in each row
-    chats: list[list[dict]] | None = None  # unpacked, from chats: the chat of each row (objective.kind=reward)
+    chats: list[list[dict] | None] | None = None  # unpacked: the chat of each row (objective.kind=reward)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -289,29 +189,36 @@ class ChatDataset:
         return len(self) if self.segments is None else sum(len(s) for s in self.segments)
 
     @classmethod
-    def from_chats(cls, tok, chats: list[list[dict]], max_len: int, source: str = "") -> "ChatDataset":
-        """Encode chats (see :func:`encode_chat`); examples left without an assistant token are dropped."""
+    def from_chats(cls, tok, chats: list, max_len: int, source: str = "",
+                   train_on_inputs: bool = False) -> "ChatDataset":
+        """Encode chats (message lists) or :class:`~qzo.data_formats.Example` s (see :func:`encode_example`).
+
+        A chat left without a trained token by truncation is dropped; a raw text longer than
+        ``max_len`` becomes several rows.
+        """
         if max_len < 2:
             raise DataError(f"train.max_len must be at least 2, got {max_len}")
         ids, labels, kept, dropped = [], [], [], 0
-        for messages in chats:
-            encoded = encode_chat(tok, messages, max_len)
-            if encoded is None:
+        for item in chats:
+            example = item if isinstance(item, Example) else Example(messages=item, where=source or "chat")
+            rows = encode_example(tok, example, max_len, train_on_inputs)
+            if not rows:
                 dropped += 1
-                continue
-            ids.append(encoded[0])
-            labels.append(encoded[1])
-            kept.append(messages)
+            for x, y in rows:
+                ids.append(x)
+                labels.append(y)
+                kept.append(example.messages)
         if not ids:
-            raise DataError(f"{source or 'the data'}: every example lost all assistant tokens to truncation at "
+            raise DataError(f"{source or 'the data'}: every example lost all trained tokens to truncation at "
                             f"max_len={max_len}; raise train.max_len")
         return cls(ids, labels, source, dropped, chats=kept)
 
     @classmethod
-    def from_source(cls, tok, source, max_len: int, format: str = "auto",
-                    system_prompt: str | None = None) -> "ChatDataset":
-        """Read (:func:`read_chats`: JSONL path, ``builtin:`` or ``hf:KIND:PATH``) and encode."""
-        return cls.from_chats(tok, read_chats(source, format, system_prompt), max_len, source=str(source))
+    def from_source(cls, tok, source, max_len: int, format: str = "auto", system_prompt: str | None = None,
+                    fields: dict | None = None, train_on_inputs: bool = False) -> "ChatDataset":
+        """Read (:func:`qzo.data_sources.read_examples`: JSONL path, ``builtin:`` or ``hf:...``) and encode."""
+        examples = read_examples(source, format, system_prompt, fields)
+        return cls.from_chats(tok, examples, max_len, source=str(source), train_on_inputs=train_on_inputs)
 
     @classmethod
     def from_jsonl(cls, tok, path, max_len: int, format: str = "auto",
@@ -324,9 +231,9 @@ class ChatDataset:
 
         An example goes into the current row if it fits, else it starts a new one; none is
         ever split (examples are at most ``max_len`` long: :meth:`from_chats` truncates
-        longer ones). Labels keep their masks. Batches of the result are padded to
-        exactly ``max_len``. Tokens attend to earlier examples of their row: see the
-        module docstring.
+        longer ones). Each example's first label becomes ``-100`` (the token before it is
+        the previous example's); the rest keep theirs. Batches of the result are padded to
+        exactly ``max_len`` and carry per-example ``position_ids`` (:func:`collate_packed`).
         """
         if self.segments is not None:
             raise DataError(f"{self.source or 'the data'} is already packed")
@@ -344,7 +251,7 @@ class ChatDataset:
                 labels.append([])
                 segments.append([])
             ids[-1].extend(x)
-            labels[-1].extend(y)
+            labels[-1].extend([IGNORE, *y[1:]])
             segments[-1].append(len(x))
         return ChatDataset(ids, labels, self.source, self.dropped, row_len=max_len, segments=segments)
 
@@ -371,19 +278,26 @@ class ChatDataset:
 def datasets_from_config(cfg: dict, tok) -> tuple[ChatDataset, ChatDataset]:
     """The ``(train, held_out)`` datasets a run's config asks for.
 
-    Reads ``cfg["data"]`` (``train``, ``eval``, ``eval_fraction``, ``format``,
-    ``system_prompt``, ``packing``) and ``cfg["train"]`` (``max_len``, ``seed``). The
-    held-out set is the ``data.eval`` file, or, when that is null, ``data.eval_fraction``
-    of the training examples (split before packing, so no row mixes the two). With
-    ``data.packing`` the training set is packed into rows of ``max_len``; the held-out
-    set never is. Keys missing from ``cfg["data"]`` (a config written before they
-    existed) take their defaults.
+    Reads ``cfg["data"]`` (``train``, ``eval``, ``eval_fraction``, ``format``, ``fields``,
+    ``system_prompt``, ``chat_template``, ``train_on_inputs``, ``packing``) and
+    ``cfg["train"]`` (``max_len``, ``seed``). A ``data.chat_template`` is put on ``tok``
+    (:func:`qzo.templates.set_chat_template`), so whatever renders with the run's tokenizer
+    afterwards uses it too. The held-out set is the ``data.eval`` source, or, when that is
+    null, ``data.eval_fraction`` of the training examples (split before packing, so no row
+    mixes the two). With ``data.packing`` the training set is packed into rows of
+    ``max_len``; the held-out set never is. Keys missing from ``cfg["data"]`` (a config
+    written before they existed) take their defaults.
     """
     d, max_len, seed = cfg["data"], cfg["train"]["max_len"], cfg["train"]["seed"]
-    fmt, system_prompt = d.get("format", "auto"), d.get("system_prompt")
-    train = ChatDataset.from_source(tok, d["train"], max_len, fmt, system_prompt)
+    set_chat_template(tok, d.get("chat_template"))
+    read = dict(format=d.get("format", "auto"), system_prompt=d.get("system_prompt"), fields=d.get("fields"),
+                train_on_inputs=d.get("train_on_inputs", False))
+    train = ChatDataset.from_source(tok, d["train"], max_len, **read)
+    if cfg.get("objective", {}).get("kind") == "reward" and any(c is None for c in train.chats):
+        raise DataError(f"{d['train']}: holds raw text records; objective.kind=reward generates replies to chats, "
+                        "so train on chat records or use objective.kind=cross_entropy")
     if d["eval"]:
-        held = ChatDataset.from_source(tok, d["eval"], max_len, fmt, system_prompt)
+        held = ChatDataset.from_source(tok, d["eval"], max_len, **read)
     else:
         train, held = train.split(d["eval_fraction"], seed)
     if d.get("packing", False):
@@ -406,10 +320,38 @@ def collate(input_ids: list[list[int]], labels: list[list[int]], pad_id: int,
     return {"input_ids": ids, "attention_mask": mask, "labels": lab}
 
 
+def collate_packed(input_ids: list[list[int]], labels: list[list[int]], segments: list[list[int]], pad_id: int,
+                   width: int) -> dict[str, torch.Tensor]:
+    """Packed rows right-padded to ``width``, with ``position_ids`` restarting at 0 for every example.
+
+    No ``attention_mask``: transformers builds the block-diagonal causal mask from the
+    position resets (the module docs); the padding at a row's end gets positions of its
+    own (0, 1, ...), so it is one more block that no real token sees, and its labels are
+    ``-100``.
+    """
+    batch = collate(input_ids, labels, pad_id, width)
+    del batch["attention_mask"]
+    pos = torch.zeros_like(batch["input_ids"])  # [B, T]
+    for row, segs in enumerate(segments):
+        at = 0
+        for n in [*segs, width - sum(segs)]:
+            pos[row, at : at + n] = torch.arange(n)
+            at += n
+    return {"input_ids": batch["input_ids"], "position_ids": pos, "labels": batch["labels"]}
+
+
+def _rows(dataset: ChatDataset, idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    ids, labels = [dataset.input_ids[i] for i in idx], [dataset.labels[i] for i in idx]
+    if dataset.segments is None:
+        return collate(ids, labels, pad_id, dataset.row_len)
+    return collate_packed(ids, labels, [dataset.segments[i] for i in idx], pad_id, dataset.row_len)
+
+
 class Batcher:
     """Training batches as a pure function of ``(seed, step)``: shuffled epochs, no state to save.
 
-    Batches of a packed dataset are padded to its ``row_len``."""
+    Batches of a packed dataset are padded to its ``row_len`` and carry ``position_ids``
+    (:func:`collate_packed`)."""
 
     def __init__(self, dataset: ChatDataset, batch_size: int, seed: int, pad_id: int):
         if batch_size < 1:
@@ -431,9 +373,7 @@ class Batcher:
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """The batch of 1-based training step ``step`` (the rows :meth:`indices` names)."""
-        idx = self.indices(step)
-        return collate([self.dataset.input_ids[i] for i in idx], [self.dataset.labels[i] for i in idx], self.pad_id,
-                       self.dataset.row_len)
+        return _rows(self.dataset, self.indices(step), self.pad_id)
 
     def epoch(self, step: int) -> float:
         """Epochs (passes over the rows) completed after ``step`` steps."""
@@ -441,15 +381,14 @@ class Batcher:
 
 
 def eval_batches(dataset: ChatDataset, batch_size: int, pad_id: int):
-    """The held-out set in fixed order, as padded batches."""
+    """The held-out set in fixed order, as padded batches (packed ones with ``position_ids``)."""
     for start in range(0, len(dataset), batch_size):
-        yield collate(dataset.input_ids[start : start + batch_size], dataset.labels[start : start + batch_size], pad_id,
-                      dataset.row_len)
+        yield _rows(dataset, list(range(start, min(start + batch_size, len(dataset)))), pad_id)
 
 
 @torch.no_grad()
 def eval_loss(model, dataset: ChatDataset, batch_size: int, pad_id: int) -> float:
-    """Mean cross-entropy per assistant token over the whole held-out set."""
+    """Mean cross-entropy per trained token over the whole held-out set."""
     device = model_input_device(model)
     total, count = 0.0, 0
     for batch in eval_batches(dataset, batch_size, pad_id):

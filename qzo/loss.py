@@ -115,4 +115,7 @@ def labelled_loss(model, batch: dict, chunk_bytes: int = CHUNK_BYTES) -> torch.T
 def batch_loss(model, batch: dict) -> torch.Tensor:
     """The value of ``model(**batch).loss``: from labelled positions (:func:`labelled_loss`) where supported."""
     loss = labelled_loss(model, batch)
-    return loss if loss is not None else model(**batch).loss
+    if loss is not None:
+        return loss
+    # no KV cache: a packed batch's position ids only become a block-diagonal mask without one (qzo.data)
+    return model(**{"use_cache": False, **batch}).loss

@@ -83,7 +83,7 @@ def test_builtin_demo_data_reads():
         ([], "is empty"),
         (["", "   "], "is empty"),
         ([json.dumps({"messages": CHAT}), "{not json"], r":2: not valid JSON"),
-        ([json.dumps({"text": "hi"})], r":1: expected an object"),
+        ([json.dumps({"body": "hi"})], r":1: expected an object"),
         ([json.dumps({"messages": [{"role": "bot", "content": "x"}]})], r":1: message 0 needs"),
         ([json.dumps({"messages": [{"role": "user", "content": "hi"}]})], r":1: the chat has no assistant turn"),
     ],
@@ -148,8 +148,8 @@ def test_detection_order_and_forced_format():
         to_chat(COMPLETION, format="alpaca")
     with pytest.raises(DataError, match='data.format "chat" expects a non-empty "messages" list'):
         to_chat(ALPACA, format="chat")
-    with pytest.raises(DataError, match="choose one of auto, chat, alpaca, completion"):
-        to_chat(CHAT, format="sharegpt")
+    with pytest.raises(DataError, match="choose one of auto, chat, sharegpt, alpaca, completion, text"):
+        to_chat(CHAT, format="vicuna")
 
 
 def test_system_prompt_is_added_where_there_is_none(smol_tokenizer):
@@ -189,14 +189,16 @@ def test_mixed_format_file(tmp_path, smol_tokenizer):
 @pytest.mark.parametrize(
     "line,fmt,match",
     [
-        ({"text": "hi", "label": 1}, "auto",
-         r':1: expected an object with a non-empty "messages" list, or "instruction" and "output" strings '
-         r'\(and an optional "input"\), or "prompt" and "completion" strings; found fields: text, label'),
+        ({"body": "hi", "label": 1}, "auto",
+         r':1: expected an object with a non-empty "messages" list, or a non-empty "conversations" list '
+         r'\(ShareGPT\), or "instruction" and "output" strings \(and an optional "input"\), or "prompt" and '
+         r'"completion" \(strings, or message lists\), or a "text" string; found fields: body, label '
+         r'\(name yours with data.fields\)'),
         ({"instruction": "x"}, "auto", r":1: expected an object .*found fields: instruction"),
         ({"prompt": "x", "completion": 3}, "auto", r':1: "completion" must be a string in the completion format'),
         ({**ALPACA, "input": ["a"]}, "auto", r':1: "input" must be a string in the alpaca format'),
         ([1, 2], "auto", r":1: expected a JSON object, got list"),
-        ({"messages": []}, "auto", r':1: expected an object with a non-empty "messages" list'),
+        ({"messages": []}, "auto", r':1: "messages" must be a non-empty list of messages'),
         (ALPACA, "completion", r':1: data.format "completion" expects "prompt" and "completion"'),
     ],
 )
@@ -240,13 +242,16 @@ def test_packed_rows_keep_exactly_the_labels_of_their_examples(smol_tokenizer):
 
 def test_packed_batches_are_exactly_max_len_wide(smol_tokenizer):
     packed = _demo_dataset(smol_tokenizer, 7, 150).pack(150)
-    batch = Batcher(packed, 3, seed=0, pad_id=smol_tokenizer.pad_token_id).batch(1)
-    assert batch["input_ids"].shape == batch["labels"].shape == (3, 150)
-    rows = {tuple(x): y for x, y in zip(packed.input_ids, packed.labels)}
-    for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
-        n = int(mask.sum())
-        assert mask[:n].all() and not mask[n:].any() and (labels[n:] == IGNORE).all()
-        assert labels[:n].tolist() == rows[tuple(ids[:n].tolist())]  # a whole packed row, labels intact
+    batcher = Batcher(packed, 3, seed=0, pad_id=smol_tokenizer.pad_token_id)
+    batch = batcher.batch(1)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (3, 150)
+    assert "attention_mask" not in batch  # packed: the block-diagonal mask comes from the position ids
+    for j, i in enumerate(batcher.indices(1)):
+        n, segs = len(packed.input_ids[i]), packed.segments[i]
+        assert batch["input_ids"][j, :n].tolist() == packed.input_ids[i]
+        assert batch["labels"][j, :n].tolist() == packed.labels[i] and (batch["labels"][j, n:] == IGNORE).all()
+        # positions restart at 0 with every example, and once more for the padding
+        assert batch["position_ids"][j].tolist() == [p for k in [*segs, 150 - n] for p in range(k)]
     assert next(iter(eval_batches(packed, 2, 0)))["input_ids"].shape == (2, 150)
     assert collate([[1]], [[1]], pad_id=0, width=4)["input_ids"].tolist() == [[1, 0, 0, 0]]
 
@@ -309,8 +314,8 @@ def test_config_keys_validate():
     cfg = load_config(None)
     assert (cfg["data"]["format"], cfg["data"]["system_prompt"], cfg["data"]["packing"]) == ("auto", None, False)
     assert load_config(None, ["data.system_prompt=You are terse."])["data"]["system_prompt"] == "You are terse."
-    with pytest.raises(ConfigError, match="data.format.*choose one of auto, chat, alpaca, completion"):
-        load_config(None, ["data.format=sharegpt"])
+    with pytest.raises(ConfigError, match="data.format.*choose one of auto, chat, sharegpt, alpaca, completion, text"):
+        load_config(None, ["data.format=vicuna"])
     with pytest.raises(ConfigError, match="data.packing"):
         load_config(None, ["data.packing=3"])
 
@@ -332,9 +337,9 @@ def test_hf_datasets_input(tmp_path, smol_tokenizer, monkeypatch):
     assert [_trained(smol_tokenizer, x, y) for x, y in zip(train.input_ids, train.labels)] == MIXED_TRAINED
     assert train.input_ids == held.input_ids
     bad = tmp_path / "bad.parquet"
-    datasets.Dataset.from_list([{**COMPLETION, "text": None}, {"prompt": None, "completion": None, "text": "hi"}]) \
+    datasets.Dataset.from_list([{**COMPLETION, "body": None}, {"prompt": None, "completion": None, "body": "hi"}]) \
         .to_parquet(str(bad))
-    with pytest.raises(DataError, match=r"hf:parquet:.*bad.parquet row 1: expected an object .*found fields: text"):
+    with pytest.raises(DataError, match=r"hf:parquet:.*bad.parquet row 1: expected an object .*found fields: body"):
         read_hf(f"hf:parquet:{bad}")
 
 
@@ -342,8 +347,8 @@ def test_hf_spec_errors(tmp_path, monkeypatch):
     path = _write(tmp_path / "d.jsonl", [json.dumps(COMPLETION)])
     with pytest.raises(DataError, match="expected hf:KIND:PATH"):
         read_chats("hf:json")
-    with pytest.raises(DataError, match="unknown kind 'squad'.*local files only"):
-        read_chats("hf:squad:train")
+    with pytest.raises(DataError, match=r"at most hf:NAME:CONFIG:SPLIT|expected hf:KIND:PATH.*hf:NAME:CONFIG:SPLIT"):
+        read_chats("hf:org/name:a:b:c")
     with pytest.raises(DataError, match="no local file matches"):
         read_chats(f"hf:json:{tmp_path / 'nope.jsonl'}")
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
