@@ -27,9 +27,10 @@ in order, into rows of ``max_len`` tokens, without cross-talk: a packed batch ca
 row's end) and no 2D ``attention_mask``. That is transformers' packed-sequence format
 (its ``DataCollatorWithFlattening``): for eager, sdpa and flex attention its mask builder
 (``masking_utils.find_packed_sequence_indices``) turns position resets into a
-block-diagonal causal mask, and flash-attention runs it varlen; so a token attends only to
-its own example, at the positions it has alone, and its loss is the loss of the example
-alone (tested to float rounding). The mask builder does this only for a forward without a
+block-diagonal causal mask (flash-attention reads the same position ids as varlen
+sequences; not tested here, CPU only); so a token attends only to its own example, at the
+positions it has alone, and its loss is the loss of the example alone (tested per token,
+sdpa and eager, in ``tests/test_data_packing.py``). The mask builder does this only for a forward without a
 KV cache: qzo's loss paths pass ``use_cache=False``. The first label of every packed
 example is ``-100`` (alone it is never a target either), so no target crosses from one
 example into the next even where every token is trained. :func:`datasets_from_config`
@@ -141,7 +142,6 @@ def encode_chat(tok, messages: list[dict], max_len: int, train_on_inputs: bool =
 
 def encode_text(tok, text: str, max_len: int) -> list[tuple[list[int], list[int]]]:
     """Raw text as ``max_len`` pieces, every token trained: the tokenizer's specials (BOS) plus EOS."""
-    _check_tokenizer(tok, chat=False)
     ids = tok(text, truncation=False)["input_ids"]
     eos = getattr(tok, "eos_token_id", None)
     if eos is not None and (not ids or ids[-1] != eos):

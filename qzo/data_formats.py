@@ -94,7 +94,8 @@ def check_fields(fields) -> str | None:
     if fields is None:
         return None
     if not isinstance(fields, dict) or not fields:
-        return f"must be null or a mapping of qzo's field names to the dataset's, e.g. {{messages: conv}}; got {fields!r}"
+        return ("must be null or a mapping of qzo's field names to the dataset's, e.g. {messages: conv}; "
+                f"got {fields!r}")
     unknown = [k for k in fields if k not in FIELD_KEYS]
     if unknown:
         return f"has unknown keys {unknown}; the keys are {', '.join(FIELD_KEYS)}"
@@ -176,6 +177,22 @@ def _tool_calls(calls, where: str, i: int) -> list[dict]:
     return out
 
 
+def _content(content, role: str, where: str, i: int) -> str:
+    """A message's text: a string; a list of text parts (HF / OpenAI) joined; a tool's JSON result as JSON."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    if role == "tool" and isinstance(content, (dict, list)):
+        return json.dumps(content, ensure_ascii=False)
+    if isinstance(content, list):
+        kinds = sorted({str(p.get("type")) if isinstance(p, dict) else type(p).__name__ for p in content})
+        raise DataError(f"{where}: message {i} ({role}) has content parts of types {', '.join(kinds)}; qzo trains "
+                        'text only: give a string or [{"type": "text", "text": ...}] parts')
+    raise DataError(f'{where}: message {i} ({role}) needs a string "content"')
+
+
 def _messages(messages, where: str, what: str = '"messages"') -> list[dict]:
     """Checked chat messages: canonical roles, string content (tool calls may stand for it)."""
     if not isinstance(messages, list) or not messages:
@@ -192,8 +209,7 @@ def _messages(messages, where: str, what: str = '"messages"') -> list[dict]:
                                 "messages call tools")
             m["tool_calls"] = _tool_calls(m["tool_calls"], where, i)
             m.setdefault("content", "")
-        if not isinstance(m.get("content"), str):
-            raise DataError(f'{where}: message {i} ({m["role"]}) needs a string "content"')
+        m["content"] = _content(m.get("content"), m["role"], where, i)
         chat.append(m)
     return chat
 

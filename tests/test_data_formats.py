@@ -15,8 +15,8 @@ from qzo.templates import BUILTIN, set_chat_template
 
 END = "<|im_end|>\n"
 WEATHER_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": CITY}}]
 TOOL_CHAT = [
     {"role": "user", "content": "Weather in Paris?"},
     {"role": "assistant", "content": "", "tool_calls": [WEATHER_CALL]},
@@ -117,9 +117,11 @@ def test_raw_text_trains_every_token_and_long_texts_become_pieces(tmp_path, tok)
 def test_fields_map_other_layouts(tmp_path, tok):
     fields = {"messages": "conv", "role": "speaker", "content": "text", "roles": {"bot": "assistant", "person": "user"}}
     record = {"conv": [{"speaker": "person", "text": "Hi"}, {"speaker": "bot", "text": "Hello"}], "id": 7}
-    assert to_chat(record, fields=fields) == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert to_chat(record, fields=fields) == [{"role": "user", "content": "Hi"},
+                                              {"role": "assistant", "content": "Hello"}]
     qa = {"question": "2+2?", "answer": "4"}
-    assert to_chat(qa, fields={"prompt": "question", "completion": "answer"})[1] == {"role": "assistant", "content": "4"}
+    assert to_chat(qa, fields={"prompt": "question", "completion": "answer"})[1] == \
+        {"role": "assistant", "content": "4"}
     path = _write(tmp_path / "conv.jsonl", [record])
     cfg = load_config(None, [f"data.train={path}", f"data.eval={path}", "train.max_len=64",
                              "data.fields={messages: conv, role: speaker, content: text, "
@@ -255,3 +257,13 @@ def test_examples_keep_where_they_came_from(tmp_path):
     examples = read_examples(path)
     assert [e.where for e in examples] == [f"{path}:1", f"{path}:2"]
     assert isinstance(examples[0], Example) and examples[0].text == "a" and examples[1].messages == CHAT
+
+
+def test_content_parts_and_json_tool_results_become_text():
+    parts = [{"type": "text", "text": "Weather "}, {"type": "text", "text": "in Paris?"}]
+    chat = to_chat({"messages": [{"role": "user", "content": parts}, TOOL_CHAT[1],
+                                 {"role": "tool", "content": {"temp_c": 21}}, TOOL_CHAT[3]]})
+    assert chat[0]["content"] == "Weather in Paris?" and chat[2]["content"] == '{"temp_c": 21}'
+    with pytest.raises(DataError, match=r"message 0 \(user\) has content parts of types image, text; qzo trains "
+                                        "text only"):
+        to_chat({"messages": [{"role": "user", "content": [{"type": "image"}, *parts]}, TOOL_CHAT[3]]})
