@@ -13,8 +13,8 @@ token: continued pre-training). The formats, as ``data.format`` names them:
   with the role names of :data:`SHAREGPT_ROLES` (``human``/``user`` -> user,
   ``gpt``/``assistant``/``model``/``bot``/``chatgpt`` -> assistant, ``system``, ``tool``/
   ``observation``/``function``/``ipython`` -> tool, ``function_call`` -> an assistant tool
-  call whose value is ``{"name", "arguments"}`` JSON); an optional record-level ``system``
-  string and ``tools`` list (or its JSON string, as LLaMA-Factory stores it).
+  call whose value is ``{"name", "arguments"}`` JSON); a ``tools`` list (or its JSON
+  string, as LLaMA-Factory stores it).
 - ``alpaca``: ``{"instruction", "input" (optional), "output"}`` -> a user turn (the
   instruction, plus ``"\\n\\n"`` and the input when non-empty) and an assistant turn.
 - ``completion``: ``{"prompt", "completion"}``, both strings (a user turn and an assistant
@@ -24,7 +24,8 @@ token: continued pre-training). The formats, as ``data.format`` names them:
 
 ``auto`` tries them in that order, so a record with ``messages`` is a chat whatever else it
 holds; fields whose value is ``null`` count as absent (``datasets`` fills a column missing
-from a row with ``None``).
+from a row with ``None``). In every chat format a record-level ``system`` string becomes the
+system message of a chat that has none (before ``data.system_prompt`` is considered).
 
 Other layouts map onto these with ``data.fields`` (:func:`check_fields`): qzo's name ->
 the dataset's, for record fields (``messages``, ``conversations``, ``prompt``,
@@ -116,8 +117,9 @@ def _rename_message(m, keys: dict, roles: dict | None):
     for ours, theirs in keys.items():
         if theirs in m and theirs != ours:
             m[ours] = m.pop(theirs)
-    if roles and m.get("role") in roles:
-        m["role"] = roles[m["role"]]
+    for key in ("role", "from"):  # "from": ShareGPT's role key
+        if roles and isinstance(m.get(key), str) and m[key] in roles:
+            m[key] = roles[m[key]]
     return m
 
 
@@ -235,8 +237,6 @@ def _sharegpt(record: dict, where: str) -> list[dict]:
     if not isinstance(turns, list) or not turns:
         raise DataError(f'{where}: "conversations" must be a non-empty list of {{"from", "value"}} turns')
     chat = []
-    if isinstance(record.get("system"), str) and record["system"]:
-        chat.append({"role": "system", "content": record["system"]})
     for i, t in enumerate(turns):
         speaker = t.get("from", t.get("role")) if isinstance(t, dict) else None
         value = t.get("value", t.get("content")) if isinstance(t, dict) else None
@@ -319,7 +319,9 @@ def to_example(record, format: str = "auto", system_prompt: str | None = None, w
     if not any(m["role"] == "assistant" for m in chat[first:]):
         raise DataError(f"{where}: the chat has no assistant turn{' in its completion' if first else ''}, so there "
                         "is nothing to train on")
-    if system_prompt is not None and not any(m["role"] == "system" for m in chat):
-        chat.insert(0, {"role": "system", "content": system_prompt})
-        first += 1 if first else 0
+    own = record.get("system") if isinstance(record.get("system"), str) and record["system"] else None
+    for system in (own, system_prompt):  # the record's own system message, else data.system_prompt
+        if system is not None and not any(m["role"] == "system" for m in chat):
+            chat.insert(0, {"role": "system", "content": system})
+            first += 1 if first else 0
     return Example(messages=chat, tools=tools, first_trained=first, where=where)

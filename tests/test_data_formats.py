@@ -61,8 +61,14 @@ def test_sharegpt_roles_are_mapped():
     assert [m["role"] for m in chat] == ["system", "user", "assistant", "user", "assistant", "tool", "assistant"]
     assert chat[0]["content"] == "Be terse." and chat[2]["content"] == "Hello"
     assert chat[4]["tool_calls"] == [WEATHER_CALL] and chat[4]["content"] == ""
+    narrated = {"conversations": [{"from": "human", "value": "a"}, {"from": "narrator", "value": "b"}]}
     with pytest.raises(DataError, match=r"turn 1 has \"from\" 'narrator'.*data.fields.roles"):
-        to_chat({"conversations": [{"from": "human", "value": "a"}, {"from": "narrator", "value": "b"}]})
+        to_chat(narrated)
+    assert to_chat(narrated, fields={"roles": {"narrator": "assistant"}})[1] == {"role": "assistant", "content": "b"}
+    # a record-level system string is the system message of any chat format; data.system_prompt only fills in
+    alpaca = {"system": "Be kind.", "instruction": "Hi", "output": "Hello"}
+    assert to_chat(alpaca, system_prompt="S.")[0] == {"role": "system", "content": "Be kind."}
+    assert to_chat({**alpaca, "system": None}, system_prompt="S.")[0] == {"role": "system", "content": "S."}
     with pytest.raises(DataError, match="no assistant turn"):
         to_chat({"conversations": [{"from": "human", "value": "a"}]})
 
