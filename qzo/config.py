@@ -18,7 +18,8 @@ from pathlib import Path
 import yaml
 
 from .data_formats import FORMATS, check_fields
-from .errors import ConfigError
+from .data_sources import parse_hf
+from .errors import ConfigError, DataError
 from .normalize import NORMALIZATIONS
 from .strategies import STRATEGIES
 from .strategies.fzoo import BASELINES
@@ -288,6 +289,12 @@ def _validate_data(cfg: dict) -> None:
     problem = template_problem(d["chat_template"])
     if problem:
         raise ConfigError(f"config key 'data.chat_template' {problem}")
+    for key in ("train", "eval"):  # an hf: spec's syntax is checked here, before the model loads
+        if isinstance(d[key], str) and d[key].startswith("hf:"):
+            try:
+                parse_hf(d[key])
+            except DataError as exc:
+                raise ConfigError(f"config key 'data.{key}': {exc}") from None
     if d["format"] == "text" and cfg["objective"]["kind"] == "reward":
         raise ConfigError("data.format text (raw text, no prompts) cannot be used with objective.kind=reward, which "
                           "generates replies to chats; set data.format to a chat format or "

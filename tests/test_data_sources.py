@@ -121,3 +121,12 @@ def test_bad_hf_specs_show_the_syntax(spec):
 def test_a_folder_given_as_a_jsonl_path_points_to_hf(hub_folder):
     with pytest.raises(DataError, match=r"does not exist \(a dataset folder or hub id is read with hf:NAME\)"):
         read_examples(str(hub_folder))
+
+
+def test_a_bad_hf_spec_is_a_config_error_before_anything_loads():
+    from qzo.config import load_config
+    from qzo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"config key 'data.eval': 'hf:org/x:a:b:c': expected hf:KIND:PATH"):
+        load_config(None, ["data.eval=hf:org/x:a:b:c"])
+    assert load_config(None, ["data.train=hf:org/x:en:train[:10]"])["data"]["train"] == "hf:org/x:en:train[:10]"
