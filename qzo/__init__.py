@@ -34,6 +34,8 @@ from .errors import ConfigError, DataError, ModelSourceError, NonFiniteLossError
 from .load import load  # noqa: E402
 from .lora import lora  # noqa: E402
 from .optim import ZO, StepRecord  # noqa: E402
+from . import distributed  # noqa: E402  (qzo.distributed.init_from_env: a ZO run over torchrun ranks)
+from .distributed import Distributed  # noqa: E402
 from .params import ParamSet, Trainable  # noqa: E402
 from .rules import SGD, Adam, Momentum, Rule, Sign  # noqa: E402
 from .schedule import Schedule  # noqa: E402
@@ -51,6 +53,6 @@ __all__ = [
     "SGD", "Momentum", "Adam", "Sign", "Schedule", "clip_grad",
     "CausalLMLoss", "Strategy", "Rule", "Estimate", "ParamSet", "Trainable",
     "ScaleParams", "DenseParams", "load_scales", "load_dense", "targets", "noise",
-    "set_backend", "get_backend", "objectives", "replay", "plan",
+    "set_backend", "get_backend", "objectives", "replay", "plan", "distributed", "Distributed",
     "QzoError", "ConfigError", "DataError", "ModelSourceError", "NonFiniteLossError", "TargetError", "__version__",
 ]

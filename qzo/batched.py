@@ -179,6 +179,15 @@ class CausalLMLoss:
 
 
     @property
+    def tokens(self) -> int:
+        """Labelled positions the loss averages over (next-token targets: ``labels[:, 1:] != -100``).
+
+        A data-parallel step weights each rank's loss by this (``qzo.distributed``), so the
+        reduced loss is the token mean over the whole batch.
+        """
+        return int((self.batch["labels"][:, 1:] != -100).sum())
+
+    @property
     def rows(self) -> int:
         """The batch's rows: how many perturbations :meth:`evaluate_rows` takes."""
         return int(self.batch["labels"].shape[0])

@@ -103,6 +103,9 @@ DEFAULTS: dict = {
         "save_every": 50,  # steps between checkpoints (also at the end)
         "keep_checkpoints": 2,
         "seed": 0,
+        "candidate_parallel": 1,  # under torchrun: ranks that split each step's evaluations (world / this = data shards)
+        "check_every": 50,  # under torchrun: compare a checksum of the trainables across ranks every this many steps
+        "dist_timeout_s": 300.0,  # under torchrun: a rank silent this long stops the run, naming where
     },
     "objective": {
         "kind": "cross_entropy",  # cross_entropy (on the assistant tokens) | reward (on generated replies)
@@ -124,8 +127,9 @@ _CHOICES = {
     ("data", "format"): FORMATS,
     ("objective", "kind"): ("cross_entropy", "reward"),
 }
-_POSITIVE = {("optim", "lr"), ("optim", "eps"), ("lora", "alpha"), ("optim", "sigma")}
+_POSITIVE = {("optim", "lr"), ("optim", "eps"), ("lora", "alpha"), ("optim", "sigma"), ("train", "dist_timeout_s")}
 _AT_LEAST_ONE = {("lora", "r"), ("train", "steps"), ("train", "batch_size"), ("train", "eval_every"),
+                 ("train", "candidate_parallel"), ("train", "check_every"),
                  ("train", "eval_batch_size"), ("train", "save_every"), ("train", "keep_checkpoints")}
 # Keys that may be null, and the types they take otherwise.
 _NULLABLE_TYPES = {

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from .batched import Candidate
+from .distributed import Distributed
 from .errors import NonFiniteLossError, QzoError
 from .noise import _mix64
 from .normalize import Normalize
@@ -74,6 +75,7 @@ class _Probe:
         self.applied: dict[int, float] = {}
         self.applied_mu = 0.0
         self.losses: list[float] = []
+        self._total_rows: int | None = None
 
     def perturb(self, terms: list[tuple[int, float]], mu_coef: float = 0.0) -> None:
         seeds = [int(s) for s, _ in terms]
@@ -114,14 +116,39 @@ class _Probe:
             )
 
     def evaluate(self) -> float:
+        """The loss where the trainables are now (a group of one evaluation)."""
+        return self.evaluate_group([None])[0]
+
+    def _run_closure(self) -> tuple[float, int | None]:
         with torch.no_grad():
             value = self._closure()
-        self._opt.forwards += 1
         self._opt.forward_calls += 1
         loss = float(value.detach().float().item() if isinstance(value, torch.Tensor) else value)
-        self.losses.append(loss)
-        self._check_finite(loss, len(self.losses))
-        return loss
+        return loss, getattr(self._closure, "tokens", None)
+
+    def _record(self, losses: list[float]) -> list[float]:
+        for loss in losses:
+            self.losses.append(loss)
+            self._check_finite(loss, len(self.losses))
+        return losses
+
+    def evaluate_group(self, targets: list[tuple[list[tuple[int, float]], float] | None]) -> list[float]:
+        """The loss at each ``(terms, mu_coef)`` target (``None``: where the trainables are), in order.
+
+        The evaluations of a group do not depend on each other, which is what lets a
+        distributed optimizer (``qzo.distributed``) run them on different ranks: every rank
+        makes the same perturbation passes (so all hold bit-identical trainables) and runs
+        only the forwards of its slot. The last target stays applied.
+        """
+        dist = self._opt.distributed
+        values = []
+        for i, target in enumerate(targets):
+            if target is not None:
+                self.move_to(*target)
+            values.append(self._run_closure() if dist is None or dist.owns(i) else None)
+        self._opt.forwards += len(targets)
+        losses = [v[0] for v in values] if dist is None else dist.reduce_losses(values)
+        return self._record(losses)
 
     def evaluate_batch(self, candidates: list[tuple[list[tuple[int, float]], float]]) -> list[float]:
         """The loss at each ``(terms, mu_coef)`` target in one stacked forward; the trainables do not move.
@@ -140,17 +167,23 @@ class _Probe:
         for terms, mu_coef in candidates:
             delta, mu_delta, _ = self._delta(terms, mu_coef)
             relative.append(Candidate(tuple(delta), mu_delta))
-        with torch.no_grad():
-            values = evaluate(self._opt.params, relative, mu_for=self._opt.strategy.mu_for)
+        dist = self._opt.distributed
+        mine = [i for i in range(len(relative)) if dist is None or dist.owns(i)]
+        values = []
+        if mine:
+            with torch.no_grad():
+                values = evaluate(self._opt.params, [relative[i] for i in mine], mu_for=self._opt.strategy.mu_for)
+            self._opt.forward_calls += 1
         self._opt.forwards += len(relative)
-        self._opt.forward_calls += 1
         losses = [float(v) for v in torch.as_tensor(values).detach().float().cpu().tolist()]
-        if len(losses) != len(relative):
-            raise ValueError(f"evaluate_candidates returned {len(losses)} losses for {len(relative)} candidates")
-        for loss in losses:
-            self.losses.append(loss)
-            self._check_finite(loss, len(self.losses))
-        return losses
+        if len(losses) != len(mine):
+            raise ValueError(f"evaluate_candidates returned {len(losses)} losses for {len(mine)} candidates")
+        if dist is not None:
+            ran = dict(zip(mine, losses))
+            tokens = getattr(self._closure, "tokens", None)
+            losses = dist.reduce_losses([(ran[i], tokens) if i in ran else None for i in range(len(relative))],
+                                        "pool losses")
+        return self._record(losses)
 
     def rows(self) -> int:
         """How many rows the closure's batch has (what :meth:`evaluate_rows` perturbs one by one)."""
@@ -160,7 +193,12 @@ class _Probe:
                 f"a per-example strategy perturbs each row of the batch inside one forward, but the closure given to "
                 f"opt.step ({type(self._closure).__name__}) cannot. Pass qzo.CausalLMLoss(model, batch) instead of a "
                 "lambda (LoRA trainables), or use another strategy.")
-        return int(rows)
+        dist = self._opt.distributed
+        if dist is None:
+            return int(rows)
+        if self._total_rows is None:  # the whole batch: every data shard's rows (the closure holds this rank's)
+            self._total_rows = dist.total_rows(int(rows) if dist.owns(0) else None)
+        return self._total_rows
 
     def evaluate_rows(self, candidates: list[tuple[list[tuple[int, float]], float]]) -> tuple[list[float], list[float]]:
         """Row i's loss at target i (absolute, as :meth:`move_to` takes), all rows in one forward; nothing moves.
@@ -169,17 +207,24 @@ class _Probe:
         labelled tokens. Counts one evaluation in ``opt.forwards`` (one batch loss, a
         perturbation per row) and one forward call.
         """
-        self.rows()
+        total_rows = self.rows()
         relative = []
         for terms, mu_coef in candidates:
             delta, mu_delta, _ = self._delta(terms, mu_coef)
             relative.append(Candidate(tuple(delta), mu_delta))
-        with torch.no_grad():
-            losses, counts = self._closure.evaluate_rows(self._opt.params, relative, mu_for=self._opt.strategy.mu_for)
+        dist = self._opt.distributed
+        mine = slice(0, total_rows) if dist is None else dist.rows(total_rows) if dist.owns(0) else None
+        losses, counts = [], []
+        if mine is not None:
+            with torch.no_grad():
+                out, cnt = self._closure.evaluate_rows(self._opt.params, relative[mine],
+                                                       mu_for=self._opt.strategy.mu_for)
+            self._opt.forward_calls += 1
+            losses = [float(v) for v in out.detach().float().cpu().tolist()]
+            counts = [float(c) for c in cnt.detach().float().cpu().tolist()]
+        if dist is not None:  # one group: the shards of slot 0 run it, every rank gets every row
+            losses, counts = dist.gather_rows(total_rows, mine, losses, counts)
         self._opt.forwards += 1
-        self._opt.forward_calls += 1
-        losses = [float(v) for v in losses.detach().float().cpu().tolist()]
-        counts = [float(c) for c in counts.detach().float().cpu().tolist()]
         total = sum(counts)
         if not total:
             raise QzoError("no row of the batch has a labelled token: there is no loss to estimate")
@@ -213,6 +258,10 @@ class ZO:
             gradient by the spread of the step's losses (FZOO), ``"rms"`` by a running RMS of
             past ones, or a :class:`qzo.normalize.Normalize`; ``None``: off. Applied before
             the clip; see ``qzo.normalize``.
+        distributed: a :class:`qzo.distributed.Distributed`: spread each step's evaluations
+            (candidate-parallel) and the batch (data-parallel: pass each rank its shard of the
+            batch) over ``torch.distributed`` ranks; only losses cross ranks. ``None``: one
+            process.
 
     ``forwards`` counts loss evaluations (a batched pool of K counts K, so budgets compare
     across ``batched``); ``forward_calls`` counts the model forwards that actually ran.
@@ -234,6 +283,7 @@ class ZO:
         schedule: Schedule | None = None,
         clip: float | None = None,
         normalize: str | Normalize | None = None,
+        distributed: Distributed | None = None,
     ):
         self.params: ParamSet = as_param_set(params)
         self.strategy = strategy if strategy is not None else SPSA()
@@ -254,6 +304,7 @@ class ZO:
         if self.clip is not None and not self.clip > 0:
             raise ValueError(f"clip must be > 0 (QZO uses 100), got {self.clip}")
         self.normalize = Normalize(normalize) if isinstance(normalize, str) else normalize
+        self.distributed = distributed
         self.strategy.bind(self.params)
         self.rule.bind(self.params)
         self.steps = 0
@@ -287,6 +338,8 @@ class ZO:
         """
         step = self.steps + 1
         lr = self.lr_at(step)
+        if self.distributed is not None:
+            self.distributed.step = step
         probe = _Probe(self, closure)
         try:
             est: Estimate = self.strategy.estimate(probe, self._draw_seeds(step))

@@ -191,9 +191,29 @@ class Plan:
         return "\n".join(lines)
 
 
+def _gpus_notes(gpus: int, strategy: str, batch: int, pool: int, layer_acts: int, logits: int, mask: int,
+                activations: int) -> list[str]:
+    """What ``gpus`` ranks buy: every rank holds the whole 4-bit model, so weights per GPU do not shrink."""
+    n = max(pool, 4)  # a pool strategy's size (the config's default, or the stacked pool)
+    size = {"gv": {"pool": n}, "greedy": {"pool": n}, "ldsd": {"candidates": n}, "fzoo": {"probes": n}}.get(strategy, {})
+    fps = STRATEGIES[strategy](**size).forwards_per_step
+    slots = max(d for d in range(1, gpus + 1) if gpus % d == 0 and d <= max(fps, 1))
+    rounds = -(-fps // slots)
+    rows = -(-batch // gpus)
+    shrink = rows / batch
+    dp_acts = int(layer_acts * shrink + logits * shrink + mask * shrink * shrink)
+    return [f"{gpus} GPUs (torchrun --nproc-per-node {gpus} -m qzo train): each rank holds a full copy, so the "
+            "weights, trainables and state per GPU are as above; ranks exchange only losses (16 bytes an evaluation)",
+            f"  candidate-parallel (train.candidate_parallel: {slots}): a step's {fps} forwards take the time of {rounds} "
+            f"instead of {fps} (up to {fps / rounds:.1f}x the steps per second); memory per GPU unchanged",
+            f"  data-parallel (train.candidate_parallel: 1): each rank runs {rows} of the {batch} rows, so activations "
+            f"fall from {activations / GiB:.2f} to about {dp_acts / GiB:.2f} GiB per GPU and a forward takes about "
+            f"1/{gpus} of the time"]
+
+
 def plan(source, quant: str = "nf4", gpu=None, batch: int = 8, seq: int = 512, lora_r: int = 8,
          lora_targets=("q_proj", "v_proj"), rule: str = "sgd", strategy: str = "spsa", pool: int = 1,
-         double_quant: bool = False, dtype: str = "bfloat16") -> Plan:
+         double_quant: bool = False, dtype: str = "bfloat16", gpus: int = 1) -> Plan:
     """Estimate the peak memory of one ZO step (see the module docstring for the parts).
 
     Args:
@@ -207,6 +227,7 @@ def plan(source, quant: str = "nf4", gpu=None, batch: int = 8, seq: int = 512, l
         pool: candidates evaluated in one stacked forward (``batched=True``), else 1.
         double_quant: bitsandbytes' double quantization of the 4-bit scales.
         dtype: compute dtype of the unquantized parts and the activations.
+        gpus: ranks of a ``torchrun`` run (``qzo.distributed``); adds what N GPUs buy to the notes.
     """
     if quant not in ("nf4", "fp4", "int8", "none"):
         raise QzoError(f"unknown quant {quant!r}; choose nf4, fp4, int8 or none")
@@ -249,6 +270,10 @@ def plan(source, quant: str = "nf4", gpu=None, batch: int = 8, seq: int = 512, l
         notes.append(f"embeddings + LM head are {(embed + head) / GiB:.2f} GiB in {dtype} (bitsandbytes leaves them "
                      "unquantized): keeping the input embedding on CPU saves "
                      f"{embed / GiB:.2f} GiB")
+    if gpus > 1:
+        notes += _gpus_notes(gpus, strategy, batch, pool, layer_acts, logits, mask, activations)
+    elif gpus < 1:
+        raise QzoError(f"--gpus must be >= 1, got {gpus}")
     result = Plan(weights, trainables, state, activations, workspace, parse_size(gpu) if gpu is not None else None,
                   per_layer, layers, streamed_layer=streamed_layer, notes=notes)
     if result.budget is not None and not result.fits and result.gpu_layers() == 0:

@@ -36,6 +36,7 @@ from .checkpoint import (atomic_write_text, best_step, find_checkpoint, latest_c
                          prune_checkpoints, record_best, remove_partial_writes, save_checkpoint)
 from .config import DEFAULTS, ConfigError, load_config, merge_config, validate
 from .data import Batcher, ChatDataset, datasets_from_config, eval_loss, model_input_device
+from .distributed import Distributed, init_from_env
 from .errors import NonFiniteLossError, QzoError
 from .load import load
 from .objectives import RewardLoss, load_reward
@@ -86,8 +87,8 @@ def total_steps(cfg: dict) -> int:
     return -(-budget // build_strategy(cfg).forwards_per_step)
 
 
-def build_optimizer(cfg: dict, params) -> ZO:
-    """The ``qzo.ZO`` a config describes."""
+def build_optimizer(cfg: dict, params, distributed: Distributed | None = None) -> ZO:
+    """The ``qzo.ZO`` a config describes (spread over ranks with ``distributed``)."""
     o = cfg["optim"]
     wd = o["weight_decay"]
     rules = {
@@ -100,7 +101,8 @@ def build_optimizer(cfg: dict, params) -> ZO:
                         min_ratio=o["min_lr_ratio"])
     normalize = Normalize(o["normalize"], beta=o["normalize_beta"]) if o["normalize"] else None
     return ZO(params, strategy=build_strategy(cfg), rule=rules[o["rule"]](), eps=o["eps"],
-              seed=cfg["train"]["seed"], schedule=schedule, clip=o["clip"], normalize=normalize)
+              seed=cfg["train"]["seed"], schedule=schedule, clip=o["clip"], normalize=normalize,
+              distributed=distributed)
 
 
 def build_targets(model, cfg: dict) -> tuple[ParamSet, dict[str, ParamSet]]:
@@ -213,6 +215,12 @@ class Session:
     reward_fn: object = None  # objective.kind reward: the loaded reward function
     lock: RunLock | None = None  # held while this process trains the run (released by train())
     best: dict | None = None  # RUN/best.json as last written ({"step", "eval_loss"}), kept here so no eval re-reads it
+    dist: Distributed | None = None  # under torchrun: this rank's place; None for one process
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the run directory (rank 0 alone, or the only process)."""
+        return self.dist is None or self.dist.rank == 0
     evals_since_best: int = 0  # held-out evaluations after the best one (train.early_stop_patience counts them)
 
 
@@ -251,40 +259,59 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
     else:
         cfg = load_config(config_path, overrides)
         run_dir = None
+    t = cfg["train"]
+    dist = init_from_env(t["candidate_parallel"], t["dist_timeout_s"])  # None for one process
+    writer = dist is None or dist.rank == 0
+    if not writer:
+        log = _quiet
+    elif dist is not None:
+        log(f"qzo: {dist.world} ranks, {dist.layout.candidate_parallel} candidate slot(s) x {dist.layout.shards} "
+            "data shard(s); rank 0 writes the run directory")
     lock = RunLock()
     try:
-        if resume is not None:
+        if resume is not None and writer:
             lock.acquire(run_dir)  # before anything is written: another live run may own it
             atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
         ob = cfg["objective"]
         # loaded once, before the model: a bad objective.reward fails in seconds, not after the load
         reward_fn = load_reward(ob["reward"]) if ob["kind"] == "reward" else None
         log(f"qzo: loading {cfg['model']['source']} ({cfg['model']['quant']})")
-        model, tok, params, parts = load_model_and_targets(cfg)
+        model, tok, params, parts = load_model_and_targets(_rank_device(cfg, dist))
         train_ds, eval_ds = datasets_from_config(cfg, tok)
         dropped = f", {train_ds.dropped} dropped: no assistant token within train.max_len" if train_ds.dropped else ""
         packed = f" packed into {len(train_ds)} rows" if train_ds.row_len else ""
         log(f"qzo: {train_ds.num_examples} training examples{packed}, {len(eval_ds)} held-out{dropped}; "
             f"{describe_targets(parts)}")
         if run_dir is None:
-            run_dir = _new_run_dir(cfg, config_path)
-            lock.acquire(run_dir)
-        opt = build_optimizer(cfg, params)
+            if writer:
+                run_dir = _new_run_dir(cfg, config_path)
+                lock.acquire(run_dir)
+            run_dir = Path(_from_rank0(dist, str(run_dir) if writer else None))
+            cfg["out_dir"] = str(run_dir)
+        opt = build_optimizer(cfg, params, dist)
         batcher = Batcher(train_ds, cfg["train"]["batch_size"], cfg["train"]["seed"], tok.pad_token_id)
-        session = Session(cfg, run_dir, model, tok, params, parts, opt, train_ds, eval_ds, batcher, reward_fn, lock)
+        session = Session(cfg, run_dir, model, tok, params, parts, opt, train_ds, eval_ds, batcher, reward_fn, lock,
+                          dist=dist)
         if resume is not None:
-            for name in remove_partial_writes(run_dir):
-                log(f"qzo: removed checkpoints/{name}, a checkpoint write that was interrupted")
-            ckpt = latest_checkpoint(run_dir, log)
+            ckpt = None
+            if writer:
+                for name in remove_partial_writes(run_dir):
+                    log(f"qzo: removed checkpoints/{name}, a checkpoint write that was interrupted")
+                ckpt = latest_checkpoint(run_dir, log)
+            # every rank loads the checkpoint rank 0 verified, after rank 0 truncated the logs to it
+            ckpt = _from_rank0(dist, None if ckpt is None else str(ckpt))
+            ckpt = None if ckpt is None else Path(ckpt)
             done = 0
             if ckpt is not None:
                 trainables, opt_state, meta = load_checkpoint(ckpt)
                 params.load_state_dict(trainables)
                 opt.load_state_dict(opt_state)
                 done = meta["step"]
-            _truncate_jsonl(run_dir / "steps.jsonl", done)
-            _truncate_jsonl(run_dir / "metrics.jsonl", done)
-            _forget_best_after(run_dir, done)
+            if writer:
+                _truncate_jsonl(run_dir / "steps.jsonl", done)
+                _truncate_jsonl(run_dir / "metrics.jsonl", done)
+                _forget_best_after(run_dir, done)
+            _barrier(dist)  # the others read best.json and metrics.jsonl once rank 0 has cut them
             session.best = best_step(run_dir)
             session.evals_since_best = _evals_after(run_dir, session.best)
             log(f"qzo: resuming {run_dir} from step {done}")
@@ -292,6 +319,40 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
     except BaseException:
         lock.release()
         raise
+
+
+def _rank_device(cfg: dict, dist: Distributed | None) -> dict:
+    """The config a rank loads with: on CUDA each rank takes its own GPU (``cuda:LOCAL_RANK``), unless
+    ``model.device_map`` says otherwise; ``auto`` would spread every rank's copy over all GPUs."""
+    import torch
+
+    if dist is None or not torch.cuda.is_available() or cfg["model"]["device_map"] is not None:
+        return cfg
+    local = copy.deepcopy(cfg)
+    local["model"]["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return local
+
+
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0: rank 0 speaks for the run."""
+
+
+def _from_rank0(dist: Distributed | None, value):
+    """``value`` as rank 0 has it, on every rank (a picklable object; ``value`` itself for one process)."""
+    if dist is None:
+        return value
+    import torch.distributed as tdist
+
+    box = [value]
+    tdist.broadcast_object_list(box, src=0, group=dist.group)
+    return box[0]
+
+
+def _barrier(dist: Distributed | None) -> None:
+    if dist is not None:
+        import torch.distributed as tdist
+
+        tdist.barrier(group=dist.group)
 
 
 def _forget_best_after(run_dir: Path, done: int) -> None:
@@ -328,6 +389,10 @@ def _logged_wall(steps_path: Path) -> float:
 
 def _save(s: Session, best_loss: float | None = None) -> None:
     """Checkpoint this step; with ``best_loss`` also mark it the run's best. Then prune (never the best)."""
+    if not s.writer:  # rank 0 writes; the others only follow the best mark (early stopping reads it)
+        if best_loss is not None:
+            s.best = {"step": int(s.opt.steps), "eval_loss": float(best_loss)}
+        return
     written = save_checkpoint(s.run_dir, s.opt.steps, s.params.state_dict(), s.opt.state_dict(),
                               extra={"forwards": s.opt.forwards})
     if best_loss is not None:
@@ -346,12 +411,17 @@ def objective_closure(s: Session, step: int, device):
 
     A reward run's training set is never packed (config validation refuses ``data.packing``
     with it), so ``train_ds.chats`` holds the chat of every row.
+
+    Under ``torchrun`` each rank takes its data shard of the step's batch
+    (:func:`qzo.distributed.shard_rows`: contiguous rows, a pure function of ``(train.seed,
+    step, rank, world size)``), and the optimizer reduces the shards' losses token-weighted.
     """
     ob = s.cfg["objective"]
+    rows = s.dist.rows(s.cfg["train"]["batch_size"]) if s.dist is not None else slice(None)
     if ob["kind"] != "reward":
-        batch = {k: v.to(device) for k, v in s.batcher.batch(step).items()}
+        batch = {k: v[rows].to(device) for k, v in s.batcher.batch(step).items()}
         return CausalLMLoss(s.model, batch)  # can also evaluate a whole pool in one stacked forward (optim.batched)
-    chats = [s.train_ds.chats[i] for i in s.batcher.indices(step)]
+    chats = [s.train_ds.chats[i] for i in s.batcher.indices(step)][rows]
     return RewardLoss(s.model, s.tok, chats, s.reward_fn, max_new_tokens=ob["max_new_tokens"],
                       temperature=ob["temperature"], seed=s.cfg["train"]["seed"], step=step)
 
@@ -366,18 +436,19 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
     from .metrics import TensorBoardScalars
 
     # TensorBoard mirror of metrics.jsonl (a no-op without tensorboard); a resume purges the steps it redoes
-    scalars = TensorBoardScalars(s.run_dir, purge_step=first_step if s.opt.steps else 0)
+    scalars = TensorBoardScalars(s.run_dir, purge_step=first_step if s.opt.steps else 0) if s.writer else _NoScalars()
     initial = None
     if s.opt.steps == 0:
-        initial = _evaluate(s)
-        _append_jsonl(metrics_path, {"step": 0, "forwards": 0, "loss": None, "eval_loss": initial, "wall_s": 0.0})
+        initial = _evaluate(s)  # every rank: they hold the same values, and all take the decisions that follow
+        if s.writer:
+            _append_jsonl(metrics_path, {"step": 0, "forwards": 0, "loss": None, "eval_loss": initial, "wall_s": 0.0})
         scalars.add({"step": 0, "forwards": 0, "eval_loss": initial})
         log(f"qzo: held-out loss before training: {initial:.4f} ({len(s.eval_ds)} examples)")
     # wall_s counts training time from here (evaluations included), continuing across resumes.
     start_wall = time.perf_counter() - _logged_wall(steps_path)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, initial=s.opt.steps, desc="qzo train", unit="step", disable=not progress,
+    bar = tqdm(total=steps, initial=s.opt.steps, desc="qzo train", unit="step", disable=not (progress and s.writer),
                dynamic_ncols=True)
     last_eval = None
     stop = GracefulStop()  # Ctrl-C / SIGTERM: finish this step, checkpoint, say how to resume
@@ -385,17 +456,21 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
         with stop:
             for step in range(first_step, steps + 1):
                 loss, evaluated, wall = _train_step(s, step, steps, device, start_wall, scalars)
+                if s.dist is not None and (step % t["check_every"] == 0 or step == steps):
+                    s.dist.check(s.params.state_dict())  # before anything of this step is saved
+                stop_now = _any_rank(s, stop.requested)  # a signal may reach the ranks a step apart
                 best = evaluated is not None and _is_best(s, evaluated)
                 if evaluated is not None:
                     last_eval = evaluated
                     s.evals_since_best = 0 if best else s.evals_since_best + 1
-                    bar.write(f"step {step}: held-out loss {last_eval:.4f}" + (" (best so far)" if best else ""))
+                    if s.writer:
+                        bar.write(f"step {step}: held-out loss {last_eval:.4f}" + (" (best so far)" if best else ""))
                 early = _early_stop_reason(s, evaluated) if evaluated is not None and not best else None
-                if step % t["save_every"] == 0 or step == steps or stop.requested or best or early:
+                if step % t["save_every"] == 0 or step == steps or stop_now or best or early:
                     _save(s, evaluated if best else None)
-                if (stop.requested or early) and step < steps:
+                if (stop_now or early) and step < steps:
                     bar.close()
-                    why = early or f"{stop.signal_name} received"
+                    why = early or f"{stop.signal_name or 'a stop signal'} received"
                     return _stopped(s, why, step, steps, initial, time.perf_counter() - start_wall, log)
                 bar.set_postfix(loss=f"{loss:.4f}", eval=f"{last_eval:.3f}" if last_eval is not None else "-",
                                 fwd_s=f"{s.opt.forwards / max(wall, 1e-9):.2f}" if step > first_step else "-",
@@ -405,6 +480,25 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
         bar.close()
         scalars.close()
     return finish(s, initial, time.perf_counter() - start_wall, log)
+
+
+class _NoScalars:
+    """What ranks other than 0 log to TensorBoard: nothing."""
+
+    def add(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _any_rank(s: Session, flag: bool) -> bool:
+    """``flag`` on any rank (one tiny all-reduce), so every rank stops after the same step."""
+    if s.dist is None:
+        return bool(flag)
+    import torch
+
+    return bool(s.dist._all_reduce(torch.tensor([1.0 if flag else 0.0]), "the stop flag").item() > 0)
 
 
 def _is_best(s: Session, eval_loss: float) -> bool:
@@ -437,12 +531,14 @@ def _train_step(s: Session, step: int, steps: int, device, start_wall: float, sc
     wall = time.perf_counter() - start_wall
     record = s.opt.last_record.to_json()
     record["wall_s"] = round(wall, 4)
-    _append_jsonl(s.run_dir / "steps.jsonl", record)
+    if s.writer:
+        _append_jsonl(s.run_dir / "steps.jsonl", record)
     row = {"step": step, "forwards": s.opt.forwards, "loss": loss, "wall_s": round(wall, 4)}
     evaluated = None
     if _eval_due(s.cfg["train"], step, forwards_before, s.opt.forwards) or step == steps:
         evaluated = row["eval_loss"] = _evaluate(s)
-    _append_jsonl(s.run_dir / "metrics.jsonl", row)
+    if s.writer:
+        _append_jsonl(s.run_dir / "metrics.jsonl", row)
     scalars.add(row, lr=record.get("lr"))
     return loss, evaluated, wall
 
@@ -468,7 +564,8 @@ def _stopped(s: Session, why: str, step: int, steps: int, initial, wall: float, 
         f"continue with: qzo train --resume {s.run_dir}")
     summary = finish(s, initial, wall, log)
     summary["stopped_by"] = why
-    atomic_write_text(s.run_dir / "summary.json", json.dumps(summary, indent=2))
+    if s.writer:
+        atomic_write_text(s.run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -481,7 +578,9 @@ def _eval_due(t: dict, step: int, forwards_before: int, forwards: int) -> bool:
 
 
 def finish(s: Session, initial: float | None, wall: float, log=print) -> dict:
-    """Write the adapter and summary; print before/after held-out loss."""
+    """Write the adapter and summary; print before/after held-out loss (rank 0; the others return a short summary)."""
+    if not s.writer:
+        return {"steps": s.opt.steps, "forwards": s.opt.forwards, "rank": s.dist.rank, "written_by": 0}
     metrics = [json.loads(line) for line in (s.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None]
     if initial is None and evals:
@@ -509,25 +608,34 @@ def write_final_values(parts: dict[str, ParamSet], run_dir: Path) -> None:
             parts[kind].save(run_dir / f"{kind}.safetensors")
 
 
-def _refuse_several_ranks() -> None:
-    # under torchrun every rank would run the whole job and write the same run directory
-    world = os.environ.get("WORLD_SIZE", "1").strip()
-    if world.isdigit() and int(world) > 1:
-        raise QzoError(f"qzo train was started as one of {world} processes (WORLD_SIZE={world}, torchrun?), but "
-                       "distributed training is not built yet: each process would run the same job into the same "
-                       "run directory. Start one process (python -m qzo train ... or qzo train ...)")
-
-
 def train(config_path=None, overrides=None, resume=None, log=print, progress: bool = True) -> dict:
-    """Run ``qzo train``: returns the summary dict (also written to ``summary.json``)."""
-    _refuse_several_ranks()
+    """Run ``qzo train``: returns the summary dict (also written to ``summary.json``).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process is a rank of one distributed run
+    (``qzo.distributed``): they share each step's evaluations and batch, rank 0 alone
+    writes the run directory and speaks, and the process group is closed at the end.
+    """
     session = setup(config_path, overrides, resume, log)
     try:
-        summary = run(session, log, progress)
+        summary = run(session, log if session.writer else _quiet, progress)
     finally:
         session.lock.release()
+    if session.dist is not None:  # not after a failure: the other ranks are stopping on their own error
+        _barrier_quietly(session.dist)
     summary["run_dir"] = str(session.run_dir)
     return summary
+
+
+def _barrier_quietly(dist: Distributed) -> None:
+    """Wait for the other ranks at the end (rank 0 may still be writing), then leave the process group."""
+    import torch.distributed as tdist
+
+    try:
+        tdist.barrier(group=dist.group)
+        if dist.owns_group:  # a group the caller made (several runs in one job) stays open
+            tdist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - a peer already gone: the error that matters was raised before
+        pass
 
 
 def load_run_model(run_dir: Path, checkpoint: "Path | str | None" = None, source=None):

@@ -53,6 +53,18 @@ def test_state_and_pool_scale_the_parts():
     assert base.weights == plan("llama-2-7b", rule="adam").weights
 
 
+def test_gpus_say_what_more_ranks_buy_and_leave_memory_per_gpu_alone():
+    one, four = plan("llama-2-7b"), plan("llama-2-7b", gpus=4, strategy="fzoo")
+    assert four.total == plan("llama-2-7b", strategy="fzoo").total  # every rank holds a full copy
+    text = "\n".join(four.notes)
+    assert "4 GPUs" in text and "each rank holds a full copy" in text
+    assert "a step's 5 forwards take the time of 2 instead of 5" in text  # f(theta) and 4 probes over 4 slots
+    assert "each rank runs 2 of the 8 rows" in text
+    assert not any("GPUs" in n for n in one.notes)
+    with pytest.raises(QzoError, match="--gpus must be >= 1"):
+        plan("llama-2-7b", gpus=0)
+
+
 def test_offload_advice_when_it_does_not_fit():
     p = plan("llama-2-70b", gpu="20GiB")
     assert p.fits is False and 0 < p.gpu_layers() < 80

@@ -115,9 +115,11 @@ def test_cli_bad_input_is_one_line_error(argv, match, capsys):
     assert err[-1].startswith("error:") and match in err[-1]
 
 
-def test_train_refuses_to_run_as_one_of_several_ranks(monkeypatch, capsys):
-    # until distributed training exists, torchrun's N ranks would each run the same job
+def test_world_size_without_torchrun_is_a_clear_error(monkeypatch, capsys):
+    # WORLD_SIZE alone (no rendezvous) would make init_process_group wait or fail obscurely
     monkeypatch.setenv("WORLD_SIZE", "2")
+    for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
     assert main(["train"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "WORLD_SIZE=2" in err and "one process" in err

@@ -40,6 +40,13 @@ class Probe(Protocol):
     def evaluate(self) -> float:
         """Run the closure once at the current (perturbed) values; returns a finite float."""
 
+    def evaluate_group(self, targets: list[tuple[list[tuple[int, float]], float] | None]) -> list[float]:
+        """The loss at each target (``None``: here), in order; the last stays applied.
+
+        Evaluations that do not depend on each other belong in one group: a distributed
+        optimizer runs a group's forwards on different ranks (``qzo.distributed``).
+        """
+
     def rows(self) -> int:
         """Rows of the closure's batch (per-example strategies; needs ``qzo.CausalLMLoss`` and LoRA)."""
 

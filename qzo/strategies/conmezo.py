@@ -90,10 +90,8 @@ class ConMeZO(Strategy):
             axis, noise = math.cos(self.theta) * math.sqrt(self._numel) / norm, math.sin(self.theta)
         else:
             axis, noise = 0.0, 1.0  # no momentum yet: MeZO's direction
-        probe.move_to([(seed, eps * noise)], mu_coef=eps * axis)
-        f_plus = probe.evaluate()
-        probe.move_to([(seed, -eps * noise)], mu_coef=-eps * axis)
-        f_minus = probe.evaluate()
+        f_plus, f_minus = probe.evaluate_group([([(seed, eps * noise)], eps * axis),
+                                                ([(seed, -eps * noise)], -eps * axis)])
         est = Estimate(
             direction=[(seed, noise)],
             grad=(f_plus - f_minus) / (2.0 * eps),

@@ -33,7 +33,6 @@ import math
 from typing import Callable
 
 from .base import Estimate, Probe, Strategy, weighted_slopes
-from .pool import evaluate_pool
 
 __all__ = ["FZOO", "BASELINES"]
 
@@ -67,11 +66,13 @@ class FZOO(Strategy):
     def estimate(self, probe: Probe, draw_seeds: Callable[[int], list[int]]) -> Estimate:
         eps = probe.eps
         seeds = draw_seeds(self.probes)
-        losses = []
-        if self.baseline == "theta":
-            losses.append(probe.evaluate())  # nothing is applied at the start of a step
-        probe_losses = evaluate_pool(probe, seeds, eps, batched=self.batched)
-        losses += probe_losses
+        targets = [([(seed, eps)], 0.0) for seed in seeds]
+        if self.batched:
+            losses = [probe.evaluate()] if self.baseline == "theta" else []  # nothing is applied at a step's start
+            losses += probe.evaluate_batch(targets)
+        else:  # f(theta) and the probes in one group (a distributed run spreads it over ranks)
+            losses = probe.evaluate_group(([None] if self.baseline == "theta" else []) + targets)
+        probe_losses = losses[1:] if self.baseline == "theta" else losses
         if self.baseline == "theta":
             base, m = losses[0], self.probes
         else:

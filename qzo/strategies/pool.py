@@ -28,11 +28,7 @@ def evaluate_pool(probe: Probe, seeds: list[int], scale: float, mu_coef: float =
     candidates = [([(seed, scale)], mu_coef) for seed in seeds]
     if batched:
         return probe.evaluate_batch(candidates)
-    losses = []
-    for terms, mu in candidates:
-        probe.move_to(terms, mu)
-        losses.append(probe.evaluate())
-    return losses
+    return probe.evaluate_group(candidates)
 
 
 class GV(Strategy):
@@ -79,10 +75,8 @@ class GV(Strategy):
         pool_losses = evaluate_pool(probe, seeds, eps, batched=self.batched)
         best, rest = self.groups(seeds, pool_losses)
         v = [(s, 1.0 / len(best)) for s in best] + [(s, -1.0 / len(rest)) for s in rest]
-        probe.move_to([(s, eps * c) for s, c in v])  # from what the pool left, in one pass
-        f_plus = probe.evaluate()
-        probe.move_to([(s, -eps * c) for s, c in v])
-        f_minus = probe.evaluate()
+        # from what the pool left, in one pass each
+        f_plus, f_minus = probe.evaluate_group([([(s, eps * c) for s, c in v], 0.0), ([(s, -eps * c) for s, c in v], 0.0)])
         return Estimate(
             direction=v,
             grad=(f_plus - f_minus) / (2.0 * eps),

@@ -23,10 +23,8 @@ class SPSA(Strategy):
     def estimate(self, probe: Probe, draw_seeds: Callable[[int], list[int]]) -> Estimate:
         (seed,) = draw_seeds(1)
         eps = probe.eps
-        probe.perturb([(seed, eps)])
-        f_plus = probe.evaluate()
-        probe.perturb([(seed, -2.0 * eps)])
-        f_minus = probe.evaluate()
+        # one group: +eps z then -2 eps z from there (two ranks can run one side each)
+        f_plus, f_minus = probe.evaluate_group([([(seed, eps)], 0.0), ([(seed, -eps)], 0.0)])
         grad = (f_plus - f_minus) / (2.0 * eps)
         return Estimate(
             direction=[(seed, 1.0)],
