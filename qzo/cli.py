@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                     help="compute dtype of activations and unquantized weights")
 
-    e = sub.add_parser("export", help="a run's trained values as a PEFT adapter, a merged model or a 4-bit folder")
+    e = sub.add_parser("export", help="a run's trained values as a PEFT adapter, a merged model, a 4-bit folder or a GGUF")
     e.add_argument("run", help="a run directory written by qzo train")
     fmt = e.add_mutually_exclusive_group(required=True)
     fmt.add_argument("--peft", dest="fmt", action="store_const", const="peft",
@@ -61,10 +61,15 @@ def _parser() -> argparse.ArgumentParser:
                      help="plain transformers model (safetensors) with adapters, scales and slices folded in")
     fmt.add_argument("--quantized", dest="fmt", action="store_const", const="quantized",
                      help="bitsandbytes 4-bit folder with the trained scales (+ adapter/ for LoRA runs)")
-    e.add_argument("--out", help="destination folder (must not exist); default RUN/export-FORMAT")
+    fmt.add_argument("--gguf", dest="fmt", action="store_const", const="gguf",
+                     help="merged model as one GGUF file for llama.cpp and Ollama, with a Modelfile beside it")
+    e.add_argument("--out", help="destination folder (must not exist); default RUN/export-FORMAT "
+                                 "(RUN/export-gguf-TYPE for --gguf)")
     e.add_argument("--base", help="the base model's new place, if it moved since training")
     e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="--merged: weight dtype (float32 keeps the merge exact)")
+    e.add_argument("--type", dest="gguf_type", choices=["f16", "q8_0"],
+                   help="--gguf: f16 (default; matrices in float16) or q8_0 (llama.cpp's 8-bit blocks)")
     e.add_argument("--checkpoint", default="last", help=CHOICES_HELP)
 
     ev = sub.add_parser("eval", help="held-out loss/perplexity and sample replies: base model vs a run's checkpoint")
@@ -135,7 +140,11 @@ def _plan(args) -> int:
 def _export(args) -> int:
     from .export import export
 
-    export(args.run, args.fmt, out=args.out, base=args.base, dtype=args.dtype, checkpoint=args.checkpoint)
+    if args.gguf_type is not None and args.fmt != "gguf":
+        raise QzoError(f"--type {args.gguf_type} is the GGUF type and goes with --gguf (for --{args.fmt}, --dtype "
+                       "sets the weight dtype)")
+    export(args.run, args.fmt, out=args.out, base=args.base, dtype=args.dtype, checkpoint=args.checkpoint,
+           gguf_type=args.gguf_type or "f16")
     return 0
 
 

@@ -1,8 +1,11 @@
-"""``qzo export RUN --peft | --merged | --quantized``: a run's trained values in the formats people use.
+"""``qzo export RUN --peft | --merged | --quantized | --gguf``: a run's trained values in the formats people use.
 
 * ``peft``: the LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``),
   for ``peft.PeftModel.from_pretrained(base, folder)``. Only for runs that trained LoRA
-  alone: a PEFT adapter cannot carry trained scales or dense slices.
+  alone: a PEFT adapter cannot carry trained scales or dense slices. Its
+  ``base_model_name_or_path`` is a place the base loads from (an absolute folder, the folder
+  a built-in name or GGUF was converted into, or a hub id), so
+  ``AutoPeftModelForCausalLM.from_pretrained(folder)`` finds it.
 * ``merged``: a plain ``transformers`` folder (safetensors, ``bfloat16`` by default) that
   ``AutoModelForCausalLM.from_pretrained`` loads without qzo, peft or bitsandbytes. Every
   quantized weight is dequantized *with its trained scales*, dense slices are written as
@@ -14,6 +17,8 @@
   and listed in ``llm_int8_skip_modules``. LoRA cannot be folded into 4-bit codes without
   re-quantizing the sum (which would throw away what ZO learned at 1e-3 scale), so a LoRA
   run's adapter goes next to it in ``adapter/``.
+* ``gguf``: the merged model as one llama.cpp GGUF file (``f16`` or ``q8_0``) and an Ollama
+  ``Modelfile`` beside it (:mod:`qzo.export_gguf`).
 
 Every export is written into a hidden temp folder and renamed into place; an existing
 destination is never overwritten.
@@ -27,6 +32,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -34,23 +40,24 @@ from .checkpoint import find_checkpoint, load_checkpoint
 from .errors import ModelSourceError, QzoError
 from .targets import clean_path, is_quantized, unwrap_peft
 
-__all__ = ["export", "FORMATS", "merged_state_dict"]
+__all__ = ["export", "FORMATS", "merged_state_dict", "merged_tensors"]
 
-FORMATS = ("peft", "merged", "quantized")
+FORMATS = ("peft", "merged", "quantized", "gguf")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def export(run_dir, fmt: str, out=None, base=None, dtype: str = "bfloat16", log=print,
-           checkpoint: str = "last") -> Path:
-    """Export a checkpoint of a run (``last`` by default) as ``fmt`` (``peft``, ``merged``, ``quantized``) into ``out``.
+           checkpoint: str = "last", gguf_type: str = "f16") -> Path:
+    """Export a checkpoint of a run (``last`` by default) as ``fmt`` (``peft``, ``merged``, ``quantized``, ``gguf``).
 
     Args:
         run_dir: a directory ``qzo train`` wrote.
         fmt: one of :data:`FORMATS`.
-        out: destination folder (must not exist); default ``<run>/export-<fmt>``.
+        out: destination folder (must not exist); default ``<run>/export-<fmt>`` (``export-gguf-<type>``).
         base: where the base model is now, when it moved since training (same model).
         dtype: ``merged`` only: ``bfloat16`` (default), ``float16`` or ``float32``.
         checkpoint: ``last``, ``best`` or ``step-N`` (:func:`qzo.checkpoint.find_checkpoint`).
+        gguf_type: ``gguf`` only: ``f16`` (default) or ``q8_0`` (:mod:`qzo.export_gguf`).
 
     Returns:
         The folder written.
@@ -61,10 +68,15 @@ def export(run_dir, fmt: str, out=None, base=None, dtype: str = "bfloat16", log=
         raise QzoError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if dtype not in _DTYPES:
         raise QzoError(f"unknown export dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    from .export_gguf import GGUF_TYPES
+
+    if gguf_type not in GGUF_TYPES:
+        raise QzoError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     ckpt = find_checkpoint(run_dir, checkpoint)
-    out = Path(out) if out is not None else run_dir / f"export-{fmt}"
+    default = f"export-gguf-{gguf_type}" if fmt == "gguf" else f"export-{fmt}"
+    out = Path(out) if out is not None else run_dir / default
     if out.exists():
         raise QzoError(f"export destination {str(out)!r} already exists; remove it or pass --out elsewhere")
     targets = cfg["targets"]
@@ -80,11 +92,13 @@ def export(run_dir, fmt: str, out=None, base=None, dtype: str = "bfloat16", log=
     try:
         trainables = load_checkpoint(ckpt)[0]
         if fmt == "peft":
-            _write_adapter(tmp, cfg, trainables)
+            _write_adapter(tmp, cfg, trainables, _base_reference(cfg, base, log))
         elif fmt == "merged":
             _write_merged(tmp, cfg, trainables, base, _DTYPES[dtype])
+        elif fmt == "gguf":
+            _write_gguf(tmp, cfg, trainables, base, gguf_type, log)
         else:
-            _write_quantized(tmp, cfg, trainables, base)
+            _write_quantized(tmp, cfg, trainables, base, out)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
@@ -105,6 +119,7 @@ def _load_base(cfg: dict, base, lora: bool):
         cfg["model"]["source"] = str(base)
     cfg["model"]["cpu_fused_4bit"] = False  # exports read the plain layout; the fused one is repacked
     cfg["targets"]["lora"] = lora and cfg["targets"]["lora"]
+    cfg["lora"]["init_from"] = None  # the checkpoint's values replace the starting ones
     try:
         if any(cfg["targets"].values()):
             return load_model_and_targets(cfg)
@@ -120,20 +135,40 @@ def _load_values(params, trainables: dict) -> None:
     params.load_state_dict({t.name: trainables[t.name] for t in params})
 
 
-def _lora_config(cfg: dict):
+def _base_reference(cfg: dict, base, log) -> str:
+    """``base_model_name_or_path`` for an adapter: what ``AutoPeftModelForCausalLM`` can load the base from.
+
+    A folder becomes its absolute path, a built-in name or a ``.gguf`` the folder qzo converted
+    it into (``qzo.load.hf_model_path``), a hub id stays as it is. A base that is not where the
+    run says (and no ``--base``) is written as the run names it, with a note.
+    """
+    from .load import hf_model_path
+
+    source = str(base if base is not None else cfg["model"]["source"])
+    try:
+        found = hf_model_path(source)
+    except ModelSourceError as exc:
+        log(f"qzo: the adapter's base_model_name_or_path is {source!r}, which does not load here ({exc}); pass "
+            "--base PATH to write where the base is now")
+        return source
+    return str(Path(found).resolve()) if Path(found).is_dir() else found
+
+
+def _lora_config(cfg: dict, base_reference: str):
     import peft
 
     lc = cfg["lora"]
+    # task_type: AutoPeftModelForCausalLM picks its model class from it
     return peft.LoraConfig(r=lc["r"], lora_alpha=lc["alpha"], target_modules=lc["target_modules"], lora_dropout=0.0,
-                           bias="none", base_model_name_or_path=str(cfg["model"]["source"]))
+                           bias="none", base_model_name_or_path=base_reference, task_type="CAUSAL_LM")
 
 
-def _write_adapter(folder: Path, cfg: dict, trainables: dict) -> None:
+def _write_adapter(folder: Path, cfg: dict, trainables: dict, base_reference: str) -> None:
     """A PEFT adapter folder from the checkpoint's LoRA tensors (their names are peft's saved keys)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    _lora_config(cfg).save_pretrained(str(folder))
+    _lora_config(cfg, base_reference).save_pretrained(str(folder))
     lora = {k: v.contiguous() for k, v in trainables.items() if ".lora_A." in k or ".lora_B." in k}
     save_file(lora, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
@@ -150,11 +185,15 @@ def _dequantized_weight(module) -> torch.Tensor:
     return codes.float() * (scb.float().unsqueeze(1) / 127.0)
 
 
-def merged_state_dict(model, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """The plain-model state dict of ``model`` with trained scales, dense slices and LoRA folded in.
+def merged_tensors(model) -> Iterator[tuple[str, torch.Tensor | str]]:
+    """Each tensor of the plain model ``model`` stands for, one at a time, trained values folded in.
 
-    Keys are the names a model without qzo has (peft's ``base_layer`` and ``lora_*``
-    segments gone); values are computed in float32 and cast to ``dtype`` once.
+    Yields ``(name, value)`` with the names a model without qzo has (peft's ``base_layer`` and
+    ``lora_*`` segments gone) and floating-point values in float32: a quantized weight
+    dequantized with its (trained) scales, plus its LoRA delta ``B @ A * alpha / r``. A weight
+    tied to one yielded before (the output head of a tied model) yields ``(name, that name)``.
+    One tensor at a time, so a writer can convert and drop each (a whole float32 model is 4
+    bytes a weight).
     """
     model = unwrap_peft(model)
     deltas = {}
@@ -167,7 +206,7 @@ def merged_state_dict(model, dtype: torch.dtype = torch.bfloat16) -> dict[str, t
                 part = (b @ a) * float(module.scaling[adapter])
                 delta = part if delta is None else delta + part
             deltas[clean_path(raw)] = delta
-    state, seen = {}, {}
+    seen = {}
     for raw, module in model.named_modules():
         if any(part.startswith("lora_") for part in raw.split(".")):
             continue
@@ -179,14 +218,29 @@ def merged_state_dict(model, dtype: torch.dtype = torch.bfloat16) -> dict[str, t
             if pname == "weight" and is_quantized(module):
                 value = _dequantized_weight(module)
             elif id(tensor) in seen and pname == "weight" and path not in deltas:
-                state[name] = state[seen[id(tensor)]]  # tied: one tensor under both names
+                yield name, seen[id(tensor)]  # tied: one tensor under both names
                 continue
             else:
                 value = tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
             if pname == "weight" and path in deltas:
                 value = value + deltas[path].to(value.device)
             seen.setdefault(id(tensor), name)
-            state[name] = (value.to(dtype) if value.is_floating_point() else value).cpu().contiguous()
+            yield name, value.cpu()
+
+
+def merged_state_dict(model, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """The plain-model state dict of ``model`` with trained scales, dense slices and LoRA folded in.
+
+    Keys are the names a model without qzo has (peft's ``base_layer`` and ``lora_*``
+    segments gone); values are computed in float32 and cast to ``dtype`` once
+    (:func:`merged_tensors`); tied weights are one tensor under both names.
+    """
+    state = {}
+    for name, value in merged_tensors(model):
+        if isinstance(value, str):
+            state[name] = state[value]
+        else:
+            state[name] = (value.to(dtype) if value.is_floating_point() else value).contiguous()
     return state
 
 
@@ -220,7 +274,7 @@ def _write_merged(folder: Path, cfg: dict, trainables: dict, base, dtype: torch.
     _note(folder, cfg, "merged", {"dtype": str(dtype).removeprefix("torch.")})
 
 
-def _write_quantized(folder: Path, cfg: dict, trainables: dict, base) -> None:
+def _write_quantized(folder: Path, cfg: dict, trainables: dict, base, out: Path) -> None:
     model, tok, params, parts = _load_base(cfg, base, lora=False)
     if cfg["targets"]["scales"] or cfg["targets"]["dense"]:
         _load_values(params, trainables)
@@ -235,9 +289,25 @@ def _write_quantized(folder: Path, cfg: dict, trainables: dict, base) -> None:
     model.save_pretrained(str(folder), safe_serialization=True)
     if tok is not None:
         tok.save_pretrained(str(folder))
-    if cfg["targets"]["lora"]:
-        _write_adapter(folder / "adapter", cfg, trainables)
+    if cfg["targets"]["lora"]:  # its base is this folder, where it is about to be renamed to
+        _write_adapter(folder / "adapter", cfg, trainables, str(out.resolve()))
     _note(folder, cfg, "quantized", {"adapter": bool(cfg["targets"]["lora"])})
+
+
+def _write_gguf(folder: Path, cfg: dict, trainables: dict, base, gguf_type: str, log) -> None:
+    """The merged model as ``model-<type>.gguf`` (:mod:`qzo.export_gguf`) and an Ollama ``Modelfile`` beside it."""
+    from .export_gguf import modelfile, write_gguf
+    from .load import resolve_source
+
+    model, tok, params, _ = _load_base(cfg, base, lora=True)
+    _load_values(params, trainables)
+    kind, source = resolve_source(str(base if base is not None else cfg["model"]["source"]))
+    name = f"model-{gguf_type}.gguf"
+    write_gguf(folder / name, model, tok, gguf_type, source_gguf=source if kind == "gguf" else None,
+               name=f"{Path(str(cfg['model']['source'])).name} (qzo fine-tune)", log=log)
+    (folder / "Modelfile").write_text(modelfile(name, tok))
+    _note(folder, cfg, "gguf", {"type": gguf_type, "file": name, "tokenizer": "copied from the base's GGUF"
+                                if kind == "gguf" else "built from the Hugging Face tokenizer"})
 
 
 def _note(folder: Path, cfg: dict, fmt: str, extra: dict) -> None:

@@ -27,6 +27,7 @@ slices are not), and they are cast to float32 like every adapter here.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import warnings
@@ -108,7 +109,9 @@ class LoraParams(ParamSet):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.peft_model.peft_config["default"].save_pretrained(str(folder))
+        config = copy.copy(self.peft_model.peft_config["default"])
+        config.task_type = config.task_type or "CAUSAL_LM"  # AutoPeftModelForCausalLM picks its model class from it
+        config.save_pretrained(str(folder))
         save_file(self.state_dict(), str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 

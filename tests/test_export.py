@@ -1,5 +1,6 @@
 """qzo export: each format loads outside qzo and gives the trained model's outputs (tolerance per format)."""
 
+import json
 import shutil
 
 import pytest
@@ -88,11 +89,17 @@ def test_peft_export_of_a_lora_run_loads_with_peft(tiny_model_dir, tmp_path):
     import qzo
 
     run = _train(tiny_model_dir, tmp_path, "lora")
-    model, _, _, _ = load_run_model(run)
+    model, _, params, _ = load_run_model(run)
     out = export(run, "peft", log=lambda *_: None)
     assert out == run / "export-peft"
     base, _ = qzo.load(tiny_model_dir, "nf4")
     torch.testing.assert_close(_logits(peft.PeftModel.from_pretrained(base, out)), _logits(model), rtol=0, atol=0)
+    # the adapter names a base that loads: the model folder, absolute (nothing is fetched: there is no hub here)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(str(out))
+    loaded = {k.replace(".default.", "."): v for k, v in auto.state_dict().items() if "lora_" in k}
+    assert loaded.keys() == params.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in params.state_dict().items())
     with pytest.raises(QzoError, match="already exists"):
         export(run, "peft", log=lambda *_: None)
 
