@@ -133,3 +133,25 @@ def test_packed_batch_through_causal_lm_loss_pool_and_eval(smol_tokenizer, examp
     assert records[True].losses == pytest.approx(records[False].losses, rel=1e-5)
     assert max(records[False].losses) - min(records[False].losses) > 1e-4  # the probes really differ
     assert records[False].losses[0] == pytest.approx(want, rel=ATOL)  # FZOO's baseline f(theta) comes first
+
+
+def test_a_packed_sharegpt_run_trains_end_to_end(tiny_model_dir, tmp_path):
+    """The trainer's path: datasets_from_config -> Batcher -> CausalLMLoss (a batched FZOO pool) -> eval_loss."""
+    import json
+
+    from qzo.trainer import train
+
+    from conftest import run_overrides
+
+    data = tmp_path / "sg.jsonl"
+    data.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": f"Code {i}?"},
+                                                          {"from": "gpt", "value": "CODE"}]}) + "\n"
+                            for i in range(8)))
+    out = tmp_path / "run"
+    summary = train(None, run_overrides(tiny_model_dir, data, out, **{
+        "data.format": "sharegpt", "data.packing": True, "data.chat_template": "chatml", "optim.strategy": "fzoo",
+        "optim.probes": 2, "optim.batched": True, "train.steps": 2, "train.eval_every": 2, "train.save_every": 2,
+        "train.batch_size": 2}), progress=False)
+    assert summary["steps"] == 2 and 0 < summary["final_eval_loss"] < 20 and 0 < summary["initial_eval_loss"] < 20
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert all(len(s["losses"]) == 3 and all(v == v for v in s["losses"]) for s in steps)  # f(theta) + 2 probes
