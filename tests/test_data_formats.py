@@ -40,8 +40,10 @@ def _masked(tok, ids, labels):
 
 @pytest.fixture
 def tok(smol_tokenizer):
-    """A copy of the SmolLM2 tokenizer: tests set templates on it."""
-    return copy.deepcopy(smol_tokenizer)
+    """The SmolLM2 tokenizer, its own chat template put back after the test (tests set others on it)."""
+    own = smol_tokenizer.chat_template
+    yield smol_tokenizer
+    smol_tokenizer.chat_template = own
 
 
 def _cfg(**data):
