@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="bitsandbytes 4-bit folder with the trained scales (+ adapter/ for LoRA runs)")
     fmt.add_argument("--gguf", dest="fmt", action="store_const", const="gguf",
                      help="merged model as one GGUF file for llama.cpp and Ollama, with a Modelfile beside it")
+    fmt.add_argument("--gguf-lora", dest="fmt", action="store_const", const="gguf-lora",
+                     help="LoRA adapter GGUF for the base's GGUF (llama.cpp --lora, Ollama ADAPTER; LoRA-only runs)")
     e.add_argument("--out", help="destination folder (must not exist); default RUN/export-FORMAT "
                                  "(RUN/export-gguf-TYPE for --gguf)")
     e.add_argument("--base", help="the base model's new place, if it moved since training")

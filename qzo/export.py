@@ -19,6 +19,8 @@
   run's adapter goes next to it in ``adapter/``.
 * ``gguf``: the merged model as one llama.cpp GGUF file (``f16`` or ``q8_0``) and an Ollama
   ``Modelfile`` beside it (:mod:`qzo.export_gguf`).
+* ``gguf-lora``: a LoRA-only run's adapter as llama.cpp's LoRA GGUF, for the base's GGUF (the
+  one the run started from, when it did), with a Modelfile that applies it (``ADAPTER``).
 
 Every export is written into a hidden temp folder and renamed into place; an existing
 destination is never overwritten.
@@ -42,13 +44,13 @@ from .targets import clean_path, is_quantized, unwrap_peft
 
 __all__ = ["export", "FORMATS", "merged_state_dict", "merged_tensors"]
 
-FORMATS = ("peft", "merged", "quantized", "gguf")
+FORMATS = ("peft", "merged", "quantized", "gguf", "gguf-lora")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def export(run_dir, fmt: str, out=None, base=None, dtype: str = "bfloat16", log=print,
            checkpoint: str = "last", gguf_type: str = "f16") -> Path:
-    """Export a checkpoint of a run (``last`` by default) as ``fmt`` (``peft``, ``merged``, ``quantized``, ``gguf``).
+    """Export a checkpoint of a run (``last`` by default) as ``fmt``: one of :data:`FORMATS`.
 
     Args:
         run_dir: a directory ``qzo train`` wrote.
@@ -80,10 +82,10 @@ def export(run_dir, fmt: str, out=None, base=None, dtype: str = "bfloat16", log=
     if out.exists():
         raise QzoError(f"export destination {str(out)!r} already exists; remove it or pass --out elsewhere")
     targets = cfg["targets"]
-    if fmt == "peft" and (not targets["lora"] or targets["scales"] or targets["dense"]):
+    if fmt in ("peft", "gguf-lora") and (not targets["lora"] or targets["scales"] or targets["dense"]):
         trained = [k for k in ("lora", "scales", "dense") if targets[k]]
-        raise QzoError(f"--peft writes a LoRA adapter, but this run trained {', '.join(trained)}; a PEFT adapter "
-                       "cannot hold scales or dense slices: use --merged (a plain model) or --quantized")
+        raise QzoError(f"--{fmt} writes a LoRA adapter, but this run trained {', '.join(trained)}; an adapter "
+                       "cannot hold scales or dense slices: use --merged (a plain model), --gguf or --quantized")
     if fmt == "quantized" and cfg["model"]["quant"] not in ("nf4", "fp4"):
         raise QzoError(f"--quantized writes a bitsandbytes 4-bit folder and supports nf4/fp4 bases; this run's base "
                        f"is {cfg['model']['quant']}: use --merged (a bf16 model) or --peft (the adapter)")
@@ -97,6 +99,8 @@ def export(run_dir, fmt: str, out=None, base=None, dtype: str = "bfloat16", log=
             _write_merged(tmp, cfg, trainables, base, _DTYPES[dtype])
         elif fmt == "gguf":
             _write_gguf(tmp, cfg, trainables, base, gguf_type, log)
+        elif fmt == "gguf-lora":
+            _write_gguf_lora(tmp, cfg, trainables, base)
         else:
             _write_quantized(tmp, cfg, trainables, base, out)
         os.replace(tmp, out)
@@ -308,6 +312,32 @@ def _write_gguf(folder: Path, cfg: dict, trainables: dict, base, gguf_type: str,
     (folder / "Modelfile").write_text(modelfile(name, tok))
     _note(folder, cfg, "gguf", {"type": gguf_type, "file": name, "tokenizer": "copied from the base's GGUF"
                                 if kind == "gguf" else "built from the Hugging Face tokenizer"})
+
+
+def _write_gguf_lora(folder: Path, cfg: dict, trainables: dict, base) -> None:
+    """``adapter.gguf`` (llama.cpp's LoRA GGUF) and a Modelfile that applies it to the base's GGUF."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .export_gguf import modelfile, write_lora_gguf
+    from .load import hf_model_path, resolve_source
+
+    source = str(base if base is not None else cfg["model"]["source"])
+    try:
+        kind, value = resolve_source(source)
+        folder_of_base = hf_model_path(source)
+    except ModelSourceError as exc:
+        raise QzoError(f"the run's base model cannot be found ({exc}); if it moved, pass its new place with "
+                       "--base PATH") from None
+    lora = {k: v for k, v in trainables.items() if ".lora_A." in k or ".lora_B." in k}
+    write_lora_gguf(folder / "adapter.gguf", lora, AutoConfig.from_pretrained(folder_of_base), cfg["lora"]["alpha"],
+                    name=f"{Path(source).name} (qzo LoRA)")
+    # the base as llama.cpp runs it: the GGUF the run started from, else one the user converts it into
+    base_gguf = str(Path(value).resolve()) if kind == "gguf" else "./base.gguf"
+    text = modelfile(base_gguf, AutoTokenizer.from_pretrained(folder_of_base), adapter="adapter.gguf")
+    if kind != "gguf":
+        text = ("# base.gguf: this run's base as a GGUF (llama.cpp's convert_hf_to_gguf.py of " + source + ")\n") + text
+    (folder / "Modelfile").write_text(text)
+    _note(folder, cfg, "gguf-lora", {"file": "adapter.gguf", "base_gguf": base_gguf})
 
 
 def _note(folder: Path, cfg: dict, fmt: str, extra: dict) -> None:

@@ -29,6 +29,13 @@ a message: llama.cpp needs its scores, which only its ``tokenizer.model`` has.
 Beside the file, :func:`modelfile` writes an Ollama ``Modelfile``: ``FROM ./<file>``, the
 chat template in Ollama's Go template syntax for the families it knows (ChatML, Llama-3),
 the template's default system prompt, and ``stop`` parameters for the turn markers.
+
+``--gguf-lora`` (:func:`write_lora_gguf`) writes a LoRA-only run's adapter as llama.cpp's
+LoRA GGUF (``general.type adapter``, ``adapter.lora.alpha``; per adapted weight
+``<name>.lora_a`` = A and ``<name>.lora_b`` = B, float32, B's rows permuted like the weight's
+for q/k) for the base model's GGUF: ``llama-cli -m BASE.gguf --lora adapter.gguf``, or
+``ADAPTER`` in a Modelfile. It is the delta qzo trained on the 4-bit base; on another
+quantization of the same base (the Q4_1 the demo started from) it adds the same delta.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ import torch
 from .errors import QzoError
 from .targets import unwrap_peft
 
-__all__ = ["GGUF_TYPES", "write_gguf", "modelfile", "permute_for_llama_cpp"]
+__all__ = ["GGUF_TYPES", "write_gguf", "write_lora_gguf", "modelfile", "permute_for_llama_cpp", "chat_family"]
 
 GGUF_TYPES = ("f16", "q8_0")
 _ARCHS = ("llama", "mistral")  # Hugging Face model types llama.cpp runs as its "llama" architecture
@@ -113,6 +120,48 @@ def write_gguf(path, model, tok, gguf_type: str = "f16", source_gguf=None, name:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_lora_gguf(path, lora: dict, config, alpha: float, name: str | None = None) -> Path:
+    """Write LoRA tensors (peft's saved names) as a llama.cpp LoRA adapter GGUF at ``path``.
+
+    Args:
+        path: the ``.gguf`` file to write.
+        lora: ``base_model.model.<module>.lora_A.weight`` / ``lora_B`` tensors, as qzo saves them.
+        config: the base model's ``transformers`` config (architecture, layers, heads).
+        alpha: the run's ``lora.alpha`` (llama.cpp scales the adapter by alpha / r, like peft).
+        name: ``general.name`` of the file.
+
+    Returns:
+        ``path``.
+    """
+    import gguf
+
+    _check_architecture(config)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_name(name or "qzo LoRA adapter")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    for key in sorted(k for k in lora if ".lora_A." in k):
+        module = key.split(".lora_A.", 1)[0].removeprefix("base_model.model.")
+        target = names.get_name(module + ".weight", try_suffixes=(".weight",))
+        if target is None:
+            raise QzoError(f"GGUF adapter export: {module} has no name in llama.cpp's Llama layout")
+        a = lora[key].float()  # (r, in)
+        b = lora[key.replace(".lora_A.", ".lora_B.")].float()  # (out, r): its rows are the weight's rows
+        if module.endswith(".self_attn.q_proj"):
+            b = permute_for_llama_cpp(b, config.num_attention_heads)
+        elif module.endswith(".self_attn.k_proj"):
+            b = permute_for_llama_cpp(b, config.num_key_value_heads)
+        writer.add_tensor(target + ".lora_a", a.contiguous().numpy())
+        writer.add_tensor(target + ".lora_b", b.contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
 
 
 def _check_architecture(config) -> None:
@@ -302,10 +351,19 @@ def chat_family(tok) -> str | None:
     return None
 
 
-def modelfile(gguf_name: str, tok) -> str:
-    """An Ollama ``Modelfile`` for the GGUF ``gguf_name`` beside it (``ollama create NAME -f Modelfile``)."""
-    lines = [f"# Ollama: ollama create NAME -f Modelfile, then ollama run NAME (written by qzo export --gguf)",
-             f"FROM ./{gguf_name}"]
+def modelfile(gguf_name: str, tok, adapter: str | None = None) -> str:
+    """An Ollama ``Modelfile`` (``ollama create NAME -f Modelfile``).
+
+    Args:
+        gguf_name: the model's GGUF: a file name beside the Modelfile, or a path.
+        tok: the tokenizer, whose chat template gives TEMPLATE, SYSTEM and the stops.
+        adapter: a LoRA adapter GGUF beside the Modelfile, applied on ``gguf_name`` (``ADAPTER``).
+    """
+    source = gguf_name if "/" in gguf_name else f"./{gguf_name}"
+    lines = ["# Ollama: ollama create NAME -f Modelfile, then ollama run NAME (written by qzo export)",
+             f"FROM {source}"]
+    if adapter is not None:
+        lines.append(f"ADAPTER ./{adapter}")
     family = chat_family(tok)
     if family is None:
         lines.append("# the chat template is not one qzo spells in Ollama's syntax (ChatML, Llama-3): Ollama picks one "

@@ -11,6 +11,9 @@ and each weight against the merged float32 one:
 * q8_0: llama.cpp's blocks of 32 int8 values and one float16 scale (a step of absmax / 127):
   each weight within 0.8% (0.57% measured), logits within 3% (1.2% measured on this random
   model, whose logits are small differences of large terms).
+
+The LoRA adapter GGUF (--gguf-lora) is checked in llama.cpp's own layout: the base's GGUF
+plus alpha / r * B @ A gives the merged GGUF, tensor by tensor, to one float16 step.
 """
 
 import json
@@ -185,3 +188,44 @@ def test_llama3_rope_scaling_is_written_as_llama_cpp_factors(gguf_run, tmp_path)
     assert factors.dtype == torch.float32 and factors.shape == (TINY["hidden_size"] // TINY["num_attention_heads"] // 2,)
     assert factors[0] == 1 and factors[-1] == 8 and bool((factors[1:] >= factors[:-1]).all())
     assert reader.fields["llama.rope.freq_base"].contents() == 500000.0
+
+
+def test_lora_adapter_gguf_adds_up_to_the_merged_gguf(gguf_run, tmp_path):
+    """base GGUF + alpha / r * B A (llama.cpp's adapter, in llama.cpp's layout) == the merged GGUF, tensor by tensor."""
+    import gguf
+
+    import qzo
+
+    run, tok, _, _ = gguf_run
+    model_dir = run.parent / "tiny"
+    data = write_code_chats(tmp_path)
+    lora_run = tmp_path / "lora-run"
+    train(None, run_overrides(model_dir, data, lora_run, **{"train.steps": 1, "train.max_len": 96}), progress=False,
+          log=lambda *_: None)
+    adapter = export(lora_run, "gguf-lora", log=lambda *_: None)
+    merged = export(lora_run, "gguf", out=tmp_path / "merged", log=lambda *_: None) / "model-f16.gguf"
+    base_model, _ = qzo.load(model_dir, "nf4")  # what the adapter was trained on, without it
+    base = write_gguf(tmp_path / "base.gguf", base_model, tok, "f16")
+
+    def tensors(path):
+        reader = gguf.GGUFReader(str(path))
+        return reader, {t.name: torch.from_numpy(t.data.copy()).float() for t in reader.tensors}
+
+    reader, lora = tensors(adapter / "adapter.gguf")
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.type"].contents() == "lora"
+    assert reader.fields["adapter.lora.alpha"].contents() == 16.0
+    _, want = tensors(merged)
+    _, have = tensors(base)
+    assert {n.removesuffix(".lora_a") for n in lora if n.endswith(".lora_a")} == {
+        f"blk.{i}.attn_{m}.weight" for i in range(2) for m in ("q", "v")}
+    scale = 16.0 / 4  # lora.alpha / lora.r
+    for name, weight in have.items():
+        if f"{name}.lora_a" in lora:
+            weight = weight + scale * lora[f"{name}.lora_b"] @ lora[f"{name}.lora_a"]
+        # each side rounded once to float16: within a float16 step (2^-10 of the tensor's largest magnitude)
+        torch.testing.assert_close(weight, want[name], rtol=0, atol=2**-10 * want[name].abs().max().item())
+    assert any(not torch.equal(have[n.removesuffix(".lora_a")], want[n.removesuffix(".lora_a")]) for n in lora
+               if n.endswith(".lora_a"))  # the adapter did move the weights it adapts
+    text = (adapter / "Modelfile").read_text()
+    assert "FROM ./base.gguf" in text and "ADAPTER ./adapter.gguf" in text
