@@ -190,22 +190,27 @@ def test_llama3_rope_scaling_is_written_as_llama_cpp_factors(gguf_run, tmp_path)
     assert reader.fields["llama.rope.freq_base"].contents() == 500000.0
 
 
-def test_lora_adapter_gguf_adds_up_to_the_merged_gguf(gguf_run, tmp_path):
-    """base GGUF + alpha / r * B A (llama.cpp's adapter, in llama.cpp's layout) == the merged GGUF, tensor by tensor."""
-    import gguf
-
+@pytest.fixture(scope="module")
+def lora_run(gguf_run, tmp_path_factory):
+    """A LoRA-only run of the same tiny model, its logits, and its base (NF4, no adapter) as an f16 GGUF."""
     import qzo
 
     run, tok, _, _ = gguf_run
-    model_dir = run.parent / "tiny"
-    data = write_code_chats(tmp_path)
-    lora_run = tmp_path / "lora-run"
-    train(None, run_overrides(model_dir, data, lora_run, **{"train.steps": 1, "train.max_len": 96}), progress=False,
-          log=lambda *_: None)
-    adapter = export(lora_run, "gguf-lora", log=lambda *_: None)
-    merged = export(lora_run, "gguf", out=tmp_path / "merged", log=lambda *_: None) / "model-f16.gguf"
-    base_model, _ = qzo.load(model_dir, "nf4")  # what the adapter was trained on, without it
-    base = write_gguf(tmp_path / "base.gguf", base_model, tok, "f16")
+    root = tmp_path_factory.mktemp("gguf-lora")
+    train(None, run_overrides(run.parent / "tiny", write_code_chats(root), root / "run",
+                              **{"train.steps": 1, "train.max_len": 96}), progress=False, log=lambda *_: None)
+    trained, _, _, _ = load_run_model(root / "run")
+    base_model, _ = qzo.load(run.parent / "tiny", "nf4")  # what the adapter was trained on, without it
+    return root / "run", _logits(trained), write_gguf(root / "base.gguf", base_model, tok, "f16")
+
+
+def test_lora_adapter_gguf_adds_up_to_the_merged_gguf(lora_run, tmp_path):
+    """base GGUF + alpha / r * B A (llama.cpp's adapter, in llama.cpp's layout) == the merged GGUF, tensor by tensor."""
+    import gguf
+
+    run, _, base = lora_run
+    adapter = export(run, "gguf-lora", out=tmp_path / "adapter", log=lambda *_: None)
+    merged = export(run, "gguf", out=tmp_path / "merged", log=lambda *_: None) / "model-f16.gguf"
 
     def tensors(path):
         reader = gguf.GGUFReader(str(path))
@@ -229,3 +234,29 @@ def test_lora_adapter_gguf_adds_up_to_the_merged_gguf(gguf_run, tmp_path):
                if n.endswith(".lora_a"))  # the adapter did move the weights it adapts
     text = (adapter / "Modelfile").read_text()
     assert "FROM ./base.gguf" in text and "ADAPTER ./adapter.gguf" in text
+
+
+def test_llama_cpp_runs_the_files(gguf_run, lora_run, tmp_path):
+    """llama.cpp itself: the files load, give the trained logits and tokenize as transformers does."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: llama.cpp's own reading "
+                                    "of the exported GGUF is not checked here (pip install llama-cpp-python)")
+    import numpy as np
+
+    run, tok, expected, _ = gguf_run
+    # llama.cpp's CPU matmuls round the activations to the weights' type too (float16, or Q8_0 blocks)
+    for kind, tol in (("f16", 3e-3), ("q8_0", 4e-2)):  # measured: 6.7e-4, 1.5e-2
+        out = export(run, "gguf", out=tmp_path / kind, gguf_type=kind, log=lambda *_: None)
+        llm = llama_cpp.Llama(str(out / f"model-{kind}.gguf"), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
+        llm.eval(PROMPT[0])
+        got = torch.from_numpy(np.array(llm.scores[:len(PROMPT[0])], dtype=np.float32))
+        print(f"llama.cpp {kind}: relative logit error {_rel(got, expected[0]):.2e}")
+        assert _rel(got, expected[0]) <= tol
+        for text in TEXTS:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text)["input_ids"], text
+    run, expected, base = lora_run  # the adapter on the base's GGUF: the trained model
+    adapter = export(run, "gguf-lora", out=tmp_path / "adapter", log=lambda *_: None) / "adapter.gguf"
+    llm = llama_cpp.Llama(str(base), lora_path=str(adapter), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
+    llm.eval(PROMPT[0])
+    got = torch.from_numpy(np.array(llm.scores[:len(PROMPT[0])], dtype=np.float32))
+    print(f"llama.cpp base + adapter: relative logit error {_rel(got, expected[0]):.2e}")
+    assert _rel(got, expected[0]) <= 3e-3
