@@ -169,8 +169,8 @@ def _check_architecture(config) -> None:
     if kind not in _ARCHS or (kind == "mistral" and getattr(config, "sliding_window", None)):
         what = f"{kind} with a sliding window" if kind == "mistral" else kind
         raise QzoError(f"GGUF export writes Llama-architecture models (model types {', '.join(_ARCHS)}, no sliding "
-                       f"window); this base is {what}: export it with --merged and convert that folder with llama.cpp's "
-                       "convert_hf_to_gguf.py")
+                       f"window); this base is {what}: export it with --merged and convert that folder with "
+                       "llama.cpp's convert_hf_to_gguf.py")
 
 
 def _rope(config) -> dict:
@@ -275,20 +275,22 @@ def _add_hf_tokenizer(writer, tok, vocab_size: int, log) -> None:
         tok.save_pretrained(folder)
         spec_file = Path(folder) / "tokenizer.json"
         if not spec_file.is_file():
-            raise QzoError("GGUF export: this tokenizer has no tokenizer.json (a slow tokenizer); llama.cpp's vocabulary "
-                           "is built from one: convert the --merged export with llama.cpp's convert_hf_to_gguf.py")
+            raise QzoError("GGUF export: this tokenizer has no tokenizer.json (a slow tokenizer); llama.cpp's "
+                           "vocabulary is built from one: convert the --merged export with llama.cpp's "
+                           "convert_hf_to_gguf.py")
         spec = json.loads(spec_file.read_text(encoding="utf-8"))
         special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+    byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
+    if model.get("type") != "BPE" or model.get("byte_fallback") or not byte_level:
         raise QzoError(f"GGUF export: this tokenizer is a {model.get('type')} vocabulary without byte-level decoding "
-                       "(sentencepiece style), whose llama.cpp form needs the scores in its tokenizer.model; export with "
-                       "--merged and convert that folder with llama.cpp's convert_hf_to_gguf.py, or train from the "
-                       "model's GGUF (its tokenizer is then copied)")
+                       "(sentencepiece style), whose llama.cpp form needs the scores in its tokenizer.model; export "
+                       "with --merged and convert that folder with llama.cpp's convert_hf_to_gguf.py, or train from "
+                       "the model's GGUF (its tokenizer is then copied)")
     vocab = tok.get_vocab()
     if max(vocab.values()) >= vocab_size:
-        raise QzoError(f"GGUF export: the tokenizer has ids up to {max(vocab.values())} but the model only {vocab_size} "
-                       "embedding rows")
+        raise QzoError(f"GGUF export: the tokenizer has ids up to {max(vocab.values())} but the model only "
+                       f"{vocab_size} embedding rows")
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]  # rows no token uses, as llama.cpp's converter names them
     types = [gguf.TokenType.USER_DEFINED] * vocab_size
     for text, index in vocab.items():

@@ -184,7 +184,8 @@ class _Found:
     """LoRA values read for ``init_from`` and what their source says about them (``None``: not recorded)."""
 
     def __init__(self, what: str, tensors: dict, r, alpha, base, alpha_note: str = ""):
-        self.what, self.tensors, self.r, self.alpha, self.base, self.alpha_note = what, tensors, r, alpha, base, alpha_note
+        self.what, self.tensors, self.r, self.alpha = what, tensors, r, alpha
+        self.base, self.alpha_note = base, alpha_note
 
 
 def load_initial_values(params: LoraParams, source, r: int, alpha: float, target_modules) -> str:
@@ -220,7 +221,8 @@ def _read_adapter(path: Path) -> _Found:
         raise QzoError(f"lora.init_from: {path / 'adapter_config.json'} is not valid JSON ({exc})") from None
     kind = str(config.get("peft_type") or "LORA").upper()
     if kind != "LORA":
-        raise QzoError(f"lora.init_from {str(path)!r} is a {kind} adapter; qzo starts LoRA adapters only (peft_type LORA)")
+        raise QzoError(f"lora.init_from {str(path)!r} is a {kind} adapter; qzo starts LoRA adapters only "
+                       "(peft_type LORA)")
     unsupported = []
     if config.get("use_dora"):
         unsupported.append("use_dora (DoRA's magnitude vectors)")
@@ -231,14 +233,15 @@ def _read_adapter(path: Path) -> _Found:
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         unsupported.append("rank_pattern / alpha_pattern (per-layer ranks or alphas)")
     if unsupported:
-        raise QzoError(f"lora.init_from {str(path)!r} uses {'; '.join(unsupported)}, which qzo's LoRA (one r and alpha, "
-                       "no other trained tensors) cannot start from; train the adapter without them, or merge it into "
-                       "the base (peft's merge_and_unload, then save_pretrained) and use that as model.source")
+        raise QzoError(f"lora.init_from {str(path)!r} uses {'; '.join(unsupported)}, which qzo's LoRA (one r and "
+                       "alpha, no other trained tensors) cannot start from; train the adapter without them, or "
+                       "merge it into the base (peft's merge_and_unload, then save_pretrained) and use that as "
+                       "model.source")
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         if (path / "adapter_model.bin").is_file():
-            raise QzoError(f"lora.init_from {str(path)!r} holds pickled weights (adapter_model.bin), which qzo does not "
-                           "read (unpickling can run code); load it with peft and save it again with "
+            raise QzoError(f"lora.init_from {str(path)!r} holds pickled weights (adapter_model.bin), which qzo does "
+                           "not read (unpickling can run code); load it with peft and save it again with "
                            "save_pretrained(folder, safe_serialization=True)")
         raise QzoError(f"lora.init_from {str(path)!r} has adapter_config.json but no adapter_model.safetensors")
     from safetensors.torch import load_file
@@ -291,8 +294,9 @@ def _check_fits(found: _Found, params: LoraParams, r: int, alpha: float, targets
                        f"(--set lora.r={rank}) to start from it")
     if found.alpha is not None and not math.isclose(float(found.alpha), float(alpha), rel_tol=1e-6):
         raise QzoError(f"lora.init_from: {found.what} has alpha {float(found.alpha):g}{found.alpha_note}, this run "
-                       f"has lora.alpha {float(alpha):g}; the adapter's output is scaled by alpha / r, so set lora.alpha: "
-                       f"{float(found.alpha):g} (--set lora.alpha={float(found.alpha):g}) to start from what it computes")
+                       f"has lora.alpha {float(alpha):g}; the adapter's output is scaled by alpha / r, so set "
+                       f"lora.alpha: {float(found.alpha):g} (--set lora.alpha={float(found.alpha):g}) to start from "
+                       "what it computes")
     adapted = sorted({_adapted_module(k) for k in theirs})
     if set(adapted) != set(targets):
         raise QzoError(f"lora.init_from: {found.what} adapts {', '.join(adapted)}; this run's lora.target_modules is "

@@ -95,7 +95,8 @@ def test_peft_export_of_a_lora_run_loads_with_peft(tiny_model_dir, tmp_path):
     base, _ = qzo.load(tiny_model_dir, "nf4")
     torch.testing.assert_close(_logits(peft.PeftModel.from_pretrained(base, out)), _logits(model), rtol=0, atol=0)
     # the adapter names a base that loads: the model folder, absolute (nothing is fetched: there is no hub here)
-    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
     auto = peft.AutoPeftModelForCausalLM.from_pretrained(str(out))
     loaded = {k.replace(".default.", "."): v for k, v in auto.state_dict().items() if "lora_" in k}
     assert loaded.keys() == params.state_dict().keys()

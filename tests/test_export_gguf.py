@@ -73,7 +73,8 @@ def gguf_run(smol_tokenizer, tmp_path_factory):
     model.save_pretrained(root / "tiny")
     tok.save_pretrained(root / "tiny")
     run = root / "run"
-    train(None, run_overrides(root / "tiny", data, run, **{"train.steps": 2, "targets.scales": "[q_proj]", "train.max_len": 96}),
+    sets = {"train.steps": 2, "targets.scales": "[q_proj]", "train.max_len": 96}
+    train(None, run_overrides(root / "tiny", data, run, **sets),
           progress=False, log=lambda *_: None)
     trained, tok, params, _ = load_run_model(run)
     assert max(t.tensor.abs().max().item() for t in params if "lora_B" in t.name) > 0  # trained: LoRA is in the merge
@@ -185,7 +186,8 @@ def test_llama3_rope_scaling_is_written_as_llama_cpp_factors(gguf_run, tmp_path)
     factors = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}["rope_freqs.weight"]
     # per rotary frequency (head_dim / 2 of them): 1 where the wavelength is short, the full factor where it is
     # long, rising in between: what llama.cpp divides each frequency by
-    assert factors.dtype == torch.float32 and factors.shape == (TINY["hidden_size"] // TINY["num_attention_heads"] // 2,)
+    head_dim = TINY["hidden_size"] // TINY["num_attention_heads"]
+    assert factors.dtype == torch.float32 and factors.shape == (head_dim // 2,)
     assert factors[0] == 1 and factors[-1] == 8 and bool((factors[1:] >= factors[:-1]).all())
     assert reader.fields["llama.rope.freq_base"].contents() == 500000.0
 

@@ -77,7 +77,8 @@ def test_lora_from_a_peft_adapter_gives_peft_logits(tiny_model_dir, adapter, ref
 
 def test_a_run_with_init_from_starts_at_the_adapter(tiny_model_dir, adapter, reference_logits, code_chats, tmp_path):
     reference, expected, _ = reference_logits
-    sets = run_overrides(tiny_model_dir, code_chats, tmp_path / "run", **{"lora.alpha": 8, "lora.init_from": str(adapter)})
+    sets = run_overrides(tiny_model_dir, code_chats, tmp_path / "run",
+                         **{"lora.alpha": 8, "lora.init_from": str(adapter)})
     s = setup(None, sets, log=lambda *_: None)
     try:
         torch.testing.assert_close(_logits(s.model), expected, rtol=0, atol=0)
