@@ -34,23 +34,31 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--prompt", help="one-shot: answer this prompt and exit")
     c.add_argument("--max-new-tokens", type=int, default=128)
     c.add_argument("--system", help="system prompt")
-    c.add_argument("--checkpoint", default="last", help=f"for a run: {CHOICES_HELP}")
+    c.add_argument("--checkpoint", help=f"for a run: {CHOICES_HELP}")
+    c.add_argument("--temperature", type=float, default=0.0,
+                   help="0 (default): greedy; > 0: sample at this temperature")
+    c.add_argument("--top-p", type=float, default=1.0, help="with --temperature > 0: nucleus sampling's probability "
+                   "mass (default 1: no cut)")
+    c.add_argument("--seed", type=int, help="seed of the sampling: the same seed, the same replies")
 
     pl = sub.add_parser("plan", help="expected peak memory of a ZO step, from the config alone (no weights read)")
-    pl.add_argument("model", help="a preset (llama-2-7b, llama-3.1-8b, ...), a model folder, a .gguf or a hub id "
-                                  "whose config.json is in the local Hugging Face cache")
-    pl.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int8", "none"])
-    pl.add_argument("--gpu", help="GPU budget, e.g. 8GiB")
-    pl.add_argument("--batch", type=int, default=8)
-    pl.add_argument("--seq", type=int, default=512)
-    pl.add_argument("--lora-r", type=int, default=8)
-    pl.add_argument("--rule", default="sgd", choices=["sgd", "momentum", "adam", "sign"])
-    pl.add_argument("--strategy", default="spsa", choices=list(STRATEGIES))
-    pl.add_argument("--pool", type=int, default=1, help="candidates per stacked forward (optim.batched)")
-    pl.add_argument("--double-quant", action="store_true")
-    pl.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated decoder linears with LoRA")
-    pl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                    help="compute dtype of activations and unquantized weights")
+    pl.add_argument("model", help="a recipe YAML or a shipped recipe's name (its model, batch, length, LoRA, "
+                                  "strategy, pool, quant and dtype; flags override them), a preset (llama-2-7b, "
+                                  "llama-3.1-8b, ...), a model folder, a .gguf or a hub id whose config.json is in the "
+                                  "local Hugging Face cache")
+    pl.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"], help="default nf4")
+    pl.add_argument("--gpu", help="GPU budget, e.g. 8GiB (a shipped GPU recipe: its card)")
+    pl.add_argument("--batch", type=int, help="default 8")
+    pl.add_argument("--seq", type=int, help="default 512")
+    pl.add_argument("--lora-r", type=int, help="default 8")
+    pl.add_argument("--rule", choices=["sgd", "momentum", "adam", "sign"], help="default sgd")
+    pl.add_argument("--strategy", choices=list(STRATEGIES), help="default spsa")
+    pl.add_argument("--pool", type=int, help="candidates per stacked forward (optim.batched); default 1")
+    pl.add_argument("--double-quant", action="store_true", default=None)
+    pl.add_argument("--lora-targets", help="comma-separated decoder linears with LoRA (default q_proj,v_proj), or "
+                                           "all-linear: every linear of the decoder, not the LM head")
+    pl.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                    help="compute dtype of activations and unquantized weights (default bfloat16)")
 
     e = sub.add_parser("export", help="a run's trained values as a PEFT adapter, a merged model, a 4-bit folder or a GGUF")
     e.add_argument("run", help="a run directory written by qzo train")
@@ -112,29 +120,62 @@ def _recipes(args) -> int:
 
 
 def _chat(args) -> int:
-    from .chat import chat_loop, load_for_chat, reply
+    from .chat import chat_loop, load_for_chat, reply, sampling_kwargs
 
+    sampling_kwargs(args.temperature, args.top_p)  # bad values fail before the model loads
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     model, tok = load_for_chat(args.source, args.checkpoint)
     if args.prompt is not None:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": args.prompt})
-        reply(model, tok, messages, args.max_new_tokens, stream=sys.stdout)
+        reply(model, tok, messages, args.max_new_tokens, stream=sys.stdout, **sampling)
         sys.stdout.write("\n")
         return 0
-    chat_loop(model, tok, args.max_new_tokens, args.system)
+    chat_loop(model, tok, args.max_new_tokens, args.system, **sampling)
     return 0
 
 
-def _plan(args) -> int:
-    from .plan import plan
+# qzo plan's settings where neither a flag nor a recipe gives them
+_PLAN_DEFAULTS = {"quant": "nf4", "double_quant": False, "dtype": "bfloat16", "batch": 8, "seq": 512, "lora_r": 8,
+                  "lora_targets": ("q_proj", "v_proj"), "rule": "sgd", "strategy": "spsa", "pool": 1}
 
-    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-    result = plan(args.model, quant=args.quant, gpu=args.gpu, batch=args.batch, seq=args.seq, lora_r=args.lora_r,
-                  lora_targets=targets, rule=args.rule, strategy=args.strategy, pool=args.pool,
-                  double_quant=args.double_quant, dtype=args.dtype)
-    pool = f", pool {args.pool} stacked" if args.pool > 1 else ""
-    print(f"{args.model}, {args.quant}, batch {args.batch} x {args.seq}{pool}, LoRA r {args.lora_r} on "
-          f"{','.join(targets)}, {args.dtype}")
+
+def _plan_recipe(name: str):
+    """``(config, the card's budget or None)`` when ``name`` is a recipe YAML or a shipped recipe, else None."""
+    from . import recipes
+    from .config import load_config
+
+    if name.endswith((".yaml", ".yml")):
+        return load_config(name), None
+    if name not in recipes.names():
+        return None
+    card = recipes.recipe(name).card  # "24 GiB GPU" for gpu-24gib, "CPU" for the demo
+    return load_config(name), card.removesuffix(" GPU").replace(" ", "") if card.endswith("GiB GPU") else None
+
+
+def _plan(args) -> int:
+    from .plan import config_settings, plan, plan_source
+
+    settings, source, gpu = dict(_PLAN_DEFAULTS), args.model, args.gpu
+    found = _plan_recipe(args.model)
+    if found is not None:
+        cfg, card = found
+        settings.update(config_settings(cfg))
+        source = settings.pop("source")
+        if gpu is None and card is not None:
+            gpu = card
+            print(f"GPU budget {card}: the card {args.model} is sized for (--gpu sets another)")
+    flags = {k: getattr(args, k) for k in _PLAN_DEFAULTS}
+    if flags["lora_targets"] is not None:
+        flags["lora_targets"] = tuple(t.strip() for t in flags["lora_targets"].split(",") if t.strip())
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    if tuple(settings["lora_targets"]) == ("all-linear",) or settings["lora_targets"] == "all-linear":
+        settings["lora_targets"] = "all-linear"
+    result = plan(plan_source(source), gpu=gpu, **settings)
+    pool = f", pool {settings['pool']} stacked" if settings["pool"] > 1 else ""
+    targets = settings["lora_targets"]
+    print(f"{source}, {settings['quant']}, batch {settings['batch']} x {settings['seq']}{pool}, LoRA r "
+          f"{settings['lora_r']} on {targets if isinstance(targets, str) else ','.join(targets)}, {settings['dtype']}")
     print(result.table())
     return 0
 

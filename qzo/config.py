@@ -20,6 +20,8 @@ import yaml
 from .data_formats import FORMATS, check_fields
 from .data_sources import parse_hf
 from .errors import ConfigError, DataError
+from .lora import ALL_LINEAR
+from .metrics import REPORTERS
 from .normalize import NORMALIZATIONS
 from .strategies import STRATEGIES
 from .strategies.fzoo import BASELINES
@@ -43,7 +45,7 @@ DEFAULTS: dict = {
     "lora": {
         "r": 8,
         "alpha": 16.0,
-        "target_modules": ["q_proj", "v_proj"],
+        "target_modules": ["q_proj", "v_proj"],  # module names, or all-linear (every decoder linear, not the head)
         # null: fresh adapters (B = 0); a PEFT adapter folder, a qzo run or its checkpoints/step-N: start from
         # its values (r, alpha, modules and shapes must match; qzo.lora.load_initial_values checks them)
         "init_from": None,
@@ -106,6 +108,7 @@ DEFAULTS: dict = {
         "candidate_parallel": 1,  # under torchrun: ranks that split each step's evaluations (world / this = data shards)
         "check_every": 50,  # under torchrun: compare a checksum of the trainables across ranks every this many steps
         "dist_timeout_s": 300.0,  # under torchrun: a rank silent this long stops the run, naming where
+        "report_to": ["tensorboard"],  # trackers mirroring metrics.jsonl: any of tensorboard, wandb, mlflow ([]: none)
     },
     "objective": {
         "kind": "cross_entropy",  # cross_entropy (on the assistant tokens) | reward (on generated replies)
@@ -258,6 +261,8 @@ def _type_ok(default, value, key: tuple) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if isinstance(default, int):
         return isinstance(value, int) and not isinstance(value, bool)
+    if key == ("lora", "target_modules") and value == ALL_LINEAR:
+        return True
     if isinstance(default, list):
         kind = (int, float) if isinstance(default[0], float) else type(default[0])
         return isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
@@ -328,8 +333,25 @@ def _validate_objective(cfg: dict) -> None:
                           "inside one forward; with objective.kind=reward set optim.batched=false and another strategy")
 
 
+def _validate_names(cfg: dict) -> None:
+    """``lora.target_modules`` and ``train.report_to``: the one string and the names they take."""
+    modules = cfg["lora"]["target_modules"]
+    if isinstance(modules, str) and modules != ALL_LINEAR:
+        raise ConfigError(f"config key 'lora.target_modules' is {modules!r}; give a list of module names such as "
+                          f"[q_proj, v_proj], or {ALL_LINEAR} (every linear layer of the decoder, not the LM head)")
+    report_to = cfg["train"]["report_to"]
+    if isinstance(report_to, str):  # `--set train.report_to=wandb`: one name; none (transformers' word): []
+        report_to = cfg["train"]["report_to"] = [] if report_to == "none" else [report_to]
+    if isinstance(report_to, list) and all(isinstance(n, str) for n in report_to):  # else: the type check's error
+        unknown = [n for n in report_to if n not in REPORTERS]
+        if unknown:
+            raise ConfigError(f"config key 'train.report_to' names {', '.join(map(repr, unknown))}; give a list of "
+                              f"{', '.join(REPORTERS)} (any subset; [] for none), e.g. [tensorboard, wandb]")
+
+
 def validate(cfg: dict) -> dict:
     """Check types, choices and ranges of every key; raises :class:`ConfigError` naming the key."""
+    _validate_names(cfg)
     for dotted in flat_keys():
         key = tuple(dotted.split("."))
         default, value = get(DEFAULTS, dotted), get(cfg, dotted)

@@ -39,15 +39,38 @@ from .errors import QzoError
 from .params import ParamSet, Trainable
 from .noise import stream_id
 
-__all__ = ["lora", "LoraParams", "linear_module_names", "load_initial_values"]
+__all__ = ["lora", "LoraParams", "linear_module_names", "all_linear_names", "ALL_LINEAR", "load_initial_values"]
+
+#: ``target_modules`` as peft spells "every linear layer of the decoder, not the LM head"
+ALL_LINEAR = "all-linear"
 
 
 def linear_module_names(model) -> list[str]:
     """Short names (last path component) of every linear-like layer, for error messages."""
     names = set()
     for full, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+        if _is_linear(module):
             names.add(full.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def _is_linear(module) -> bool:
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def all_linear_names(model) -> list[str]:
+    """What ``target_modules="all-linear"`` adapts: the short name of every linear layer but the LM head.
+
+    peft's rule (``_maybe_include_all_linear_layers``): every ``Linear`` / bitsandbytes
+    ``Linear4bit`` / ``Linear8bitLt`` by its last name component, less the output embedding
+    (kept out even when its weight is tied to the input embedding). On a Llama-style decoder
+    that is ``q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj``.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {full.rsplit(".", 1)[-1] for full, module in model.named_modules()
+             if _is_linear(module) and module is not head}
+    if not names:
+        raise QzoError("lora.target_modules all-linear found no linear layer besides the LM head in this model")
     return sorted(names)
 
 
@@ -119,7 +142,7 @@ def lora(
     model,
     r: int = 8,
     alpha: float = 16,
-    target_modules: list[str] | tuple[str, ...] = ("q_proj", "v_proj"),
+    target_modules: list[str] | tuple[str, ...] | str = ("q_proj", "v_proj"),
     seed: int = 0,
     init_from=None,
 ) -> LoraParams:
@@ -129,7 +152,8 @@ def lora(
         model: a causal LM from :func:`qzo.load` (quantized or not).
         r: adapter rank.
         alpha: scaling numerator (the adapter output is scaled by alpha / r).
-        target_modules: short module names to adapt, e.g. ``["q_proj", "v_proj"]``.
+        target_modules: short module names to adapt, e.g. ``["q_proj", "v_proj"]``, or ``"all-linear"``
+            (:data:`ALL_LINEAR`: every linear layer of the decoder, not the LM head; :func:`all_linear_names`).
         seed: torch seed for the A matrices' init (B starts at zero, as in LoRA).
         init_from: start from these values instead: a PEFT adapter folder, a qzo run directory
             or one of its ``checkpoints/step-N`` folders (:func:`load_initial_values`).
@@ -141,6 +165,11 @@ def lora(
 
     if r < 1:
         raise QzoError(f"lora.r must be >= 1, got {r}")
+    if isinstance(target_modules, str):
+        if target_modules != ALL_LINEAR:
+            raise QzoError(f"lora.target_modules is {target_modules!r}; give a list of module names such as "
+                           f"['q_proj', 'v_proj'], or {ALL_LINEAR!r} (every linear of the decoder, not the LM head)")
+        target_modules = all_linear_names(model)
     targets = list(target_modules)
     if not targets:
         raise QzoError("lora.target_modules is empty; name at least one linear layer, e.g. ['q_proj', 'v_proj']")

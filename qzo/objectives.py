@@ -20,12 +20,22 @@ A reward may ignore any of them. Returning another length, a non-number or a NaN
 Built in: :func:`exact_match` and :func:`token_f1`; :func:`load_reward` resolves those
 names or ``"module:function"`` (``"path/to/file.py:function"`` also works), which is what
 the config key ``objective.reward`` holds.
+
+TRL's reward functions work too: a function with TRL's signature, ``fn(completions,
+**kwargs) -> list[float]`` (it takes ``**kwargs`` and a ``completions`` parameter, and no
+``references`` one), is called through :class:`TRLReward`, which passes what TRL's
+``GRPOTrainer`` passes for a conversational dataset (qzo's data are chats): ``prompts`` (each
+chat's prompt messages), ``completions`` (each reply as ``[{"role": "assistant", "content":
+text}]``), ``completion_ids`` and the reference reply as ``solution`` (the column TRL's own
+``accuracy_reward`` reads) and ``references``.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import inspect
 import math
 import sys
 from collections import Counter
@@ -39,7 +49,7 @@ from .errors import QzoError
 from .noise import _mix64
 
 __all__ = ["RewardFn", "exact_match", "token_f1", "load_reward", "check_rewards", "split_chat", "last_user_text",
-           "RewardLoss",
+           "RewardLoss", "TRLReward", "is_trl_reward",
            "BUILTIN_REWARDS"]
 
 RewardFn = Callable[[list, list, list], Sequence[float]]
@@ -127,17 +137,75 @@ def _import(module_name: str, spec: str):
             sys.path.remove(cwd)
 
 
+def is_trl_reward(fn) -> bool:
+    """Whether ``fn`` has TRL's reward signature: ``**kwargs``, a ``completions`` parameter, no ``references`` one.
+
+    TRL calls rewards with keyword arguments only and requires ``**kwargs`` (it passes every
+    dataset column); a qzo reward is called positionally as ``(prompts, completions,
+    references)``, so a function naming ``references`` keeps qzo's call.
+    """
+    if isinstance(fn, TRLReward):
+        return False
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: qzo's positional call
+        return False
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return takes_kwargs and "completions" in params and "references" not in params
+
+
+class TRLReward:
+    """A reward with TRL's signature, ``fn(completions, **kwargs) -> list[float]``, as a qzo reward.
+
+    :meth:`score` calls ``fn`` with the keyword arguments TRL's ``GRPOTrainer`` gives a
+    conversational dataset::
+
+        prompts          each chat's prompt: its messages before the last assistant turn
+        completions      each reply as one message, [{"role": "assistant", "content": text}]
+        completion_ids   each reply's generated token ids (trailing padding dropped), when known
+        solution         the chat's reference reply (its last assistant turn), under the name of the
+                         dataset column TRL's accuracy_reward reads; also as ``references``
+
+    Called with qzo's signature ``(prompts, completions, references)`` (prompt strings), each
+    prompt becomes one user message. :class:`RewardLoss` calls :meth:`score` with the full
+    prompt chats.
+    """
+
+    def __init__(self, fn):
+        if not callable(fn):
+            raise QzoError(f"TRLReward needs a function, got {type(fn).__name__}")
+        self.fn = fn
+        functools.update_wrapper(self, fn)  # errors name the user's function
+
+    def score(self, prompt_chats: list[list[dict]], completions: list[str], references: list[str],
+              completion_ids: list[list[int]] | None = None) -> list[float]:
+        """``fn``'s rewards for these replies, checked (:func:`check_rewards`)."""
+        values = self.fn(prompts=[[dict(m) for m in chat] for chat in prompt_chats],
+                         completions=[[{"role": "assistant", "content": c}] for c in completions],
+                         completion_ids=completion_ids, solution=list(references), references=list(references))
+        return check_rewards(values, len(completions), self.fn)
+
+    def __call__(self, prompts: list[str], completions: list[str], references: list[str]) -> list[float]:
+        return self.score([[{"role": "user", "content": p}] for p in prompts], completions, references)
+
+
+def _adapt(fn) -> RewardFn:
+    """``fn`` as qzo calls rewards: TRL-style functions through :class:`TRLReward`."""
+    return TRLReward(fn) if is_trl_reward(fn) else fn
+
+
 def load_reward(spec) -> RewardFn:
     """The reward function ``spec`` names.
 
     ``spec`` is ``"exact_match"``, ``"token_f1"``, ``"module:function"`` (imported with
     :mod:`importlib`, e.g. ``"my_rewards:short"``; from ``PYTHONPATH``, installed packages or
     the working directory) or ``"path/to/file.py:function"``. A callable
-    is returned as it is. Raises :class:`qzo.QzoError` when the module or attribute is
+    is returned as it is, or wrapped in :class:`TRLReward` when it has TRL's signature
+    (:func:`is_trl_reward`). Raises :class:`qzo.QzoError` when the module or attribute is
     missing or the attribute is not callable.
     """
     if callable(spec):
-        return spec
+        return _adapt(spec)
     if not isinstance(spec, str) or not spec.strip():
         raise QzoError(f"reward must be a function or a name ({', '.join(BUILTIN_REWARDS)} or module:function), "
                        f"got {spec!r}")
@@ -161,7 +229,7 @@ def load_reward(spec) -> RewardFn:
     fn = getattr(module, attr)
     if not callable(fn):
         raise QzoError(f"reward {spec!r}: {module_name}.{attr} is a {type(fn).__name__}, not a function")
-    return fn
+    return _adapt(fn)
 
 
 def _reward_name(fn) -> str:
@@ -306,8 +374,23 @@ class RewardLoss:
         return [t.strip() for t in self.tok.batch_decode(new, skip_special_tokens=True)]
 
     def rewards(self, completions: list[str]) -> list[float]:
+        if isinstance(self.reward_fn, TRLReward):  # TRL's call: the prompt chats and the generated ids
+            return self.reward_fn.score(self.prompt_chats, list(completions), self.references,
+                                        self._completion_ids(len(completions)))
         values = self.reward_fn(list(self.prompts), list(completions), list(self.references))
         return check_rewards(values, len(completions), self.reward_fn)
+
+    def _completion_ids(self, n: int) -> list[list[int]] | None:
+        """The latest generated ids per reply, trailing padding dropped (``None`` if they are not these replies')."""
+        if self.last_token_ids is None or len(self.last_token_ids) != n:
+            return None
+        pad = self._encode()["pad_token_id"]
+        out = []
+        for row in self.last_token_ids.tolist():
+            while row and row[-1] == pad:
+                row.pop()
+            out.append(row)
+        return out
 
     def __call__(self) -> torch.Tensor:
         completions = self.generate()

@@ -36,10 +36,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import QzoError
+from .lora import ALL_LINEAR
 from .loss import chunk_tokens
 from .strategies import STRATEGIES
 
-__all__ = ["PRESETS", "Plan", "plan", "model_config", "parse_size"]
+__all__ = ["PRESETS", "HUB_PRESETS", "Plan", "plan", "model_config", "parse_size", "plan_source", "config_settings",
+           "plan_config"]
 
 GiB = 2**30
 
@@ -240,6 +242,9 @@ def plan(source, quant: str = "nf4", gpu=None, batch: int = 8, seq: int = 512, l
     cfg = model_config(source)
     db = _DTYPE_BYTES[dtype]
     shapes = _linear_shapes(cfg)
+    all_linear = lora_targets == ALL_LINEAR or tuple(lora_targets) == (ALL_LINEAR,)
+    if all_linear:  # peft's all-linear: every linear of the decoder layers, not the LM head
+        lora_targets = tuple(shapes)
     unknown = sorted(set(lora_targets) - set(shapes))
     if unknown:
         raise QzoError(f"LoRA targets {unknown} are not decoder linears; choose from {', '.join(shapes)}")
@@ -266,6 +271,8 @@ def plan(source, quant: str = "nf4", gpu=None, batch: int = 8, seq: int = 512, l
     activations = layer_acts + logits + mask
     workspace = max(i * o for i, o in shapes.values()) * db if quant != "none" else 0
     notes = []
+    if all_linear and lora_r:
+        notes.append(f"LoRA all-linear: every linear of the decoder layers ({', '.join(shapes)}), not the LM head")
     if embed + head > 0.25 * (weights or 1):
         notes.append(f"embeddings + LM head are {(embed + head) / GiB:.2f} GiB in {dtype} (bitsandbytes leaves them "
                      "unquantized): keeping the input embedding on CPU saves "
@@ -282,3 +289,53 @@ def plan(source, quant: str = "nf4", gpu=None, batch: int = 8, seq: int = 512, l
                        f"{need / GiB:.2f} GiB (embeddings, head, activations for batch {batch} x {seq}, one layer); "
                        "lower train.batch_size or train.max_len, or use a larger GPU")
     return result
+
+
+#: hub ids of the shipped recipes' models -> the preset with their shapes, for a cache without their config.json
+HUB_PRESETS = {
+    "meta-llama/Llama-2-7b-chat-hf": "llama-2-7b",
+    "meta-llama/Llama-2-13b-chat-hf": "llama-2-13b",
+    "meta-llama/Llama-3.1-8B-Instruct": "llama-3.1-8b",
+    "meta-llama/Llama-3.1-70B-Instruct": "llama-3.1-70b",
+    "mistralai/Mistral-7B-Instruct-v0.3": "mistral-7b",
+    "Qwen/Qwen2.5-7B-Instruct": "qwen2.5-7b",
+}
+
+
+def plan_source(source, log=print):
+    """The config to plan ``source`` with: :func:`model_config`'s, or for a shipped recipe's hub id whose
+    ``config.json`` is not in the local cache, its preset's (same shapes), saying so to ``log``."""
+    try:
+        return model_config(source)
+    except QzoError:
+        preset = HUB_PRESETS.get(str(source))
+        if preset is None or preset not in PRESETS:
+            raise
+        log(f"qzo plan: {source}'s config.json is not in the local Hugging Face cache; planning with the preset "
+            f"{preset}, which has its shapes (`hf download {source} config.json` puts the real one there)")
+        return model_config(preset)
+
+
+def config_settings(cfg: dict) -> dict:
+    """:func:`plan`'s arguments for a run config (a recipe): what its ZO step holds.
+
+    ``model.source``, ``quant``, ``double_quant`` and ``dtype`` (null: bfloat16, what CUDA
+    runs), ``lora.r`` (0 when ``targets.lora`` is off) and ``target_modules``, ``optim.rule``
+    and ``strategy``, the stacked pool (``optim.pool``, ldsd's ``candidates`` or fzoo's ``probes``,
+    when ``optim.batched``; else 1), ``train.batch_size`` and ``max_len``. Trained scales and
+    dense slices are not planned (LoRA trainables only).
+    """
+    m, o, t = cfg["model"], cfg["optim"], cfg["train"]
+    stacked = {"ldsd": o["candidates"], "fzoo": o["probes"]}.get(o["strategy"], o["pool"]) if o["batched"] else 1
+    targets = cfg["lora"]["target_modules"]
+    return {"source": m["source"], "quant": m["quant"], "double_quant": m["double_quant"],
+            "dtype": m["dtype"] or "bfloat16", "batch": t["batch_size"], "seq": t["max_len"],
+            "lora_r": cfg["lora"]["r"] if cfg["targets"]["lora"] else 0,
+            "lora_targets": targets if isinstance(targets, str) else tuple(targets), "rule": o["rule"],
+            "strategy": o["strategy"], "pool": stacked}
+
+
+def plan_config(cfg: dict, gpu=None, gpus: int = 1, log=print) -> Plan:
+    """The plan of a run config's ZO step (:func:`config_settings`); a hub id goes through :func:`plan_source`."""
+    settings = config_settings(cfg)
+    return plan(plan_source(settings.pop("source"), log), gpu=gpu, gpus=gpus, **settings)

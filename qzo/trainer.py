@@ -57,7 +57,7 @@ __all__ = ["train", "build_optimizer", "build_targets", "load_model_and_targets"
 
 # Keys a resumed run may change: they do not alter the trajectory of earlier steps.
 RESUMABLE_KEYS = ("train.steps", "train.forwards", "train.eval_every", "train.eval_every_forwards",
-                  "train.save_every", "train.keep_checkpoints", "train.eval_batch_size")
+                  "train.save_every", "train.keep_checkpoints", "train.eval_batch_size", "train.report_to")
 
 
 def build_strategy(cfg: dict):
@@ -433,10 +433,11 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
     device = model_input_device(s.model)
     metrics_path, steps_path = s.run_dir / "metrics.jsonl", s.run_dir / "steps.jsonl"
     first_step = s.opt.steps + 1
-    from .metrics import TensorBoardScalars
+    from .metrics import open_reporters
 
-    # TensorBoard mirror of metrics.jsonl (a no-op without tensorboard); a resume purges the steps it redoes
-    scalars = TensorBoardScalars(s.run_dir, purge_step=first_step if s.opt.steps else 0) if s.writer else _NoScalars()
+    # train.report_to's trackers mirror metrics.jsonl (rank 0); a resume purges the steps it redoes from TensorBoard
+    scalars = (open_reporters(s.run_dir, t["report_to"], config=s.cfg, purge_step=first_step if s.opt.steps else 0,
+                              log=log) if s.writer else _NoScalars())
     initial = None
     if s.opt.steps == 0:
         initial = _evaluate(s)  # every rank: they hold the same values, and all take the decisions that follow
@@ -539,7 +540,7 @@ def _train_step(s: Session, step: int, steps: int, device, start_wall: float, sc
         evaluated = row["eval_loss"] = _evaluate(s)
     if s.writer:
         _append_jsonl(s.run_dir / "metrics.jsonl", row)
-    scalars.add(row, lr=record.get("lr"))
+    scalars.add(row, lr=record.get("lr"), record=record)
     return loss, evaluated, wall
 
 

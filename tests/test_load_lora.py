@@ -129,3 +129,33 @@ def test_hf_model_path_gives_transformers_a_loadable_path(smol_folder, tiny_mode
     assert hf_model_path(tiny_model_dir) == str(tiny_model_dir)
     with pytest.raises(ModelSourceError, match="save_pretrained"):
         hf_model_path(tiny_config(1000))
+
+
+def test_all_linear_adapts_what_peft_s_all_linear_adapts(tiny_model_dir):
+    """lora.target_modules all-linear: every decoder linear, not the LM head, exactly the modules peft picks."""
+    import peft
+
+    from qzo.lora import all_linear_names
+
+    model, _ = qzo.load(tiny_model_dir, quant="nf4")
+    assert all_linear_names(model) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj"])
+    params = qzo.lora(model, r=2, target_modules="all-linear")
+    ours = {k.split(".lora_A.")[0] for k in params.state_dict() if ".lora_A." in k}
+    ref_model, _ = qzo.load(tiny_model_dir, quant="nf4")
+    ref = peft.get_peft_model(ref_model, peft.LoraConfig(r=2, target_modules="all-linear"))
+    theirs = {n.split(".lora_A.")[0] for n, _ in ref.named_parameters() if ".lora_A." in n}
+    assert ours == theirs and len(ours) == 7 * 2  # 7 linears in each of the 2 layers
+    assert not any("lm_head" in k for k in ours)
+    with pytest.raises(QzoError, match=r"lora.target_modules is 'q_proj'; give a list of module names"):
+        qzo.lora(qzo.load(tiny_model_dir, quant="none")[0], target_modules="q_proj")
+
+
+def test_all_linear_in_the_config():
+    from qzo.config import load_config
+    from qzo.errors import ConfigError
+
+    assert load_config(None, ["lora.target_modules=all-linear"])["lora"]["target_modules"] == "all-linear"
+    with pytest.raises(ConfigError, match=r"'lora.target_modules' is 'all_linear'; give a list of module names such "
+                                          r"as \[q_proj, v_proj\], or all-linear"):
+        load_config(None, ["lora.target_modules=all_linear"])

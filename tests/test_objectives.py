@@ -305,3 +305,60 @@ def test_objective_config_defaults_and_valid_values():
     assert cfg["objective"] == {"kind": "cross_entropy", "reward": None, "max_new_tokens": 32, "temperature": 0.0}
     cfg = load_config(None, ["objective.kind=reward", "objective.reward=rewards.py:short", "objective.temperature=1"])
     assert cfg["objective"]["reward"] == "rewards.py:short" and cfg["objective"]["temperature"] == 1
+
+
+def trl_accuracy(completions, solution, **kwargs):
+    """A reward with TRL's signature, written as TRL's accuracy_reward is: conversational completions, the
+    dataset's solution column, everything else in **kwargs."""
+    contents = [completion[0]["content"] for completion in completions]
+    return [float(c == s) + 0.01 * len(c) for c, s in zip(contents, solution)]
+
+
+def test_trl_signature_is_recognised_and_adapted():
+    from qzo.objectives import TRLReward, is_trl_reward
+
+    def only_kwargs(completions, **kwargs):
+        return [0.0] * len(completions)
+
+    def qzo_with_kwargs(prompts, completions, references, **kwargs):
+        return [0.0] * len(completions)
+
+    assert is_trl_reward(trl_accuracy) and is_trl_reward(only_kwargs)
+    assert not is_trl_reward(_chars) and not is_trl_reward(qzo_with_kwargs) and not is_trl_reward(exact_match)
+    fn = load_reward("test_objectives:trl_accuracy")
+    assert isinstance(fn, TRLReward) and fn.__name__ == "trl_accuracy" and not is_trl_reward(fn)
+    assert isinstance(load_reward(only_kwargs), TRLReward) and load_reward(qzo_with_kwargs) is qzo_with_kwargs
+    # called with qzo's signature, each prompt string becomes one user message
+    assert fn(["q"], ["red"], ["red"]) == [1.03]
+    with pytest.raises(QzoError, match=r"reward '_three' returned 3 values for 1 completions"):
+        TRLReward(_three).score([[]], ["a"], ["b"])
+
+
+def _three(completions, **kwargs):
+    return [1.0, 2.0, 3.0]
+
+
+def test_reward_loss_calls_a_trl_reward_as_trl_does(tiny, tiny_model_dir):
+    model, tok = tiny
+    seen = {}
+
+    def reward(prompts, completions, **kwargs):  # TRL's signature, keeping what it was given
+        seen.update(kwargs, prompts=prompts, completions=completions)
+        return trl_accuracy(completions, kwargs["solution"])
+
+    loss = RewardLoss(model, tok, CHATS, reward, max_new_tokens=5, temperature=1.0, seed=2, step=1)
+    value = loss()
+    assert seen["prompts"] == [c[:-1] for c in CHATS]  # the prompt messages, system turn included
+    assert seen["completions"] == [[{"role": "assistant", "content": c}] for c in loss.last_completions]
+    assert seen["solution"] == seen["references"] == ["4", "red", "Hello"]
+    decoded = [tok.decode(ids, skip_special_tokens=True).strip() for ids in seen["completion_ids"]]
+    assert decoded == loss.last_completions
+    assert all(len(ids) <= 5 for ids in seen["completion_ids"])
+    assert value.item() == pytest.approx(-sum(trl_accuracy(seen["completions"], seen["solution"])) / 3)
+    # by name, as objective.reward gives it, in a ZO step on the (4-bit) tiny model
+    import qzo
+
+    model, tok = qzo.load(tiny_model_dir, quant="nf4")
+    opt = qzo.ZO(qzo.lora(model, r=2, target_modules=["q_proj"], seed=0), rule=qzo.SGD(lr=1e-2), eps=1e-1, seed=0)
+    opt.step(RewardLoss(model, tok, CHATS, "test_objectives:trl_accuracy", max_new_tokens=4, step=1))
+    assert opt.forwards == 2 and all(v <= 0 for v in opt.last_record.losses)  # -(match + 0.01 x characters)

@@ -60,7 +60,8 @@ def test_train_writes_tensorboard_scalars(runs):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
-    assert set(acc.Tags()["scalars"]) == {"train/loss", "eval/loss", "lr", "forwards"}
+    assert set(acc.Tags()["scalars"]) == {"train/loss", "eval/loss", "lr", "forwards", "zo/projected_grad",
+                                          "zo/loss_spread", "speed/forwards_per_s"}  # tests/test_reporting.py
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_loss = [(e.step, e.value) for e in acc.Scalars("train/loss")]
     assert train_loss == [(m["step"], pytest.approx(m["loss"])) for m in metrics if m["loss"] is not None]
