@@ -109,6 +109,7 @@ def main() -> None:
         # each collective of a step waits about 2 round trips on a 2-rank ring (reduce-scatter + all-gather)
         r["added_s_per_step_at_100ms_rtt"] = round(r["collectives_per_step"] * 2 * RTT_S, 2)
     summary = {"device": device_name(), "threads_per_process": 1,
+               "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()],  # other work on the machine
                "model": "SmolLM2-135M-Instruct NF4, LoRA r 8 q_proj,v_proj (460,800 values)", "batch": BATCH,
                "steps_timed": args.steps - 1, "ddp_lora_fp32_gradient_bytes": ddp_lora,
                "ddp_full_7b_bf16_gradient_bytes": ddp_7b, "rtt_s_on_paper": RTT_S, "rows": rows}

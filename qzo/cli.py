@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--strategy", choices=list(STRATEGIES), help="default spsa")
     pl.add_argument("--pool", type=int, help="candidates per stacked forward (optim.batched); default 1")
     pl.add_argument("--double-quant", action="store_true", default=None)
+    pl.add_argument("--gpus", type=int, default=1, help="ranks of a torchrun run: what N GPUs buy (memory per GPU "
+                    "is unchanged: each holds a full 4-bit copy)")
     pl.add_argument("--lora-targets", help="comma-separated decoder linears with LoRA (default q_proj,v_proj), or "
                                            "all-linear: every linear of the decoder, not the LM head")
     pl.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
@@ -171,7 +173,7 @@ def _plan(args) -> int:
     settings.update({k: v for k, v in flags.items() if v is not None})
     if tuple(settings["lora_targets"]) == ("all-linear",) or settings["lora_targets"] == "all-linear":
         settings["lora_targets"] = "all-linear"
-    result = plan(plan_source(source), gpu=gpu, **settings)
+    result = plan(plan_source(source), gpu=gpu, **settings, gpus=args.gpus)
     pool = f", pool {settings['pool']} stacked" if settings["pool"] > 1 else ""
     targets = settings["lora_targets"]
     print(f"{source}, {settings['quant']}, batch {settings['batch']} x {settings['seq']}{pool}, LoRA r "

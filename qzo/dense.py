@@ -38,6 +38,10 @@ def _dequantized(module) -> torch.Tensor:
     import bitsandbytes.functional as F
 
     if isinstance(module, bnb.nn.Linear4bit):
+        if module.weight.data.numel() == 0:
+            raise TargetError("a dense slice of a 4-bit layer that streams (qzo.streaming: its codes live in host RAM or "
+                           "on disk between forwards) cannot be trained: give the GPU more model.max_memory so the "
+                           "layer stays whole, or train its LoRA adapters or scales (targets.scales) instead")
         unpack_cpu_4bit(module)  # the repacked layout is not what dequantize_4bit reads
         weight = module.weight
         return F.dequantize_4bit(weight.data, weight.quant_state).to(torch.float32)

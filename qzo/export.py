@@ -40,6 +40,7 @@ import torch
 
 from .checkpoint import find_checkpoint, load_checkpoint
 from .errors import ModelSourceError, QzoError
+from .streaming import streamed_layers
 from .targets import clean_path, is_quantized, unwrap_peft
 
 __all__ = ["export", "FORMATS", "merged_state_dict", "merged_tensors"]
@@ -126,10 +127,14 @@ def _load_base(cfg: dict, base, lora: bool):
     cfg["lora"]["init_from"] = None  # the checkpoint's values replace the starting ones
     try:
         if any(cfg["targets"].values()):
-            return load_model_and_targets(cfg)
-        cfg["targets"]["lora"] = True  # loads the base and its tokenizer; no target is built
-        model, tok, _, _ = load_model_and_targets(cfg, build=False)
-        return model, tok, None, {}
+            model, tok, params, parts = load_model_and_targets(cfg)
+        else:
+            cfg["targets"]["lora"] = True  # loads the base and its tokenizer; no target is built
+            (model, tok, _, _), params, parts = load_model_and_targets(cfg, build=False), None, {}
+        streamed = streamed_layers(model)
+        if streamed is not None:  # an export reads every weight: the streamed layers' codes come back for good
+            streamed.materialize()
+        return model, tok, params, parts
     except ModelSourceError as exc:
         raise QzoError(f"the run's base model cannot be loaded ({exc}); if it moved, pass its new place with "
                        "--base PATH (the same model the run was trained on)") from None

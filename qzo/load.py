@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from .streaming import attach_streaming, plan_streaming
 from .bnb import choose_cpu_path
 from .cache import cache_dir
 from .errors import ModelSourceError, QzoError
@@ -286,6 +287,13 @@ def load(
         else:
             folder = value
             tok = _load_tokenizer(folder, trust_remote_code=trust_remote_code)
+        stream = None
+        if quant in ("nf4", "fp4"):  # offloaded 4-bit layers stay packed and stream in (qzo.streaming)
+            stream = plan_streaming(device_map, lambda: quantized_device_map(folder, quant, torch_dtype, max_memory,
+                                                                              trust_remote_code),
+                                    lambda: _num_layers(folder, trust_remote_code))
+            if stream is not None:
+                device_map, max_memory = "cpu", None  # loaded whole and quantized on the host, then split
         model = _load_model(folder, quant, double_quant, torch_dtype, device_map, max_memory, offload_folder,
                             trust_remote_code)
     finally:
@@ -295,6 +303,11 @@ def load(
     model.requires_grad_(False)
     _detach_from_checkpoint_files(model)
     _announce_cpu_path(choose_cpu_path(model, cpu_fused_4bit), torch_dtype)
+    if stream is not None:
+        attach_streaming(model, stream, offload_folder)
+        release_freed_memory()
+        print(f"qzo: {stream.describe()} ({model.qzo_streamed.stored_bytes / 2**20:.2f} MiB packed, copied in per "
+              "forward)", flush=True)
     if tok is not None and tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.qzo_source = str(source) if kind != "config" else "config"
@@ -385,6 +398,12 @@ def _load_tokenizer(source, trust_remote_code: bool = False):
         raise ModelSourceError(f"could not load a tokenizer from {str(source)!r}: {exc}") from exc
 
 
+def _num_layers(folder, trust_remote_code: bool) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code).num_hidden_layers)
+
+
 def quantized_device_map(folder, quant: str, dtype: torch.dtype, max_memory: dict | None,
                          trust_remote_code: bool = False) -> dict[str, object]:
     """accelerate's ``"auto"`` placement of a quantized model, sized by its *quantized* bytes.
@@ -416,10 +435,10 @@ def _load_model(folder, quant, double_quant, dtype, device_map, max_memory, offl
 
     if quant != "none" and device_map == "auto":
         if not torch.cuda.is_available():
-            if max_memory is not None:
-                raise QzoError("offloading a quantized model needs a GPU to run it on (bitsandbytes keeps offloaded "
-                               "layers unquantized and streams them to the GPU); on CPU load it whole "
-                               "(model.device_map: cpu) or use model.quant: none with max_memory/offload_folder")
+            if max_memory is not None and quant == "int8":  # a 4-bit model that does not fit streams (load())
+                raise QzoError("offloading an int8 model on CPU is not supported (bitsandbytes keeps offloaded "
+                               "layers unquantized and streams them to a GPU); use model.quant: nf4, whose offloaded "
+                               "layers stay packed and stream from disk, or load it whole (model.device_map: cpu)")
             device_map = "cpu"
         else:
             device_map = quantized_device_map(folder, quant, dtype, max_memory, trust_remote_code)

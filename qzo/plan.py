@@ -44,6 +44,7 @@ __all__ = ["PRESETS", "HUB_PRESETS", "Plan", "plan", "model_config", "parse_size
            "plan_config"]
 
 GiB = 2**30
+PCIE_BYTES_PER_S = 25e9  # PCIe 4.0 x16, what a consumer board gives in practice
 
 #: configs of common models (no download needed): hidden, intermediate, layers, heads, kv heads, vocab, tied
 PRESETS = {
@@ -51,6 +52,7 @@ PRESETS = {
     "llama-2-13b": (5120, 13824, 40, 40, 40, 32000, False),
     "llama-2-70b": (8192, 28672, 80, 64, 8, 32000, False),
     "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256, False),
+    "llama-3.1-70b": (8192, 28672, 80, 64, 8, 128256, False),
     "mistral-7b": (4096, 14336, 32, 32, 8, 32768, False),
     "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064, False),
 }
@@ -139,7 +141,15 @@ class Plan:
     budget: int | None
     per_layer: int  # one decoder layer on the GPU (quantized)
     layers: int
-    streamed_layer: int = 0  # one offloaded layer: unquantized, copied to the GPU per forward
+    # one offloaded layer's bytes on the wire per forward: its packed 4-bit codes when they stream
+    # packed (qzo.streaming; its scales stay on the GPU), else the whole layer unquantized
+    streamed_layer: int = 0
+    stream_packed: bool = False
+    # what accelerate's "auto" map counts for one layer when it sizes 4-bit weights (codes + norms,
+    # not the block scales): the unit max_memory's GPU figure is spent in
+    accelerate_layer: int = 0
+    forwards_per_step: int = 2
+    pcie_bytes_per_s: float = PCIE_BYTES_PER_S
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -150,27 +160,48 @@ class Plan:
     def fits(self) -> bool | None:
         return None if self.budget is None else self.total <= self.budget
 
+    def _saved(self) -> int:
+        """GPU bytes one offloaded layer frees: its codes (packed streaming) or all of it."""
+        return self.streamed_layer if self.stream_packed else self.per_layer
+
+    def _in_flight(self) -> int:
+        """GPU bytes of offloaded layers present at a time: two packed (one computing, one read ahead), or one."""
+        return 2 * self.streamed_layer if self.stream_packed else self.streamed_layer
+
     def gpu_layers(self) -> int:
-        """How many decoder layers fit on the GPU (all of them when the whole model fits)."""
+        """How many decoder layers stay whole on the GPU (all of them when the model fits)."""
         if self.budget is None or self.fits:
             return self.layers
-        fixed = self.total - self.layers * self.per_layer + self.streamed_layer
-        return max(0, min(self.layers, (self.budget - fixed) // self.per_layer))
+        over = self.total + self._in_flight() - self.budget
+        return max(0, self.layers - -(-over // max(self._saved(), 1)))
 
     def gpu_total(self) -> int:
-        """Peak GPU memory with :meth:`gpu_layers` on the GPU (the rest offloaded, one in flight)."""
+        """Peak GPU memory with :meth:`gpu_layers` whole on the GPU (the rest streamed in)."""
         keep = self.gpu_layers()
         if keep == self.layers:
             return self.total
-        return self.total - (self.layers - keep) * self.per_layer + self.streamed_layer
+        return self.total - (self.layers - keep) * self._saved() + self._in_flight()
 
     def offloaded_bytes(self) -> int:
-        """Bytes copied to the GPU each forward: every offloaded layer, unquantized."""
+        """Bytes copied to the GPU each forward (and held in host RAM): every offloaded layer's streamed bytes."""
         return (self.layers - self.gpu_layers()) * self.streamed_layer
 
+    def streaming_s_per_step(self) -> float:
+        """Seconds a step spends copying offloaded layers at :attr:`pcie_bytes_per_s` (overlapped with compute)."""
+        return self.forwards_per_step * self.offloaded_bytes() / self.pcie_bytes_per_s
+
     def weights_allowance(self) -> int:
-        """The GPU ``max_memory`` for offloading: the budget less what is not weights."""
-        return self.budget - (self.trainables + self.state + self.activations + self.workspace)
+        """The GPU ``max_memory`` for offloading: what makes accelerate's map keep :meth:`gpu_layers` layers.
+
+        Unquantized offload: the budget less what is not weights. Packed streaming: the
+        resident weights in accelerate's own units (it sizes a 4-bit layer by its codes, and
+        knows nothing of the streamed layers' scales and the two in flight, which the
+        planner has already taken from the budget).
+        """
+        if not self.stream_packed:
+            return self.budget - (self.trainables + self.state + self.activations + self.workspace)
+        rest = self.weights - self.layers * self.per_layer  # embeddings, head, final norm
+        return rest + self.gpu_layers() * self.accelerate_layer
 
     def table(self) -> str:
         rows = [("weights", self.weights), ("trainables", self.trainables), ("optimizer state", self.state),
@@ -183,22 +214,35 @@ class Plan:
                 keep = self.gpu_layers()
                 offloaded = self.offloaded_bytes()
                 cpu = max(8, -(-int(1.25 * offloaded) // GiB))
-                lines.append(f"keep {keep} of {self.layers} decoder layers on the GPU ({self.gpu_total() / GiB:.2f} GiB "
-                             f"peak, one offloaded layer in flight) and offload {self.layers - keep}, unquantized: "
-                             f"{offloaded / GiB:.2f} GiB of CPU RAM, copied to the GPU every forward")
+                how = ("packed 4-bit codes (their scales stay on the GPU)" if self.stream_packed else "unquantized")
+                lines.append(f"keep {keep} of {self.layers} decoder layers whole on the GPU ({self.gpu_total() / GiB:.2f} "
+                             f"GiB peak) and stream {self.layers - keep}, {how}: {offloaded / GiB:.2f} GiB of host "
+                             "RAM, copied to the GPU every forward")
+                lines.append(f"  at {self.pcie_bytes_per_s / 1e9:g} GB/s (PCIe 4.0 x16) that is "
+                             f"{offloaded / self.pcie_bytes_per_s:.2f} s a forward, {self.streaming_s_per_step():.2f} s "
+                             f"a step of {self.forwards_per_step} forwards (overlapped with compute where it can)")
+                why = ("accelerate's count of the resident layers' codes, embeddings and head: the streamed layers' "
+                       "scales, the two in flight and the activations come on top" if self.stream_packed else
+                       "the GPU figure caps weights only: the budget less activations, workspace and trainables")
                 lines.append(f"  model.device_map: auto, model.max_memory: {{0: '{self.weights_allowance() / GiB:.2f}GiB', "
-                             f"cpu: '{cpu}GiB'}} (the GPU figure caps weights only: the budget less "
-                             "activations, workspace and trainables)")
+                             f"cpu: '{cpu}GiB'}} ({why})")
+                if self.stream_packed:
+                    lines.append(f"  loading reads the whole 4-bit model into host RAM once ({self.weights / GiB:.2f} "
+                                 "GiB) before the GPU part moves over")
         lines += self.notes
         return "\n".join(lines)
+
+
+def _forwards_per_step(strategy: str, pool: int) -> int:
+    n = max(pool, 4)  # a pool strategy's size (the config's default, or the stacked pool)
+    size = {"gv": {"pool": n}, "greedy": {"pool": n}, "ldsd": {"candidates": n}, "fzoo": {"probes": n}}.get(strategy, {})
+    return STRATEGIES[strategy](**size).forwards_per_step
 
 
 def _gpus_notes(gpus: int, strategy: str, batch: int, pool: int, layer_acts: int, logits: int, mask: int,
                 activations: int) -> list[str]:
     """What ``gpus`` ranks buy: every rank holds the whole 4-bit model, so weights per GPU do not shrink."""
-    n = max(pool, 4)  # a pool strategy's size (the config's default, or the stacked pool)
-    size = {"gv": {"pool": n}, "greedy": {"pool": n}, "ldsd": {"candidates": n}, "fzoo": {"probes": n}}.get(strategy, {})
-    fps = STRATEGIES[strategy](**size).forwards_per_step
+    fps = _forwards_per_step(strategy, pool)
     slots = max(d for d in range(1, gpus + 1) if gpus % d == 0 and d <= max(fps, 1))
     rounds = -(-fps // slots)
     rows = -(-batch // gpus)
@@ -253,7 +297,10 @@ def plan(source, quant: str = "nf4", gpu=None, batch: int = 8, seq: int = 512, l
     lora_values = sum(lora_r * (shapes[t][0] + shapes[t][1]) for t in lora_targets) if lora_r else 0
     state_copies = _RULE_STATE[rule] + STRATEGIES[strategy].dense_state_copies
     per_layer = layer_weights  # what keeping one more layer on the GPU costs
-    streamed_layer = (sum(i * o for i, o in shapes.values()) + 2 * h) * db  # offloaded layers stay unquantized
+    # 4-bit layers that do not fit stream their packed codes (qzo.streaming); others go unquantized (accelerate)
+    stream_packed = quant in ("nf4", "fp4")
+    streamed_layer = (sum(i * o // 2 for i, o in shapes.values()) if stream_packed
+                      else (sum(i * o for i, o in shapes.values()) + 2 * h) * db)
     embed = vocab * h * db
     head = 0 if getattr(cfg, "tie_word_embeddings", False) else vocab * h * db
     weights = layers * layer_weights + embed + head + h * db
@@ -282,11 +329,14 @@ def plan(source, quant: str = "nf4", gpu=None, batch: int = 8, seq: int = 512, l
     elif gpus < 1:
         raise QzoError(f"--gpus must be >= 1, got {gpus}")
     result = Plan(weights, trainables, state, activations, workspace, parse_size(gpu) if gpu is not None else None,
-                  per_layer, layers, streamed_layer=streamed_layer, notes=notes)
-    if result.budget is not None and not result.fits and result.gpu_layers() == 0:
-        need = result.total - layers * per_layer + streamed_layer
+                  per_layer, layers, streamed_layer=streamed_layer, stream_packed=stream_packed,
+                  accelerate_layer=sum(i * o // 2 for i, o in shapes.values()) + 2 * h * db,
+                  forwards_per_step=_forwards_per_step(strategy, pool), notes=notes)
+    if result.budget is not None and not result.fits and result.gpu_total() > result.budget:
+        need = result.total - layers * result._saved() + result._in_flight()
         raise QzoError(f"a GPU budget of {result.budget / GiB:.2f} GiB is below what even full offload needs: "
-                       f"{need / GiB:.2f} GiB (embeddings, head, activations for batch {batch} x {seq}, one layer); "
+                       f"{need / GiB:.2f} GiB (embeddings, head, activations for batch {batch} x {seq}, the layers in "
+                       "flight); "
                        "lower train.batch_size or train.max_len, or use a larger GPU")
     return result
 

@@ -32,8 +32,8 @@ from pathlib import Path
 import yaml
 
 from .batched import CausalLMLoss
-from .checkpoint import (atomic_write_text, best_step, find_checkpoint, latest_checkpoint, load_checkpoint,
-                         prune_checkpoints, record_best, remove_partial_writes, save_checkpoint)
+from .checkpoint import (atomic_write_text, best_step, find_checkpoint, latest_checkpoint, list_checkpoints,
+                         load_checkpoint, prune_checkpoints, record_best, remove_partial_writes, save_checkpoint)
 from .config import DEFAULTS, ConfigError, load_config, merge_config, validate
 from .data import Batcher, ChatDataset, datasets_from_config, eval_loss, model_input_device
 from .distributed import Distributed, init_from_env
@@ -276,7 +276,7 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
         # loaded once, before the model: a bad objective.reward fails in seconds, not after the load
         reward_fn = load_reward(ob["reward"]) if ob["kind"] == "reward" else None
         log(f"qzo: loading {cfg['model']['source']} ({cfg['model']['quant']})")
-        model, tok, params, parts = load_model_and_targets(_rank_device(cfg, dist))
+        model, tok, params, parts = load_model_and_targets(_load_config(cfg, dist, run_dir if resume else None))
         train_ds, eval_ds = datasets_from_config(cfg, tok)
         dropped = f", {train_ds.dropped} dropped: no assistant token within train.max_len" if train_ds.dropped else ""
         packed = f" packed into {len(train_ds)} rows" if train_ds.row_len else ""
@@ -321,15 +321,21 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
         raise
 
 
-def _rank_device(cfg: dict, dist: Distributed | None) -> dict:
-    """The config a rank loads with: on CUDA each rank takes its own GPU (``cuda:LOCAL_RANK``), unless
-    ``model.device_map`` says otherwise; ``auto`` would spread every rank's copy over all GPUs."""
+def _load_config(cfg: dict, dist: Distributed | None, resuming: Path | None) -> dict:
+    """The config this process loads the model with (the run's own ``cfg`` is what gets saved).
+
+    Under torchrun on CUDA each rank takes its own GPU (``cuda:LOCAL_RANK``) unless
+    ``model.device_map`` says otherwise (``auto`` would spread every rank's copy over all
+    GPUs). A resume that has a checkpoint does not need ``lora.init_from`` (the checkpoint's
+    values replace the starting ones), so a start folder deleted since does not stop it.
+    """
     import torch
 
-    if dist is None or not torch.cuda.is_available() or cfg["model"]["device_map"] is not None:
-        return cfg
     local = copy.deepcopy(cfg)
-    local["model"]["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    if dist is not None and torch.cuda.is_available() and cfg["model"]["device_map"] is None:
+        local["model"]["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    if resuming is not None and local["lora"].get("init_from") and list_checkpoints(resuming):
+        local["lora"]["init_from"] = None
     return local
 
 
@@ -654,4 +660,7 @@ def load_run_model(run_dir: Path, checkpoint: "Path | str | None" = None, source
     cfg["lora"]["init_from"] = None  # the checkpoint holds the values: the run's starting point need not exist now
     model, tok, params, _ = load_model_and_targets(cfg)
     params.load_state_dict(load_checkpoint(ckpt)[0])
+    from .templates import set_chat_template
+
+    set_chat_template(tok, cfg["data"].get("chat_template"))  # chat and eval format chats as training did
     return model, tok, params, cfg

@@ -69,10 +69,10 @@ def _adapter(run: Path) -> dict:
 
 
 STRATEGIES = {"spsa": {}, "fzoo": {"optim.strategy": "fzoo", "optim.probes": 3},
-              "gv": {"optim.strategy": "gv", "optim.pool": 2}}
+              "gv": {"optim.strategy": "gv", "optim.pool": 2}, "per_example": {"optim.strategy": "per_example"}}
 # (strategy, train.candidate_parallel) of the 2-rank runs: each strategy in each mode it is tested in
 TWO_RANK = {"spsa-candidates": ("spsa", 2), "fzoo-candidates": ("fzoo", 2), "spsa-data": ("spsa", 1),
-            "gv-data": ("gv", 1)}
+            "gv-data": ("gv", 1), "per_example-data": ("per_example", 1)}
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,23 @@ def test_resume_of_a_two_rank_run_is_bit_exact(runs):
     assert [r["losses"] for r in _steps(resumed)] == [r["losses"] for r in _steps(two["spsa-candidates"])]
 
 
-@pytest.mark.parametrize("strategy", ["spsa", "gv"])
+def test_a_two_rank_run_resumes_in_one_process(runs, tmp_path):
+    # another world size: candidate-parallel numbers do not depend on who ran which forward, so bit-exact
+    import shutil
+
+    _, _, two, _ = runs
+    again = tmp_path / "one-rank-resume"
+    shutil.copytree(two["spsa-candidates"], again)
+    shutil.rmtree(again / "checkpoints" / f"step-{STEPS:06d}")
+    for name in ("adapter", "summary.json", "best", "best.json"):
+        path = again / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    train(None, None, resume=again, log=lambda _: None, progress=False)
+    final, resumed = _adapter(two["spsa-candidates"]), _adapter(again)
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
+
+
+@pytest.mark.parametrize("strategy", ["spsa", "gv", "per_example"])  # per_example: each shard's rows get their seeds
 def test_data_parallel_equals_one_process_to_reduction_rounding(strategy, runs):
     _, one, two, _ = runs
     ref, out = one[strategy], two[f"{strategy}-data"]

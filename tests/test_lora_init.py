@@ -153,3 +153,14 @@ def test_a_new_run_starts_from_an_old_runs_values(tiny_model_dir, code_chats, tm
         setup(None, run_overrides(tiny_model_dir, code_chats, tmp_path / "bad", **{"lora.init_from": str(old),
                                                                                  "lora.alpha": 32}),
               log=lambda *_: None)
+
+
+def test_a_resume_with_a_checkpoint_does_not_need_the_start_folder(tiny_model_dir, code_chats, tmp_path):
+    start = _peft_adapter(tiny_model_dir, tmp_path / "start")
+    run = tmp_path / "run"
+    sets = run_overrides(tiny_model_dir, code_chats, run, **{"lora.alpha": 8, "lora.init_from": str(start),
+                                                              "train.steps": 2, "train.save_every": 2})
+    train(None, sets, progress=False, log=lambda *_: None)
+    shutil.rmtree(start)  # the adapter the run started from is gone; its checkpoint holds the values
+    summary = train(None, ["train.steps=4"], resume=run, progress=False, log=lambda *_: None)
+    assert summary["steps"] == 4

@@ -76,8 +76,4 @@ def test_quantized_auto_map_counts_quantized_bytes(tiny_model_dir):
     assert "cpu" in set(nf4.values())
 
 
-def test_quantized_offload_on_cpu_only_is_a_clear_error(tiny_model_dir, tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("the error is for machines without a GPU")
-    with pytest.raises(QzoError, match="offloading a quantized model needs a GPU"):
-        qzo.load(tiny_model_dir, "nf4", device_map="auto", max_memory={"cpu": "1MB"}, offload_folder=str(tmp_path))
+# a 4-bit model that does not fit now streams its packed layers, on CPU too: tests/test_streaming.py

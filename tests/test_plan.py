@@ -68,12 +68,23 @@ def test_gpus_say_what_more_ranks_buy_and_leave_memory_per_gpu_alone():
 def test_offload_advice_when_it_does_not_fit():
     p = plan("llama-2-70b", gpu="20GiB")
     assert p.fits is False and 0 < p.gpu_layers() < 80
-    assert p.gpu_total() <= p.budget < p.gpu_total() + p.per_layer  # as many layers as fit, no more
-    # offloaded layers are streamed unquantized: 70B's layer is 0.8e9 bf16 weights (1.6 GB), ~3.6x its NF4 size
-    assert p.streamed_layer == 2 * (8192 * 8192 * 2 + 8192 * 1024 * 2 + 3 * 8192 * 28672 + 2 * 8192)
-    assert p.offloaded_bytes() == (80 - p.gpu_layers()) * p.streamed_layer
+    assert p.gpu_total() <= p.budget < p.gpu_total() + p.streamed_layer  # as many layers as fit, no more
+    # 4-bit layers stream their packed codes (qzo.streaming): half a byte a weight, the scales stay on the GPU;
+    # two are in flight (one computing, one read ahead)
+    codes = (8192 * 8192 * 2 + 8192 * 1024 * 2 + 3 * 8192 * 28672) // 2
+    assert p.stream_packed and p.streamed_layer == codes
+    assert p.offloaded_bytes() == (80 - p.gpu_layers()) * codes
+    assert p.gpu_total() == p.total - (80 - p.gpu_layers()) * codes + 2 * codes
+    assert p.streaming_s_per_step() == 2 * p.offloaded_bytes() / 25e9  # SPSA: 2 forwards at PCIe 4.0 x16
+    # int8 layers that do not fit still go unquantized (accelerate's offload): the whole bf16 layer
+    int8 = plan("llama-2-70b", quant="int8", gpu="40GiB")
+    assert not int8.stream_packed
+    assert int8.streamed_layer == 2 * (8192 * 8192 * 2 + 8192 * 1024 * 2 + 3 * 8192 * 28672 + 2 * 8192)
     # max_memory's GPU figure leaves the activations and the rest out of what weights may take
-    assert p.weights_allowance() == p.budget - p.activations - p.workspace - p.trainables - p.state
+    assert int8.weights_allowance() == int8.budget - int8.activations - int8.workspace - int8.trainables - int8.state
+    # streaming: accelerate's map must keep exactly gpu_layers() whole, counted as it counts them (codes + norms)
+    resident = p.weights - 80 * p.per_layer + p.gpu_layers() * (codes + 2 * 8192 * 2)
+    assert p.weights_allowance() == resident
     assert "max_memory: {0: '" in p.table()
     assert plan("llama-2-7b", gpu="24GiB").fits is True
 

@@ -37,6 +37,7 @@ PRESET_OF = {
     "llama-2-13b-chat": "llama-2-13b",
     "mistral-7b-instruct": "mistral-7b",
     "qwen2.5-7b-instruct": "qwen2.5-7b",
+    "llama-3.1-70b-instruct": "llama-3.1-70b",
 }
 
 # What the planned peak depends on: a GPU recipe sets each of these itself, so a change of the
