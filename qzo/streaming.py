@@ -123,6 +123,7 @@ class StreamedLayers:
         self._modules: dict[int, dict[str, torch.nn.Module]] = {}
         self._pending: dict[int, Future | tuple] = {}
         self._buffers: list[torch.Tensor] = []
+        self._hooks: list = []
         self._reads = 0
         self._lock = threading.Lock()
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qzo-stream")
@@ -144,8 +145,8 @@ class StreamedLayers:
                 self._memory[i] = {k: v.pin_memory() if self._copy_stream is not None else v for k, v in packed.items()}
             for m in self._modules[i].values():
                 m.weight.data = empty.to(self.device)  # the codes now live in the store only
-            self.layers[i].register_forward_pre_hook(self._fetch_hook(i))
-            self.layers[i].register_forward_hook(self._release_hook(i))
+            self._hooks += [self.layers[i].register_forward_pre_hook(self._fetch_hook(i)),
+                            self.layers[i].register_forward_hook(self._release_hook(i))]
         if self.device.type == "cuda":
             model.to(self.device)  # the rest (resident layers, scales, norms) runs on the GPU
 
@@ -231,9 +232,9 @@ class StreamedLayers:
                 event.synchronize()
             for name, m in self._modules[i].items():
                 m.weight.data = got[name]
-        for layer in (self.layers[i] for i in self.order):
-            layer._forward_pre_hooks.clear()
-            layer._forward_hooks.clear()
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
 
 def _write_packed(path: Path, packed: dict[str, torch.Tensor]) -> dict[str, tuple[int, tuple[int, ...]]]:
