@@ -26,7 +26,8 @@ values spanning its blow-up point (plain and normalized steps have their own gri
 normalized step has no slope in it); the best lr whose sweep run did not blow up then runs
 the full budget on every seed, and the table says if any seed blew up there. Results
 accumulate in a CSV (one row per evaluation), so an interrupted benchmark resumes where it
-stopped (runs already in the CSV are skipped). Outputs under benchmarks/results/:
+stopped (runs already in the CSV are skipped; a run cut mid-way continues bit-exactly from its last
+evaluation, whose state it keeps in the git-ignored results/.partial/). Outputs under benchmarks/results/:
 
     convergence.csv   method, lr, seed, phase, budget, forwards, wall_s, eval_loss
     convergence.png   mean and min-max of held-out loss against forwards per method
@@ -144,8 +145,27 @@ def append_rows(rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def partial_path(method: str, lr: float, seed: int, phase: str, budget: int) -> Path:
+    """Where an unfinished ZO run keeps its state between evaluations (git-ignored; deleted when it ends)."""
+    return RESULTS / ".partial" / f"{method}-lr{lr:g}-seed{seed}-{phase}-{budget}.pt"
+
+
+def save_partial(path: Path, rows, forwards, step, wall, params, opt) -> None:
+    """Atomically: the rows so far and everything the run needs to go on bit-exactly (ZO state is a resume)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"rows": rows, "forwards": forwards, "step": step, "wall": wall, "params": params.state_dict(),
+                "opt": opt.state_dict()}, tmp)
+    os.replace(tmp, path)
+
+
 def run_one(method: str, lr: float, seed: int, budget: int, eval_every: int, phase: str) -> list[dict]:
-    """Train one method to ``budget`` forwards; held-out loss at every multiple of eval_every."""
+    """Train one method to ``budget`` forwards; held-out loss at every multiple of eval_every.
+
+    A ZO run saves its state at every evaluation (:func:`partial_path`), so a benchmark
+    stopped mid-run (a session ends) continues from its last evaluation, bit-exactly: the
+    batches and seeds are pure functions of the step, and ``qzo.ZO`` resumes from its state.
+    """
     first_order = METHODS[method] is None
     # every method on bitsandbytes' plain CPU 4-bit path (qzo's default; the fused kernel has no
     # backward, and measured slower here: benchmarks/cpu_4bit_paths.py)
@@ -160,14 +180,23 @@ def run_one(method: str, lr: float, seed: int, budget: int, eval_every: int, pha
     evaluate = lambda: eval_loss(model, held, EVAL_BATCH, tok.pad_token_id)
     row = lambda f, w: dict(method=method, lr=lr, seed=seed, phase=phase, budget=budget, forwards=f,  # noqa: E731
                             wall_s=round(w, 2), eval_loss=evaluate())
-    rows.append(row(0, 0.0))
-    next_eval = eval_every
+    partial = partial_path(method, lr, seed, phase, budget)
+    if not first_order and partial.is_file():
+        opt = METHODS[method].optimizer(params, lr, seed, budget)
+        state = torch.load(partial, weights_only=False)
+        params.load_state_dict(state["params"])
+        opt.load_state_dict(state["opt"])
+        rows, forwards, step, wall = state["rows"], state["forwards"], state["step"], state["wall"]
+        print(f"  resuming at {forwards} forwards (step {step}) from {partial.name}", flush=True)
+    else:
+        rows.append(row(0, 0.0))
+    next_eval = eval_every * (forwards // eval_every + 1)
     if first_order:
         lora_params = [p for n, p in params.peft_model.named_parameters() if "lora_" in n]
         for p in lora_params:  # qzo.lora freezes them: ZO never needs autograd
             p.requires_grad_(True)
         adam = torch.optim.AdamW(lora_params, lr=lr, weight_decay=0.0)
-    else:
+    elif step == 0:
         opt = METHODS[method].optimizer(params, lr, seed, budget)
     while forwards < budget:
         step += 1
@@ -195,10 +224,13 @@ def run_one(method: str, lr: float, seed: int, budget: int, eval_every: int, pha
             rows.append(row(forwards, wall))
             while next_eval <= forwards:
                 next_eval += eval_every
+            if not first_order and forwards < budget:
+                save_partial(partial, rows, forwards, step, wall, params, opt)
         if blew_up(rows):  # disqualified whatever follows: spend the CPU on the next run instead
             break
     if rows[-1]["forwards"] != forwards:
         rows.append(row(forwards, wall))
+    partial.unlink(missing_ok=True)  # the run is complete: its rows go to the CSV
     return rows
 
 
