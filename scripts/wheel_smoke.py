@@ -39,6 +39,12 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(QZO), *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
 def main() -> None:
     here = Path.cwd().resolve()
     check(f"cwd {here} is outside the checkout {CHECKOUT}", CHECKOUT not in (here, *here.parents))
@@ -55,6 +61,13 @@ def main() -> None:
     for sub in ("qzo.rules", "qzo.strategies", "qzo.recipes", "qzo.replay", "qzo.plan", "qzo.trainer", "qzo.cli"):
         importlib.import_module(sub)
     check("the subpackages and modules import", True)
+
+    from qzo import noise, noise_native
+
+    check("the wheel's C noise generator builds and matches the reference",
+          noise_native.available() and bool(torch_equal(noise.randn(3, 4, 5001, offset=9),
+                                                         noise.randn_reference(3, 4, 5001, offset=9))),
+          str(noise_native.load_error()))
 
     from qzo import recipes
     from qzo.config import load_config
