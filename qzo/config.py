@@ -101,6 +101,11 @@ DEFAULTS: dict = {
         "eval_every_forwards": None,  # instead of eval_every: evaluate at the first step past each multiple
         "early_stop_patience": None,  # stop after this many held-out evaluations without a new best (null: off)
         "early_stop_factor": None,  # stop when a held-out loss exceeds the best by this factor, e.g. 1.5 (null: off)
+        # undo a step whose loss is non-finite or over this x the running mean of the last 20 (qzo.guard), e.g. 3;
+        # null: off (a non-finite loss stops the run). Costs two copies of the trainables in RAM and in checkpoints
+        "divergence_factor": None,
+        "divergence_backoff": 0.5,  # the lr is multiplied by this at every undone step
+        "divergence_limit": 3,  # this many undone steps in a row stop the run
         "eval_batch_size": 16,
         "save_every": 50,  # steps between checkpoints (also at the end)
         "keep_checkpoints": 2,
@@ -133,7 +138,8 @@ _CHOICES = {
 _POSITIVE = {("optim", "lr"), ("optim", "eps"), ("lora", "alpha"), ("optim", "sigma"), ("train", "dist_timeout_s")}
 _AT_LEAST_ONE = {("lora", "r"), ("train", "steps"), ("train", "batch_size"), ("train", "eval_every"),
                  ("train", "candidate_parallel"), ("train", "check_every"),
-                 ("train", "eval_batch_size"), ("train", "save_every"), ("train", "keep_checkpoints")}
+                 ("train", "eval_batch_size"), ("train", "save_every"), ("train", "keep_checkpoints"),
+                 ("train", "divergence_limit")}
 # Keys that may be null, and the types they take otherwise.
 _NULLABLE_TYPES = {
     ("model", "dtype"): (str,),
@@ -152,6 +158,7 @@ _NULLABLE_TYPES = {
     ("train", "eval_every_forwards"): (int,),
     ("train", "early_stop_patience"): (int,),
     ("train", "early_stop_factor"): (float, int),
+    ("train", "divergence_factor"): (float, int),
     ("targets", "scales"): (str, list),
     ("targets", "dense"): (list,),
     ("objective", "reward"): (str,),
@@ -410,6 +417,13 @@ def validate(cfg: dict) -> dict:
     if factor is not None and not factor > 1:
         raise ConfigError(f"config key 'train.early_stop_factor' must be > 1 (a loss that many times the best) or "
                           f"null, got {factor}")
+    divergence, backoff = cfg["train"]["divergence_factor"], cfg["train"]["divergence_backoff"]
+    if divergence is not None and not divergence > 1:
+        raise ConfigError(f"config key 'train.divergence_factor' must be > 1 (a loss that many times its running "
+                          f"mean is undone) or null (off), got {divergence}")
+    if not 0 < backoff <= 1:
+        raise ConfigError(f"config key 'train.divergence_backoff' must be in (0, 1] (the lr is multiplied by it at "
+                          f"every undone step), got {backoff}")
     if patience is not None and patience < 1:
         raise ConfigError(f"config key 'train.early_stop_patience' must be >= 1 or null, got {patience}")
     for key in ("forwards", "eval_every_forwards"):

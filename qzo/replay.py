@@ -8,6 +8,8 @@ a log of a few hundred bytes per step is an exact, auditable record of the train
 
 The rebuilt values equal the trained ones up to float rounding: training reaches each
 update through in-place +eps / -2 eps / restore passes, replay applies the update alone.
+A step the divergence guard undid (``"reverted"`` in its record) puts back the values after
+the step it names, as training did (``qzo.guard``).
 """
 
 from __future__ import annotations
@@ -38,8 +40,14 @@ def replay_sgd(params, records: Iterable, weight_decay: float = 0.0) -> ParamSet
         weight_decay: the run's ``optim.weight_decay``.
     """
     params = as_param_set(params)
+    after: dict[int, dict] = {}  # the values after the last few steps: what a divergence guard's undo restores
     for r in records:
         r = r if isinstance(r, dict) else r.to_json()
+        after = {k: v for k, v in after.items() if k >= int(r["step"]) - 2}
+        after[int(r["step"]) - 1] = params.state_dict()
+        if "reverted" in r:  # train.divergence_factor undid this step: the values after to_step, copied back
+            params.load_state_dict(after[int(r["reverted"]["to_step"])])
+            continue
         if float(r.get("direction_mu", 0.0)) != 0.0:
             raise ValueError(f"step {r['step']} moved along LDSD's learned mean, which the log does not hold; "
                              "replay covers state-free strategies (SPSA, GV, Greedy) with SGD")

@@ -38,6 +38,7 @@ from .config import DEFAULTS, ConfigError, load_config, merge_config, validate
 from .data import Batcher, ChatDataset, datasets_from_config, eval_loss, model_input_device
 from .distributed import Distributed, init_from_env
 from .errors import NonFiniteLossError, QzoError
+from .guard import DivergenceGuard
 from .load import load
 from .objectives import RewardLoss, load_reward
 from .dense import dense
@@ -216,6 +217,7 @@ class Session:
     lock: RunLock | None = None  # held while this process trains the run (released by train())
     best: dict | None = None  # RUN/best.json as last written ({"step", "eval_loss"}), kept here so no eval re-reads it
     dist: Distributed | None = None  # under torchrun: this rank's place; None for one process
+    guard: DivergenceGuard | None = None  # train.divergence_factor: undoes a step whose loss blows up (qzo.guard)
 
     @property
     def writer(self) -> bool:
@@ -291,7 +293,7 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
         opt = build_optimizer(cfg, params, dist)
         batcher = Batcher(train_ds, cfg["train"]["batch_size"], cfg["train"]["seed"], tok.pad_token_id)
         session = Session(cfg, run_dir, model, tok, params, parts, opt, train_ds, eval_ds, batcher, reward_fn, lock,
-                          dist=dist)
+                          dist=dist, guard=DivergenceGuard.from_config(t, opt))
         if resume is not None:
             ckpt = None
             if writer:
@@ -306,6 +308,8 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
                 trainables, opt_state, meta = load_checkpoint(ckpt)
                 params.load_state_dict(trainables)
                 opt.load_state_dict(opt_state)
+                if session.guard is not None:
+                    session.guard.load_state_dict(opt_state.get("guard"), opt)
                 done = meta["step"]
             if writer:
                 _truncate_jsonl(run_dir / "steps.jsonl", done)
@@ -399,7 +403,10 @@ def _save(s: Session, best_loss: float | None = None) -> None:
         if best_loss is not None:
             s.best = {"step": int(s.opt.steps), "eval_loss": float(best_loss)}
         return
-    written = save_checkpoint(s.run_dir, s.opt.steps, s.params.state_dict(), s.opt.state_dict(),
+    opt_state = s.opt.state_dict()
+    if s.guard is not None:  # its snapshot, so a resumed run can still undo the step before it
+        opt_state["guard"] = s.guard.state_dict()
+    written = save_checkpoint(s.run_dir, s.opt.steps, s.params.state_dict(), opt_state,
                               extra={"forwards": s.opt.forwards})
     if best_loss is not None:
         _keep_best(s, s.opt.steps, best_loss)
@@ -463,6 +470,11 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
         with stop:
             for step in range(first_step, steps + 1):
                 loss, evaluated, wall = _train_step(s, step, steps, device, start_wall, scalars)
+                diverged = None
+                if s.guard is not None:
+                    if s.guard.last_event and s.writer:
+                        bar.write(f"qzo: divergence guard: {s.guard.last_event}")
+                    diverged = s.guard.stop_reason
                 if s.dist is not None and (step % t["check_every"] == 0 or step == steps):
                     s.dist.check(s.params.state_dict())  # before anything of this step is saved
                 stop_now = _any_rank(s, stop.requested)  # a signal may reach the ranks a step apart
@@ -473,11 +485,11 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
                     if s.writer:
                         bar.write(f"step {step}: held-out loss {last_eval:.4f}" + (" (best so far)" if best else ""))
                 early = _early_stop_reason(s, evaluated) if evaluated is not None and not best else None
-                if step % t["save_every"] == 0 or step == steps or stop_now or best or early:
+                if step % t["save_every"] == 0 or step == steps or stop_now or best or early or diverged:
                     _save(s, evaluated if best else None)
-                if (stop_now or early) and step < steps:
+                if diverged or (stop_now or early) and step < steps:
                     bar.close()
-                    why = early or f"{stop.signal_name or 'a stop signal'} received"
+                    why = diverged or early or f"{stop.signal_name or 'a stop signal'} received"
                     return _stopped(s, why, step, steps, initial, time.perf_counter() - start_wall, log)
                 bar.set_postfix(loss=f"{loss:.4f}", eval=f"{last_eval:.3f}" if last_eval is not None else "-",
                                 fwd_s=f"{s.opt.forwards / max(wall, 1e-9):.2f}" if step > first_step else "-",
@@ -530,17 +542,22 @@ def _train_step(s: Session, step: int, steps: int, device, start_wall: float, sc
     """One ZO step and its logs: ``(loss, held-out loss if evaluated now else None, wall seconds)``."""
     forwards_before = s.opt.forwards
     try:
-        loss = s.opt.step(objective_closure(s, step, device))  # objective.kind: cross-entropy or reward
+        if s.guard is not None:  # train.divergence_factor: a blow-up is undone, not raised
+            loss, record = s.guard.step(s.opt, objective_closure(s, step, device), step)
+        else:
+            loss = s.opt.step(objective_closure(s, step, device))  # objective.kind: cross-entropy or reward
+            record = s.opt.last_record.to_json()
     except NonFiniteLossError as exc:
         ckpt = latest_checkpoint(s.run_dir)
         kept = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint had been written yet"
         raise NonFiniteLossError(f"{exc} Training stopped at step {exc.step}; {kept}.", exc.step) from None
     wall = time.perf_counter() - start_wall
-    record = s.opt.last_record.to_json()
     record["wall_s"] = round(wall, 4)
     if s.writer:
         _append_jsonl(s.run_dir / "steps.jsonl", record)
-    row = {"step": step, "forwards": s.opt.forwards, "loss": loss, "wall_s": round(wall, 4)}
+    row = {"step": step, "forwards": s.opt.forwards, "loss": loss if loss == loss else None, "wall_s": round(wall, 4)}
+    if "reverted" in record:
+        row["reverted"] = True
     evaluated = None
     if _eval_due(s.cfg["train"], step, forwards_before, s.opt.forwards) or step == steps:
         evaluated = row["eval_loss"] = _evaluate(s)
