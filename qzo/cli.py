@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--strategy", choices=list(STRATEGIES), help="default spsa")
     pl.add_argument("--pool", type=int, help="candidates per stacked forward (optim.batched); default 1")
     pl.add_argument("--double-quant", action="store_true", default=None)
+    pl.add_argument("--embedding-on-cpu", action="store_true", default=None,
+                    help="the input embedding in host RAM (model.embedding_on_cpu; untied models)")
     pl.add_argument("--gpus", type=int, default=1, help="ranks of a torchrun run: what N GPUs buy (memory per GPU "
                     "is unchanged: each holds a full 4-bit copy)")
     pl.add_argument("--lora-targets", help="comma-separated decoder linears with LoRA (default q_proj,v_proj), or "
@@ -138,7 +140,7 @@ def _chat(args) -> int:
 
 
 # qzo plan's settings where neither a flag nor a recipe gives them
-_PLAN_DEFAULTS = {"quant": "nf4", "double_quant": False, "dtype": "bfloat16", "batch": 8, "seq": 512, "lora_r": 8,
+_PLAN_DEFAULTS = {"quant": "nf4", "double_quant": False, "embedding_on_cpu": False, "dtype": "bfloat16", "batch": 8, "seq": 512, "lora_r": 8,
                   "lora_targets": ("q_proj", "v_proj"), "rule": "sgd", "strategy": "spsa", "pool": 1}
 
 

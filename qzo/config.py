@@ -41,6 +41,7 @@ DEFAULTS: dict = {
         "offload_folder": None,
         "trust_remote_code": False,
         "cpu_fused_4bit": False,  # bitsandbytes' fused bf16 CPU kernel (AVX512-BF16 only; faster on some CPUs)
+        "embedding_on_cpu": False,  # input embedding in host RAM (GPU bytes saved; values unchanged; untied models)
     },
     "lora": {
         "r": 8,

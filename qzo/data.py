@@ -400,7 +400,10 @@ def eval_loss(model, dataset: ChatDataset, batch_size: int, pad_id: int) -> floa
 
 
 def model_input_device(model) -> torch.device:
-    """Where input ids must live: the embedding's device (accelerate may spread the rest)."""
+    """Where input ids must live: the embedding's device (accelerate may spread the rest), or the decoder's
+    when the embedding is kept on the host (``model.embedding_on_cpu``, :mod:`qzo.host_embedding`)."""
+    if getattr(model, "qzo_input_device", None) is not None:
+        return model.qzo_input_device
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None and emb.weight.device.type != "meta":
         return emb.weight.device

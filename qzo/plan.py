@@ -259,7 +259,7 @@ def _gpus_notes(gpus: int, strategy: str, batch: int, pool: int, layer_acts: int
 
 def plan(source, quant: str = "nf4", gpu=None, batch: int = 8, seq: int = 512, lora_r: int = 8,
          lora_targets=("q_proj", "v_proj"), rule: str = "sgd", strategy: str = "spsa", pool: int = 1,
-         double_quant: bool = False, dtype: str = "bfloat16", gpus: int = 1) -> Plan:
+         double_quant: bool = False, dtype: str = "bfloat16", gpus: int = 1, embedding_on_cpu: bool = False) -> Plan:
     """Estimate the peak memory of one ZO step (see the module docstring for the parts).
 
     Args:
@@ -274,6 +274,8 @@ def plan(source, quant: str = "nf4", gpu=None, batch: int = 8, seq: int = 512, l
         double_quant: bitsandbytes' double quantization of the 4-bit scales.
         dtype: compute dtype of the unquantized parts and the activations.
         gpus: ranks of a ``torchrun`` run (``qzo.distributed``); adds what N GPUs buy to the notes.
+        embedding_on_cpu: the input embedding in host RAM (``model.embedding_on_cpu``): its bytes leave the GPU
+            (an untied model only; a tied one is refused, as :func:`qzo.load` refuses it).
     """
     if quant not in ("nf4", "fp4", "int8", "none"):
         raise QzoError(f"unknown quant {quant!r}; choose nf4, fp4, int8 or none")
@@ -302,7 +304,13 @@ def plan(source, quant: str = "nf4", gpu=None, batch: int = 8, seq: int = 512, l
     streamed_layer = (sum(i * o // 2 for i, o in shapes.values()) if stream_packed
                       else (sum(i * o for i, o in shapes.values()) + 2 * h) * db)
     embed = vocab * h * db
-    head = 0 if getattr(cfg, "tie_word_embeddings", False) else vocab * h * db
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    head = 0 if tied else vocab * h * db
+    if embedding_on_cpu and tied:
+        raise QzoError("embedding_on_cpu: this model ties its input embedding to the LM head, which needs that weight "
+                       "on the GPU every forward, so keeping it on the CPU saves nothing; leave the option off")
+    host_embed = embed if embedding_on_cpu else 0
+    embed -= host_embed
     weights = layers * layer_weights + embed + head + h * db
     trainables = 4 * lora_values * layers
     state = trainables * state_copies
@@ -320,10 +328,14 @@ def plan(source, quant: str = "nf4", gpu=None, batch: int = 8, seq: int = 512, l
     notes = []
     if all_linear and lora_r:
         notes.append(f"LoRA all-linear: every linear of the decoder layers ({', '.join(shapes)}), not the LM head")
-    if embed + head > 0.25 * (weights or 1):
+    if host_embed:
+        notes.append(f"the input embedding ({host_embed / GiB:.2f} GiB) stays in host RAM (model.embedding_on_cpu); "
+                     f"each forward moves the batch's hidden states, {batch * seq * pool * h * db / 2**20:.0f} MiB, "
+                     "to the GPU")
+    elif embed + head > 0.25 * (weights or 1) and not tied:
         notes.append(f"embeddings + LM head are {(embed + head) / GiB:.2f} GiB in {dtype} (bitsandbytes leaves them "
-                     "unquantized): keeping the input embedding on CPU saves "
-                     f"{embed / GiB:.2f} GiB")
+                     "unquantized): keeping the input embedding on CPU (model.embedding_on_cpu: true, "
+                     f"--embedding-on-cpu) saves {embed / GiB:.2f} GiB")
     if gpus > 1:
         notes += _gpus_notes(gpus, strategy, batch, pool, layer_acts, logits, mask, activations)
     elif gpus < 1:
@@ -369,7 +381,7 @@ def plan_source(source, log=print):
 def config_settings(cfg: dict) -> dict:
     """:func:`plan`'s arguments for a run config (a recipe): what its ZO step holds.
 
-    ``model.source``, ``quant``, ``double_quant`` and ``dtype`` (null: bfloat16, what CUDA
+    ``model.source``, ``quant``, ``double_quant``, ``embedding_on_cpu`` and ``dtype`` (null: bfloat16, what CUDA
     runs), ``lora.r`` (0 when ``targets.lora`` is off) and ``target_modules``, ``optim.rule``
     and ``strategy``, the stacked pool (``optim.pool``, ldsd's ``candidates`` or fzoo's ``probes``,
     when ``optim.batched``; else 1), ``train.batch_size`` and ``max_len``. Trained scales and
@@ -379,6 +391,7 @@ def config_settings(cfg: dict) -> dict:
     stacked = {"ldsd": o["candidates"], "fzoo": o["probes"]}.get(o["strategy"], o["pool"]) if o["batched"] else 1
     targets = cfg["lora"]["target_modules"]
     return {"source": m["source"], "quant": m["quant"], "double_quant": m["double_quant"],
+            "embedding_on_cpu": m["embedding_on_cpu"],
             "dtype": m["dtype"] or "bfloat16", "batch": t["batch_size"], "seq": t["max_len"],
             "lora_r": cfg["lora"]["r"] if cfg["targets"]["lora"] else 0,
             "lora_targets": targets if isinstance(targets, str) else tuple(targets), "rule": o["rule"],

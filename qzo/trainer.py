@@ -143,7 +143,8 @@ def load_model_and_targets(cfg: dict, build: bool = True):
     fused = m["cpu_fused_4bit"] and not (cfg["targets"]["scales"] or cfg["targets"]["dense"])
     model, tok = load(m["source"], m["quant"], double_quant=m["double_quant"], dtype=m["dtype"],
                       device_map=m["device_map"], max_memory=m["max_memory"], offload_folder=m["offload_folder"],
-                      trust_remote_code=m["trust_remote_code"], cpu_fused_4bit=fused)
+                      trust_remote_code=m["trust_remote_code"], cpu_fused_4bit=fused,
+                      embedding_on_cpu=m["embedding_on_cpu"])
     if tok is None:
         raise QzoError("this model source has no tokenizer; training on chat data needs one")
     if not build:

@@ -79,7 +79,7 @@ def _stacked(cfg: dict) -> int:
     o = cfg["optim"]
     if not o["batched"]:
         return 1
-    return o["candidates"] if o["strategy"] == "ldsd" else o["pool"]
+    return {"ldsd": o["candidates"], "fzoo": o["probes"]}.get(o["strategy"], o["pool"])
 
 
 def _plan(path: Path, cfg: dict, gpu=None, evaluation=False):
@@ -89,7 +89,7 @@ def _plan(path: Path, cfg: dict, gpu=None, evaluation=False):
     return plan(PRESET_OF[path.parent.name], quant=m["quant"], gpu=gpu, batch=batch, seq=t["max_len"],
                 lora_r=cfg["lora"]["r"], lora_targets=tuple(cfg["lora"]["target_modules"]), rule=o["rule"],
                 strategy=o["strategy"], pool=pool, double_quant=m["double_quant"],
-                dtype=m["dtype"] or "bfloat16")  # null dtype is bfloat16 on CUDA
+                embedding_on_cpu=m["embedding_on_cpu"], dtype=m["dtype"] or "bfloat16")  # null dtype is bfloat16 on CUDA
 
 
 def _ids(paths):
