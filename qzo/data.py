@@ -43,7 +43,11 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from array import array
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -58,7 +62,7 @@ from .templates import BUILTIN, check_renders, render, set_chat_template
 __all__ = [
     "FORMATS", "Example", "read_chats", "read_chat_jsonl", "read_hf", "read_examples", "to_chat", "encode_chat",
     "encode_example", "ChatDataset", "datasets_from_config", "Batcher", "collate", "collate_packed",
-    "demo_data_path", "resolve_data_path", "eval_loss", "eval_batches",
+    "demo_data_path", "resolve_data_path", "eval_loss", "eval_batches", "data_record", "check_data_unchanged",
 ]
 
 IGNORE = -100
@@ -127,17 +131,43 @@ def encode_chat(tok, messages: list[dict], max_len: int, train_on_inputs: bool =
                             "ones; qzo cannot locate the assistant tokens (data.train_on_inputs: true trains on "
                             "every token and needs no such spans)")
         spans.append((len(before), len(through)))
-    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
-    ids = enc["input_ids"][:max_len]
+    ids, offsets = _first_tokens(tok, full, max_len)
     if train_on_inputs:
         return (ids, list(ids)) if len(ids) >= 2 else None
     labels = []
-    for tid, (start, _) in zip(ids, enc["offset_mapping"][:max_len]):
+    for tid, (start, _) in zip(ids, offsets):
         inside = any(a <= start < b for a, b in spans)
         labels.append(tid if inside else IGNORE)
     if all(label == IGNORE for label in labels):
         return None
     return ids, labels
+
+
+def _first_tokens(tok, text: str, max_len: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """The first ``max_len`` token ids of ``text`` and their character offsets, without tokenizing all of a long text.
+
+    A chat is cut to ``max_len`` tokens, so a message of megabytes needs only its start: the
+    text is tokenized up to a cut (16 x max_len characters, then 4x more each time) and the
+    first ``max_len`` tokens are kept when they end before the last two pre-tokens of the cut
+    text, less the longest added token (BPE merges never cross a pre-token boundary, and the
+    pre-tokenizer's split before them does not depend on what follows the cut), so they are
+    the tokens of the whole text. Without a pre-tokenizer the whole text is tokenized. A 4 MiB
+    message costs milliseconds, not the ~15 s (and 0.7 GiB) of tokenizing it all.
+    """
+    pre = getattr(getattr(tok, "backend_tokenizer", None), "pre_tokenizer", None)
+    cut = max(4096, 16 * max_len)
+    while pre is not None and cut < len(text):
+        prefix = text[:cut]
+        enc = tok(prefix, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+        if len(enc["input_ids"]) > max_len:
+            words = pre.pre_tokenize_str(prefix)
+            added = max((len(t) for t in getattr(tok, "added_tokens_encoder", {})), default=0)
+            stable = (words[-2][1][0] if len(words) >= 2 else 0) - added
+            if enc["offset_mapping"][max_len - 1][1] <= stable:
+                return enc["input_ids"][:max_len], enc["offset_mapping"][:max_len]
+        cut *= 4
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+    return enc["input_ids"][:max_len], enc["offset_mapping"][:max_len]
 
 
 def encode_text(tok, text: str, max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -303,6 +333,65 @@ def datasets_from_config(cfg: dict, tok) -> tuple[ChatDataset, ChatDataset]:
     if d.get("packing", False):
         train = train.pack(max_len)
     return train, held
+
+
+def _rows_sha256(ds: ChatDataset) -> str:
+    """SHA-256 of a dataset's encoded rows (ids, labels, packing): what the batches of a run are cut from."""
+    h = hashlib.sha256()
+    for i, (x, y) in enumerate(zip(ds.input_ids, ds.labels)):
+        h.update(array("q", [len(x), *x, *y, *(ds.segments[i] if ds.segments else ())]).tobytes())
+    return h.hexdigest()
+
+
+def _file_sha256(source: str) -> str | None:
+    """SHA-256 of the local file a ``data.train``/``data.eval`` value names (``None``: not one file)."""
+    if source.startswith("hf:"):
+        return None
+    path = resolve_data_path(source)
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def data_record(cfg: dict, train: ChatDataset, held: ChatDataset) -> dict:
+    """What ``RUN/data.json`` keeps of a run's data: per split its source, row count, SHA-256 of the encoded rows
+    and of the file (a local file; ``None`` otherwise)."""
+    d = cfg["data"]
+    sources = {"train": str(d["train"]), "eval": str(d["eval"] or d["train"])}
+    return {split: {"source": sources[split], "rows": len(ds), "rows_sha256": _rows_sha256(ds),
+                    "file_sha256": _file_sha256(sources[split])}
+            for split, ds in (("train", train), ("eval", held))}
+
+
+def check_data_unchanged(run_dir: Path, now: dict) -> bool:
+    """Refuse to resume on other data than the run started with (``RUN/data.json``); ``False``: nothing recorded.
+
+    Batches are a pure function of ``(train.seed, step)`` over the encoded rows, so a data file
+    edited between a run and its resume would silently give every later step other batches:
+    the run that stopped and the one that goes on would not be one run. Refused, naming the
+    file; runs written before ``data.json`` existed resume unchecked (and record it now).
+    """
+    path = Path(run_dir) / "data.json"
+    if not path.is_file():
+        return False
+    then = json.loads(path.read_text())
+    for split, was in then.items():
+        cur = now.get(split)
+        if cur is None or cur["rows_sha256"] == was["rows_sha256"]:
+            continue
+        what = ("its file changed" if was.get("file_sha256") and cur["file_sha256"] != was["file_sha256"] else
+                "it encodes differently (a changed dataset, tokenizer or chat template)")
+        raise DataError(f"data.{split} {cur['source']!r} is not the data this run started with: {what} "
+                        f"({was['rows']} rows then, {cur['rows']} now; SHA-256 of the rows {was['rows_sha256'][:12]} "
+                        f"then, {cur['rows_sha256'][:12]} now, recorded in {path}). A resume on other data would train "
+                        "the steps after the checkpoint on other batches than the run that stopped. Put the original "
+                        f"file back, or start a new run from this one's values: qzo train ... --set "
+                        f"lora.init_from={run_dir}")
+    return True
 
 
 def collate(input_ids: list[list[int]], labels: list[list[int]], pad_id: int,

@@ -294,7 +294,10 @@ def to_example(record, format: str = "auto", system_prompt: str | None = None, w
     tools = _tools(record.get("tools"), where)
     first = 0
     if fmt == "text":
-        return Example(text=_str_field(record, "text", where, fmt), where=where)
+        text = _str_field(record, "text", where, fmt)
+        if not text.strip():
+            raise DataError(f'{where}: "text" is empty: there is nothing to train on; drop the line')
+        return Example(text=text, where=where)
     if fmt == "chat":
         chat = _messages(record["messages"], where)
     elif fmt == "sharegpt":
@@ -319,6 +322,11 @@ def to_example(record, format: str = "auto", system_prompt: str | None = None, w
     if not any(m["role"] == "assistant" for m in chat[first:]):
         raise DataError(f"{where}: the chat has no assistant turn{' in its completion' if first else ''}, so there "
                         "is nothing to train on")
+    for i, m in enumerate(chat[first:], first):
+        if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
+            # it would train on the end-of-turn marker alone: replying nothing, which is a data bug far more often
+            raise DataError(f"{where}: message {i} (assistant) is empty: there is no reply to train on; fill it in "
+                            "or drop the record")
     own = record.get("system") if isinstance(record.get("system"), str) and record["system"] else None
     for system in (own, system_prompt):  # the record's own system message, else data.system_prompt
         if system is not None and not any(m["role"] == "system" for m in chat):

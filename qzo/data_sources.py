@@ -2,7 +2,10 @@
 
 The values:
 
-- a JSONL file, one record a line (errors name ``file:line``);
+- a JSONL file, one record a line (errors name ``file:line``), read as UTF-8 (a BOM at the
+  start is skipped; other bytes that are not UTF-8 are an error naming the line and byte),
+  lines of at most :data:`MAX_LINE_BYTES` (16 MiB: a longer line is refused after reading
+  that much of it, not read whole), JSON nested no deeper than Python's parser goes;
 - ``builtin:demo_train`` / ``builtin:demo_eval``: the demo chats shipped inside qzo;
 - ``hf:KIND:PATH`` with KIND one of json, parquet, csv, arrow: local files (PATH a file or
   glob) read by Hugging Face ``datasets`` (``load_dataset(KIND, data_files=PATH)``);
@@ -20,6 +23,7 @@ spec and the (0-based) row. The ``hf:`` sources need the optional ``datasets`` p
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 from pathlib import Path
@@ -27,9 +31,14 @@ from pathlib import Path
 from .data_formats import FORMATS, Example, to_example
 from .errors import DataError
 
-__all__ = ["read_examples", "read_jsonl", "read_hf", "parse_hf", "demo_data_path", "resolve_data_path", "HF_KINDS"]
+__all__ = ["read_examples", "read_jsonl", "read_hf", "parse_hf", "demo_data_path", "resolve_data_path", "HF_KINDS",
+           "MAX_LINE_BYTES"]
 
 HF_KINDS = ("json", "parquet", "csv", "arrow")
+# A chat record is used up to train.max_len tokens (a few KiB of text at 8k tokens); raw text is
+# used whole, and tokenizing 7 MiB of it takes ~30 s and 1.3 GiB here: a longer line is
+# almost always a file that is not JSONL, or a corpus in one record.
+MAX_LINE_BYTES = 16 << 20
 
 
 def demo_data_path(split: str) -> Path:
@@ -63,19 +72,60 @@ def read_jsonl(path, format: str = "auto", system_prompt: str | None = None,
         hint = " (a dataset folder or hub id is read with hf:NAME)" if path.is_dir() else ""
         raise DataError(f"data file {str(path)!r} does not exist{hint}")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            examples.append(to_example(record, format, system_prompt, where, fields))
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise DataError(f"{where}: JSON nested deeper than Python's parser reads (~{_depth()} levels); a record "
+                            "is a few levels deep (record, messages, message): flatten the line") from None
+        examples.append(_example(record, format, system_prompt, where, fields))
     if not examples:
         raise DataError(f"data file {str(path)!r} is empty; it needs one JSON record per line")
     return examples
+
+
+def _depth() -> int:
+    import sys
+
+    return sys.getrecursionlimit()
+
+
+def _example(record, format, system_prompt, where, fields) -> Example:
+    """:func:`to_example`, with a record nested too deep for its recursive checks named, not a traceback."""
+    try:
+        return to_example(record, format, system_prompt, where, fields)
+    except RecursionError:
+        raise DataError(f"{where}: nested deeper than qzo reads (~{_depth()} levels); a record is a few levels "
+                        "deep (record, messages, message): flatten it") from None
+
+
+def _lines(path: Path):
+    """``(line number, text)`` of a file read as UTF-8; :class:`DataError` naming the line for bytes that are
+    not UTF-8 and for a line over :data:`MAX_LINE_BYTES` (of which no more than that is read)."""
+    with open(path, "rb") as f:
+        lineno = 0
+        while True:
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            lineno += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(f"{path}:{lineno}: the line is longer than {MAX_LINE_BYTES >> 20} MiB; a JSONL line is "
+                                "one record (qzo trains on train.max_len tokens of a chat): split a long text into "
+                                "records of a document or a chunk each, or check that the file is JSONL")
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: byte {exc.start + 1} of the line (0x{raw[exc.start]:02x}) is not "
+                                f"UTF-8, which JSONL is read as; convert the file (from Latin-1, say: iconv -f latin1 -t "
+                                f"utf-8 {path} > fixed.jsonl) or fix the line") from None
 
 
 def _split_outside_brackets(text: str) -> list[str]:
@@ -142,7 +192,7 @@ def read_hf(spec: str, format: str = "auto", system_prompt: str | None = None,
     if "kind" in parsed and not any(Path(p).is_file() for p in glob.glob(parsed["path"])):
         raise DataError(f"{spec!r}: no local file matches {parsed['path']!r}")
     rows = _load(spec, parsed)
-    examples = [to_example(row, format, system_prompt, f"{spec} row {i}", fields) for i, row in enumerate(rows)]
+    examples = [_example(row, format, system_prompt, f"{spec} row {i}", fields) for i, row in enumerate(rows)]
     if not examples:
         raise DataError(f"{spec!r} holds no rows")
     return examples

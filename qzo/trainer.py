@@ -7,6 +7,8 @@ Run directory (``out_dir``)::
 
     config.yaml      the resolved config (what ``--resume`` reads back)
     steps.jsonl      the step log: per step the seeds, coefficients, losses, lr, forwards, time
+    data.json        per data split: source, rows, SHA-256 of the encoded rows and the file (a resume on
+                     other data is refused: ``qzo.data.check_data_unchanged``)
     metrics.jsonl    per step: step, forwards, loss, wall_s; eval_loss on evaluation steps
     checkpoints/     step-NNNNNN/ with only the trained tensors + optimizer state (atomic)
     adapter/         PEFT adapter of the final LoRA values (loads with PeftModel.from_pretrained)
@@ -35,7 +37,8 @@ from .batched import CausalLMLoss
 from .checkpoint import (atomic_write_text, best_step, find_checkpoint, latest_checkpoint, list_checkpoints,
                          load_checkpoint, prune_checkpoints, record_best, remove_partial_writes, save_checkpoint)
 from .config import DEFAULTS, ConfigError, load_config, merge_config, validate
-from .data import Batcher, ChatDataset, datasets_from_config, eval_loss, model_input_device
+from .data import (Batcher, ChatDataset, check_data_unchanged, data_record, datasets_from_config, eval_loss,
+                   model_input_device)
 from .distributed import Distributed, init_from_env
 from .errors import NonFiniteLossError, QzoError
 from .guard import DivergenceGuard
@@ -231,7 +234,8 @@ def _unstarted(run_dir: Path) -> bool:
     """A run folder that a killed ``qzo train`` created but never trained: nothing in it is worth keeping."""
     names = {p.name for p in run_dir.iterdir()}
     steps = run_dir / "steps.jsonl"
-    return names <= {"config.yaml", "steps.jsonl", ".lock"} and (not steps.is_file() or steps.stat().st_size == 0)
+    return names <= {"config.yaml", "steps.jsonl", ".lock", "data.json"} and (not steps.is_file() or
+                                                                            steps.stat().st_size == 0)
 
 
 def _new_run_dir(cfg: dict, config_path) -> Path:
@@ -285,10 +289,14 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
         packed = f" packed into {len(train_ds)} rows" if train_ds.row_len else ""
         log(f"qzo: {train_ds.num_examples} training examples{packed}, {len(eval_ds)} held-out{dropped}; "
             f"{describe_targets(parts)}")
+        data = data_record(cfg, train_ds, eval_ds) if writer else None
         if run_dir is None:
             if writer:
                 run_dir = _new_run_dir(cfg, config_path)
                 lock.acquire(run_dir)
+                atomic_write_text(run_dir / "data.json", json.dumps(data, indent=2))
+        elif writer and not check_data_unchanged(run_dir, data):  # refuses a data file changed since the start
+            atomic_write_text(run_dir / "data.json", json.dumps(data, indent=2))  # a run from before data.json
             run_dir = Path(_from_rank0(dist, str(run_dir) if writer else None))
             cfg["out_dir"] = str(run_dir)
         opt = build_optimizer(cfg, params, dist)
