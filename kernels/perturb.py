@@ -77,28 +77,28 @@ def _check(x: torch.Tensor, mu: torch.Tensor | None) -> None:
         raise ValueError("perturb kernel needs contiguous tensors and a contiguous float32 mu")
 
 
-def perturb_tensor(x: torch.Tensor, stream: int, seeds, coefs, mu: torch.Tensor | None = None,
+def perturb_tensor(x: torch.Tensor, keys, coefs, mu: torch.Tensor | None = None,
                    mu_coef: float = 0.0, scale: float = 1.0) -> torch.Tensor:
-    """In place on one tensor (same arguments as :func:`qzo.perturb.perturb_`)."""
+    """In place on one tensor: :func:`qzo.perturb.perturb_` with the tensor's Philox key per seed in ``keys``."""
     _check(x, mu)
     has_mu = mu is not None and mu_coef != 0.0
-    if x.numel() == 0 or (not seeds and not has_mu and scale == 1.0):
+    if x.numel() == 0 or (not len(keys) and not has_mu and scale == 1.0):
         return x
-    keys, a = step_vectors([stream], seeds, coefs, device=x.device)
+    keys, a = step_vectors([list(keys)], coefs, device=x.device)
     grid = (triton.cdiv(x.numel(), BLOCK),)
-    _perturb_one_kernel[grid](x, mu if has_mu else x, x.numel(), keys, a, len(seeds), float(scale), float(mu_coef),
+    _perturb_one_kernel[grid](x, mu if has_mu else x, x.numel(), keys, a, len(coefs), float(scale), float(mu_coef),
                               HAS_MU=has_mu, HAS_SCALE=scale != 1.0, BLOCK=BLOCK)
     return x
 
 
-def perturb_many(xs: list[torch.Tensor], streams: list[int], seeds, coefs, mus: list[torch.Tensor] | None = None,
+def perturb_many(xs: list[torch.Tensor], keys, coefs, mus: list[torch.Tensor] | None = None,
                  mu_coef: float = 0.0, scale: float = 1.0) -> None:
     """In place on many tensors of one dtype and device, in one launch.
 
     Args:
         xs: the tensors (contiguous, one dtype).
-        streams: their stream ids.
-        seeds, coefs: the noise terms, shared by every tensor.
+        keys: ``[len(xs), seeds]`` Philox keys (``qzo.noise.derive_seeds(seeds, streams)``).
+        coefs: the noise terms' coefficients, one per seed, shared by every tensor.
         mus: float32 means, one per tensor (LDSD), or ``None``.
         mu_coef, scale: as in :func:`perturb_tensor`.
     """
@@ -110,14 +110,14 @@ def perturb_many(xs: list[torch.Tensor], streams: list[int], seeds, coefs, mus: 
         if x.dtype != dtype or x.device != xs[0].device:
             raise ValueError("perturb_many needs tensors of one dtype and device; group them first")
     has_mu = mus is not None and mu_coef != 0.0
-    if not seeds and not has_mu and scale == 1.0:
+    if not len(coefs) and not has_mu and scale == 1.0:
         return
     roles = {"x": xs, "mu": mus} if has_mu else {"x": xs}
-    table = table_for(roles, streams, BLOCK)
+    table = table_for(roles, BLOCK)
     if table.n_blocks == 0:
         return
-    keys, a = step_vectors(streams, seeds, coefs, device=xs[0].device)
+    keys, a = step_vectors(keys, coefs, device=xs[0].device)
     _perturb_many_kernel[(table.n_blocks,)](
         table.ptrs["x"], table.ptrs.get("mu", table.ptrs["x"]), table.numels, table.block_tensor, table.block_start,
-        keys, a, len(seeds), float(scale), float(mu_coef),
+        keys, a, len(coefs), float(scale), float(mu_coef),
         DTYPE=TL_DTYPES[dtype], HAS_MU=has_mu, HAS_SCALE=scale != 1.0, BLOCK=BLOCK)

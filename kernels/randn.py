@@ -1,7 +1,8 @@
-"""Fill a buffer with qzo's seed-replayed noise on the device: ``out[i] = z(seed, stream, offset + i)``.
+"""Fill a buffer with qzo's seed-replayed noise on the device: ``out[i] = tl.randn(key, offset + i)``.
 
 The noise contract (``qzo.noise``) is defined as ``tl.randn(derive_seed(seed, stream), i)``,
-so this kernel *is* the definition; ``qzo.noise.randn`` is its pure-torch reference. It is
+so this kernel *is* the definition; ``qzo.noise.randn_reference`` is its pure-torch reference.
+The caller derives the key (``qzo.noise.derive_seed``): this package imports nothing of qzo. It is
 used to check the contract and by code that needs the noise itself (not fused into an
 update). Offsets are int64, so tensors past 2**31 elements keep distinct counters
 (Triton splits a 64-bit offset into the first two Philox counter words).
@@ -17,8 +18,6 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without triton
     raise ImportError("qzo_kernels needs triton: pip install 'qzo[triton]'") from exc
 
-from qzo.noise import derive_seed
-
 BLOCK = 1024
 
 
@@ -31,11 +30,11 @@ def _randn_kernel(out_ptr, key, offset, numel, BLOCK: tl.constexpr):
     tl.store(out_ptr + local, z, mask=mask)
 
 
-def randn(seed: int, stream: int, numel: int, offset: int = 0, device="cuda") -> torch.Tensor:
-    """Triton twin of :func:`qzo.noise.randn` (same arguments, same values)."""
+def randn(key: int, numel: int, offset: int = 0, device="cuda") -> torch.Tensor:
+    """Triton twin of :func:`qzo.noise.randn` for the key ``qzo.noise.derive_seed(seed, stream)`` (same values)."""
     out = torch.empty(numel, dtype=torch.float32, device=device)
     if numel == 0:
         return out
     grid = (triton.cdiv(numel, BLOCK),)
-    _randn_kernel[grid](out, derive_seed(seed, stream), offset, numel, BLOCK=BLOCK)
+    _randn_kernel[grid](out, key, offset, numel, BLOCK=BLOCK)
     return out

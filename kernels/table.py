@@ -17,8 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qzo.noise import derive_seeds
-
 __all__ = ["Table", "table_for", "step_vectors"]
 
 _CACHE: dict[tuple, "Table"] = {}
@@ -34,28 +32,26 @@ class Table:
         numels: int64 sizes of the tensors.
         block_tensor: int32 tensor index of every tile.
         block_start: int64 first element of every tile.
-        streams: the tensors' stream ids (host list, for the per-step key table).
     """
 
     ptrs: dict[str, torch.Tensor]
     numels: torch.Tensor
     block_tensor: torch.Tensor
     block_start: torch.Tensor
-    streams: list[int]
 
     @property
     def n_blocks(self) -> int:
         return int(self.block_tensor.numel())
 
 
-def table_for(roles: dict[str, list[torch.Tensor]], streams: list[int], block: int) -> Table:
+def table_for(roles: dict[str, list[torch.Tensor]], block: int) -> Table:
     """The (cached) table for tensors ``roles["x"]`` and their same-shaped companions.
 
     All tensors of a role share one dtype; companions (``mu``, ``m``, ``v``) are float32.
     """
     xs = roles["x"]
     device = xs[0].device
-    key = (block, device, tuple(streams)) + tuple(
+    key = (block, device) + tuple(
         (role, tuple((t.data_ptr(), t.numel(), t.dtype) for t in ts)) for role, ts in sorted(roles.items())
     )
     hit = _CACHE.get(key)
@@ -70,7 +66,6 @@ def table_for(roles: dict[str, list[torch.Tensor]], streams: list[int], block: i
         numels=torch.tensor(numels, dtype=torch.int64, device=device),
         block_tensor=torch.tensor([b[0] for b in blocks], dtype=torch.int32, device=device),
         block_start=torch.tensor([b[1] for b in blocks], dtype=torch.int64, device=device),
-        streams=list(streams),
     )
     if len(_CACHE) >= _CACHE_LIMIT:
         _CACHE.pop(next(iter(_CACHE)))
@@ -78,12 +73,16 @@ def table_for(roles: dict[str, list[torch.Tensor]], streams: list[int], block: i
     return table
 
 
-def step_vectors(streams: list[int], seeds, *coef_lists, device) -> tuple[torch.Tensor, ...]:
-    """Per-step device inputs: keys ``[len(streams), len(seeds)]`` (int64) and each coefficient list (float32).
+def step_vectors(keys, *coef_lists, device) -> tuple[torch.Tensor, ...]:
+    """Per-step device inputs: the Philox keys ``[tensors, seeds]`` (int64) and each coefficient list (float32).
+
+    The keys come from the caller (``qzo.noise.derive_seeds(seeds, streams)``): how a seed and a
+    stream become a key is part of qzo's noise contract, which this package does not import.
 
     Coefficients are float32 because the torch reference multiplies float32 noise by a
     Python float, which torch rounds to float32 first.
     """
-    keys = torch.from_numpy(derive_seeds(seeds, streams)).to(device, non_blocking=True)
+    keys = torch.from_numpy(np.ascontiguousarray(np.asarray(keys, dtype=np.int64).reshape(len(keys), -1)))
+    keys = keys.to(device, non_blocking=True)
     coefs = [torch.from_numpy(np.asarray(c, dtype=np.float32)).to(device, non_blocking=True) for c in coef_lists]
     return (keys, *coefs)

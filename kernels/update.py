@@ -77,7 +77,7 @@ def _dense_update_kernel(x_table, mu_table, m_table, v_table, numels, block_tens
     tl.store(x_ptr + offs, theta.to(DTYPE), mask=mask)
 
 
-def dense_update_many(rule: str, xs: list[torch.Tensor], streams: list[int], seeds, undo, direction,
+def dense_update_many(rule: str, xs: list[torch.Tensor], keys, undo, direction,
                       state: dict[str, list[torch.Tensor]], grad: float, lr: float, decay: float = 1.0,
                       mus: list[torch.Tensor] | None = None, undo_mu: float = 0.0, dir_mu: float = 0.0,
                       beta1: float = 0.0, beta2: float = 0.0, step_size: float = 0.0, bias2: float = 1.0,
@@ -86,9 +86,10 @@ def dense_update_many(rule: str, xs: list[torch.Tensor], streams: list[int], see
 
     Args:
         rule: ``"momentum"``, ``"adam"`` or ``"sign"``.
-        xs, streams: the trainables and their stream ids.
-        seeds: the union of the leftover's and the direction's seeds; ``undo`` and
-            ``direction`` their coefficients (0 where a seed is absent from one of them).
+        xs: the trainables.
+        keys: ``[len(xs), seeds]`` Philox keys (``qzo.noise.derive_seeds``) of the union of the
+            leftover's and the direction's seeds; ``undo`` and ``direction`` their coefficients
+            (0 where a seed is absent from one of them).
         state: role (``"m"``, ``"v"``) -> float32 state tensors, one per trainable.
         grad, lr, decay: projected gradient, learning rate, ``1 - lr * weight_decay``.
         mus, undo_mu, dir_mu: the strategy's mean (LDSD) and its coefficients.
@@ -109,14 +110,14 @@ def dense_update_many(rule: str, xs: list[torch.Tensor], streams: list[int], see
             raise ValueError("dense update kernel needs contiguous tensors")
     if xs[0].dtype not in TL_DTYPES or any(x.dtype != xs[0].dtype for x in xs):
         raise ValueError("dense update kernel needs trainables of one supported dtype; group them first")
-    table = table_for(roles, streams, BLOCK)
+    table = table_for(roles, BLOCK)
     if table.n_blocks == 0:
         return
-    keys, a_undo, a_dir = step_vectors(streams, seeds, undo, direction, device=xs[0].device)
+    keys, a_undo, a_dir = step_vectors(keys, undo, direction, device=xs[0].device)
     x_ptrs = table.ptrs["x"]
     _dense_update_kernel[(table.n_blocks,)](
         x_ptrs, table.ptrs.get("mu", x_ptrs), table.ptrs.get("m", x_ptrs), table.ptrs.get("v", x_ptrs),
-        table.numels, table.block_tensor, table.block_start, keys, a_undo, a_dir, len(seeds),
+        table.numels, table.block_tensor, table.block_start, keys, a_undo, a_dir, len(undo),
         float(undo_mu), float(dir_mu), float(grad), float(lr), float(decay), float(beta1), float(beta2),
         float(step_size), float(bias2), float(adam_eps),
         DTYPE=TL_DTYPES[xs[0].dtype], RULE=code, HAS_MU=has_mu, BLOCK=BLOCK)

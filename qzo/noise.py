@@ -33,7 +33,8 @@ import hashlib
 import numpy as np
 import torch
 
-__all__ = ["randn", "randn_reference", "derive_seed", "derive_seeds", "stream_id", "philox4x32"]
+__all__ = ["randn", "randn_reference", "derive_seed", "derive_seeds", "stream_id", "philox4x32", "step_seed",
+           "sampling_seed", "holdout_seed", "epoch_seed"]
 
 _MASK32 = 0xFFFFFFFF
 _KEY_A = 0x9E3779B9
@@ -67,6 +68,33 @@ def derive_seed(seed: int, stream: int) -> int:
         raise ValueError(f"seed and stream must be non-negative, got seed={seed}, stream={stream}")
     # The pi-digits constant keeps (0, 0) away from the all-zero key.
     return _mix64(_mix64(seed ^ 0x243F6A8885A308D3) ^ (stream * 0x9E3779B97F4A7C15)) & 0x7FFFFFFFFFFFFFFF
+
+
+# Every seed qzo derives, in one place. Each is a pure function of the run's seed and a
+# counter, so a resumed run, another rank or a replay derives the same value. The salts keep
+# the families apart (a step seed never equals a sampling or shuffling seed of the same run);
+# changing any of these changes every run's numbers, so they are frozen.
+_LOW63 = 0x7FFFFFFFFFFFFFFF
+
+
+def step_seed(base_seed: int, step: int, index: int) -> int:
+    """The ``index``-th noise seed of step ``step`` for a run seeded with ``base_seed`` (< 2**63)."""
+    return _mix64(_mix64(_mix64(base_seed) ^ step) ^ (index + 1)) & _LOW63
+
+
+def sampling_seed(seed: int, step: int) -> int:
+    """The torch seed of step ``step``'s sampled replies (a reward objective; every evaluation of the step)."""
+    return _mix64(_mix64(seed ^ 0x5EEDC0DE) ^ step) & _LOW63
+
+
+def holdout_seed(seed: int) -> int:
+    """The torch seed of the shuffle that splits ``data.eval_fraction`` off the training chats."""
+    return _mix64(seed ^ 0x5EED) & _LOW63
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The torch seed of epoch ``epoch``'s shuffle of the training rows."""
+    return _mix64(seed * 1_000_003 + epoch) & _LOW63
 
 
 def _mix64_np(x: np.ndarray) -> np.ndarray:

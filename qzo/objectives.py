@@ -46,7 +46,7 @@ import torch
 
 from .data import model_input_device
 from .errors import QzoError
-from .noise import _mix64
+from . import noise
 
 __all__ = ["RewardFn", "exact_match", "token_f1", "load_reward", "check_rewards", "split_chat", "last_user_text",
            "RewardLoss", "TRLReward", "is_trl_reward",
@@ -331,7 +331,7 @@ class RewardLoss:
 
     def sampling_seed(self) -> int:
         """The torch seed of the current step's sampling: a function of ``(seed, step)`` only."""
-        return _mix64(_mix64(self.seed ^ 0x5EEDC0DE) ^ self.step) & 0x7FFFFFFFFFFFFFFF
+        return noise.sampling_seed(self.seed, self.step)
 
     def _encode(self) -> dict[str, torch.Tensor]:
         if self._inputs is None:

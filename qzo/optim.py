@@ -21,7 +21,7 @@ import torch
 from .batched import Candidate
 from .distributed import Distributed
 from .errors import NonFiniteLossError, QzoError
-from .noise import _mix64
+from .noise import step_seed
 from .normalize import Normalize
 from .params import ParamSet, as_param_set
 from .scales import clip_grad
@@ -31,11 +31,6 @@ from .schedule import Schedule
 from .strategies import SPSA, Estimate, Strategy
 
 __all__ = ["ZO", "StepRecord", "step_seed"]
-
-
-def step_seed(base_seed: int, step: int, index: int) -> int:
-    """The ``index``-th seed of step ``step`` for a run seeded with ``base_seed`` (< 2**63)."""
-    return _mix64(_mix64(_mix64(base_seed) ^ step) ^ (index + 1)) & 0x7FFFFFFFFFFFFFFF
 
 
 @dataclass

@@ -153,7 +153,8 @@ def perturb_(
     if use_triton(x.device):
         from qzo_kernels.perturb import perturb_tensor
 
-        return perturb_tensor(x, stream, seeds, coefs, mu=mu, mu_coef=mu_coef, scale=scale)
+        keys = noise.derive_seeds(seeds, [stream])[0] if seeds else []
+        return perturb_tensor(x, keys, coefs, mu=mu, mu_coef=mu_coef, scale=scale)
     flat = x.view(-1)
     mu_flat = mu.reshape(-1) if use_mu else None
     for start, end in chunks(flat.numel()):
@@ -207,5 +208,6 @@ def perturb_params_(
         from qzo_kernels.perturb import perturb_many
 
         for (_, _, has_mu), members in groups.items():
-            perturb_many([t.tensor for t, _ in members], [t.stream for t, _ in members], seeds, coefs,
+            keys = noise.derive_seeds(seeds, [t.stream for t, _ in members])
+            perturb_many([t.tensor for t, _ in members], keys, coefs,
                          mus=[m for _, m in members] if has_mu else None, mu_coef=mu_coef, scale=scale)

@@ -34,6 +34,23 @@ def triton_backend():
     backend.set_backend("auto")
 
 
+def _keys(seeds, streams):
+    """The kernels' key table for ``seeds`` x ``streams``: derived by qzo, never by the kernels."""
+    return noise.derive_seeds(seeds, streams)
+
+
+def test_kernels_import_nothing_of_qzo():
+    """qzo_kernels receives keys and coefficients; qzo depends on it, never the other way round."""
+    import ast
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parents[1] / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            assert not any(n == "qzo" or n.startswith("qzo.") for n in names), f"{path.name} imports {names}"
+
+
 def _pool(n: int, seed: int) -> tuple[list[int], list[float]]:
     g = torch.Generator().manual_seed(seed)
     seeds = [int(s) for s in torch.randint(0, 2**62, (n,), generator=g)]
@@ -67,7 +84,8 @@ def test_perturb_kernel_matches_reference(numel, dtype, pool, with_mu, seed):
     scale = 0.97 if with_mu else 1.0  # weight decay's scale rides along with the mean's case
     want = perturb_(x.clone(), 11, seeds, coefs, mu=mu, mu_coef=0.3, scale=scale)
     got = x.clone().to(DEVICE)
-    perturb_tensor(got, 11, seeds, coefs, mu=mu.to(DEVICE) if with_mu else None, mu_coef=0.3, scale=scale)
+    perturb_tensor(got, _keys(seeds, [11])[0], coefs, mu=mu.to(DEVICE) if with_mu else None, mu_coef=0.3,
+                   scale=scale)
     assert_matches(got, want, dtype, f"numel={numel} dtype={dtype} pool={pool} mu={with_mu} seed={seed}")
 
 
@@ -85,8 +103,8 @@ def test_multi_tensor_launch_matches_per_tensor_reference(dtype, with_mu):
     want = [perturb_(x.clone(), k, seeds, coefs, mu=mus[i] if with_mu else None, mu_coef=-0.5, scale=0.9)
             for i, (x, k) in enumerate(zip(xs, streams))]
     got = [x.clone().to(DEVICE) for x in xs]
-    perturb_many(got, streams, seeds, coefs, mus=[m.to(DEVICE) for m in mus] if with_mu else None, mu_coef=-0.5,
-                 scale=0.9)
+    perturb_many(got, _keys(seeds, streams), coefs, mus=[m.to(DEVICE) for m in mus] if with_mu else None,
+                 mu_coef=-0.5, scale=0.9)
     for i, (a, b) in enumerate(zip(got, want)):
         assert_matches(a, b, dtype, f"tensor {i} (numel {sizes[i]})")
 
@@ -96,12 +114,12 @@ def test_multi_tensor_table_is_reused_and_rejects_mixed_dtypes():
     from qzo_kernels.table import table_for
 
     xs = [torch.zeros(5, device=DEVICE), torch.zeros(2000, device=DEVICE)]
-    t1 = table_for({"x": xs}, [1, 2], BLOCK)
-    assert table_for({"x": xs}, [1, 2], BLOCK) is t1
+    t1 = table_for({"x": xs}, BLOCK)
+    assert table_for({"x": xs}, BLOCK) is t1
     assert t1.n_blocks == 1 + 2 and t1.block_start.tolist() == [0, 0, 1024]
     with pytest.raises(ValueError, match="one dtype"):
-        perturb_many([torch.zeros(3, device=DEVICE), torch.zeros(3, dtype=torch.float16, device=DEVICE)], [1, 2],
-                     [5], [1.0])
+        perturb_many([torch.zeros(3, device=DEVICE), torch.zeros(3, dtype=torch.float16, device=DEVICE)],
+                     _keys([5], [1, 2]), [1.0])
 
 
 def _estimate(with_mu: bool, names: list[str], shapes) -> Estimate:
@@ -244,7 +262,7 @@ def test_compiled_kernel_on_gpu_matches_cpu_reference():
     x = torch.randn(1 << 20)
     seeds, coefs = _pool(4, 1)
     want = perturb_(x.clone(), 3, seeds, coefs)
-    got = perturb_tensor(x.cuda(), 3, seeds, coefs).cpu()
+    got = perturb_tensor(x.cuda(), _keys(seeds, [3])[0], coefs).cpu()
     assert_matches(got, want, torch.float32, "compiled kernel vs CPU reference")
 
 
@@ -256,9 +274,9 @@ def test_mean_only_and_scale_only_passes_match_reference():
     x, mu = torch.randn(1500, generator=g), torch.randn(1500, generator=g)
     for kwargs in (dict(mu=mu, mu_coef=0.5), dict(scale=0.9)):
         want = perturb_(x.clone(), 3, [], [], **kwargs)
-        got = perturb_tensor(x.clone().to(DEVICE), 3, [], [], **{k: v.to(DEVICE) if torch.is_tensor(v) else v
-                                                               for k, v in kwargs.items()})
+        got = perturb_tensor(x.clone().to(DEVICE), [], [], **{k: v.to(DEVICE) if torch.is_tensor(v) else v
+                                                            for k, v in kwargs.items()})
         assert_matches(got, want, torch.float32, str(list(kwargs)))
     many = [x.clone().to(DEVICE)]
-    perturb_many(many, [3], [], [], mus=[mu.to(DEVICE)], mu_coef=0.5)
+    perturb_many(many, _keys([], [3]), [], mus=[mu.to(DEVICE)], mu_coef=0.5)
     assert_matches(many[0], perturb_(x.clone(), 3, [], [], mu=mu, mu_coef=0.5), torch.float32, "many, mean only")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..params import ParamSet
+from ..noise import derive_seeds
 from ..perturb import chunks, combine, noise_combo, split_by_backend
 from ..strategies.base import Estimate
 from .base import Rule, mu_of
@@ -85,7 +86,7 @@ class DenseRule(Rule):
         direction = dict(est.direction)
         for (_, _, has_mu), members in groups.items():
             dense_update_many(
-                self.kernel_rule, [t.tensor for t, _ in members], [t.stream for t, _ in members], seeds,
+                self.kernel_rule, [t.tensor for t, _ in members], derive_seeds(seeds, [t.stream for t, _ in members]),
                 [undo.get(s, 0.0) for s in seeds], [direction.get(s, 0.0) for s in seeds],
                 {role: [self.state[k][t.name] for t, _ in members] for role, k in zip(roles, self.state_names)},
                 grad=est.grad, lr=lr, decay=1.0 - lr * self.weight_decay,
