@@ -44,9 +44,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import noise
 from .data import model_input_device
 from .errors import QzoError
-from . import noise
 
 __all__ = ["RewardFn", "exact_match", "token_f1", "load_reward", "check_rewards", "split_chat", "last_user_text",
            "RewardLoss", "TRLReward", "is_trl_reward",

@@ -24,9 +24,9 @@ from .errors import NonFiniteLossError, QzoError
 from .noise import step_seed
 from .normalize import Normalize
 from .params import ParamSet, as_param_set
-from .scales import clip_grad
 from .perturb import noise_cache, perturb_params_
 from .rules import SGD, Rule
+from .scales import clip_grad
 from .schedule import Schedule
 from .strategies import SPSA, Estimate, Strategy
 

@@ -11,11 +11,10 @@ update is one fused multi-tensor launch per dtype (``qzo_kernels.update``).
 
 from __future__ import annotations
 
-
 import torch
 
-from ..params import ParamSet
 from ..noise import derive_seeds
+from ..params import ParamSet
 from ..perturb import chunks, combine, noise_combo, split_by_backend
 from ..strategies.base import Estimate
 from .base import Rule, mu_of
