@@ -107,9 +107,9 @@ def single_tensor_rows(sizes: list[int], repeats: int) -> list[dict]:
     return rows
 
 
-def lora_7b_rows(repeats: int) -> list[dict]:
+def lora_7b_rows(repeats: int, layers: int = 32) -> list[dict]:
     """All LoRA tensors of Llama-2-7B with r 8 on q_proj and v_proj: 32 layers x 2 modules x (A, B)."""
-    hidden, r, layers = 4096, 8, 32
+    hidden, r = 4096, 8
     tensors = []
     for layer in range(layers):
         for proj in ("q_proj", "v_proj"):
@@ -142,7 +142,7 @@ def print_row(r: dict) -> None:
               f"({r['tensors']} tensors); target {r['target_s'] * 1e3:g} ms", flush=True)
 
 
-def noise_rows(repeats: int) -> list[dict]:
+def noise_rows(repeats: int, numels=(10**6, 10**7)) -> list[dict]:
     """CPU noise generation: compiled vs reference vs ``torch.normal``, ns per value."""
     from qzo import noise, noise_native
 
@@ -154,7 +154,7 @@ def noise_rows(repeats: int) -> list[dict]:
           f"{'x normal':>10}{'ref/compiled':>14}")
     for threads in sorted({default_threads, 1}, reverse=True):
         torch.set_num_threads(threads)
-        for numel in (10**6, 10**7):
+        for numel in numels:
             normal_s = timed(lambda: torch.normal(0.0, 1.0, size=(numel,)), repeats)
             fast_s = timed(lambda: noise.randn(7, 3, numel), repeats) if compiled else float("nan")
             ref_s = timed(lambda: noise.randn_reference(7, 3, numel), max(1, repeats // 3))
@@ -178,6 +178,8 @@ def main() -> None:
     ap.add_argument("--max-numel", type=float, default=1e9 if CUDA else 1e7,
                     help="largest tensor (default 1e9 on CUDA, 1e7 on CPU)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quick", action="store_true",
+                    help="rehearsal sizes (benchmarks/gpu_check.py --rehearse): one layer's LoRA, 1e4 noise values")
     args = ap.parse_args()
     backend.set_backend("auto")
     # every call regenerates its noise, as the kernels do: the CPU path's per-step noise cache
@@ -186,7 +188,8 @@ def main() -> None:
     sizes = [n for n in (10**5, 10**6, 10**7, 10**8, 10**9) if n <= args.max_numel]
     print(f"device: {device_name()}  backend: {backend_label()}  (float32, median of {args.repeats})")
     print(HEADER)
-    rows = single_tensor_rows(sizes, args.repeats) + lora_7b_rows(args.repeats) + noise_rows(args.repeats)
+    rows = (single_tensor_rows(sizes, args.repeats) + lora_7b_rows(args.repeats, 1 if args.quick else 32)
+            + noise_rows(args.repeats, (10**4,) if args.quick else (10**6, 10**7)))
     write_result("kernels.json", {"device": device_name(), "backend": backend_label(), "rows": rows,
                                   "targets": {"fraction_of_copy": 0.8, "speedup_vs_mezo_pool4": 5.0,
                                               "lora_7b_s": 1e-3, "noise_cpu_ratio_to_torch_normal": 2.0},

@@ -17,8 +17,12 @@ Modes:
 
 * CPU (always): the demo model (SmolLM2-135M, NF4, LoRA r 8 on q,v), a batch of the
   built-in demo data (max_len 96, ``--batch`` rows).
-* GPU (only when CUDA is available): a 7B-shaped random-init Llama (NF4, bf16 compute), a
+* GPU (only when CUDA is available): a 7B-shaped random-init Llama (NF4, bf16 compute), built
+  directly in 4-bit on the GPU (``benchmarks/_build4bit.py``: no 16-bit copy of the model on
+  the host or the GPU, seconds instead of minutes of random init, save and re-quantize), a
   random batch of 8 x 256 tokens. Target: a pool of 4 costs at most 1.6x one forward.
+* ``--tiny``: the GPU mode's code path at a tiny shape on whatever device there is (the
+  rehearsal of ``benchmarks/gpu_check.py``).
 
     python benchmarks/pool_batched.py [--repeats 3] [--batch 8] [--ks 2 4 8] [--threads 1]
 
@@ -73,18 +77,23 @@ def demo_setup(batch_size: int):
     return "smollm2-135m (NF4, LoRA r8 q,v)", model, params, batch
 
 
-def gpu_setup(batch_size: int, seq: int, layers: int):
+def gpu_setup(batch_size: int, seq: int, layers: int, tiny: bool = False):
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-    model, _ = qzo.load(cfg, quant="nf4", seed=0)
+    from _build4bit import build_4bit
+
+    shape = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4) \
+        if tiny else dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                          num_key_value_heads=32)
+    cfg = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=4096, **shape)
+    model = build_4bit(cfg, seed=0)
     params = qzo.lora(model, r=8, target_modules=["q_proj", "v_proj"])
     device = model_input_device(model)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (batch_size, seq), generator=g)
     batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.to(device)}
-    return f"Llama-7B-shaped random init, {layers} layers (NF4 bf16, LoRA r8 q,v)", model, params, batch
+    label = "tiny Llama (rehearsal)" if tiny else "Llama-7B-shaped"
+    return f"{label} random init, {layers} layers (NF4 {model.dtype}, LoRA r8 q,v)", model, params, batch
 
 
 def measure(model, params, batch, ks: list[int], repeats: int) -> list[dict]:
@@ -140,13 +149,14 @@ def main() -> None:
                     help="torch CPU threads; on a CPU shared with other jobs 1 avoids OpenMP spin-waits "
                          "(measured: a demo forward 17.8 s with 2 threads, 3.0 s with 1)")
     ap.add_argument("--note", default=None, help="free text stored with the rows (e.g. machine load)")
+    ap.add_argument("--tiny", action="store_true", help="the GPU mode at a tiny shape on any device (rehearsal)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     cuda = torch.cuda.is_available()
-    if cuda:
-        label, model, params, batch = gpu_setup(args.gpu_batch, args.gpu_seq, args.gpu_layers)
+    if cuda or args.tiny:
+        label, model, params, batch = gpu_setup(args.gpu_batch, args.gpu_seq, args.gpu_layers, args.tiny)
     else:
         label, model, params, batch = demo_setup(args.batch)
     device = device_name()
@@ -164,7 +174,8 @@ def main() -> None:
     path = RESULTS / "pool_batched.json"
     kept = []
     if path.is_file():
-        kept = [r for r in json.loads(path.read_text()).get("rows", []) if r.get("device") != device]
+        kept = [r for r in json.loads(path.read_text()).get("rows", [])
+                if (r.get("device"), r.get("model")) != (device, label)]  # other devices' and models' rows stay
     payload = {
         "benchmark": "pool of K LoRA candidates: one stacked forward (batched=True) vs K forwards",
         "gpu_target": f"K={GPU_TARGET['K']}: batched_s <= {GPU_TARGET['batched_over_one']} x one_forward_s",

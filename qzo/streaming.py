@@ -180,7 +180,7 @@ class StreamedLayers:
             on_device = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
             event = torch.cuda.Event()
             event.record(self._copy_stream)
-        if slot is not None:
+        if slot is not None and self.plan.layers[i] == "disk":
             event.synchronize()  # this thread waits, not the compute: the buffer is reused two reads on
         return on_device, event
 
@@ -206,7 +206,12 @@ class StreamedLayers:
             got = future.result()
             if self.device.type == "cuda":
                 got, event = got
-                torch.cuda.current_stream(self.device).wait_event(event)
+                compute = torch.cuda.current_stream(self.device)
+                compute.wait_event(event)
+                for t in got.values():
+                    # allocated on the copy stream: without this, the allocator could hand the block to the
+                    # next read-ahead's copy while this layer's kernels (queued, not yet run) still read it
+                    t.record_stream(compute)
             for name, m in self._modules[i].items():
                 m.weight.data = got[name]
                 self.bytes_streamed += got[name].numel() * got[name].element_size()
