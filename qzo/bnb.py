@@ -33,7 +33,7 @@ import os
 
 import torch
 
-__all__ = ["PLAIN_ENV", "plain_path_forced", "fused_cpu_4bit_available", "choose_cpu_path", "unpack_cpu_4bit", "is_packed",
+__all__ = ["is_quantized", "is_4bit", "dequantized_weight", "PLAIN_ENV", "plain_path_forced", "fused_cpu_4bit_available", "choose_cpu_path", "unpack_cpu_4bit", "is_packed",
            "quiet_hub_kernel_warning"]
 
 #: environment variable: ``plain`` makes qzo run the plain CPU 4-bit path even where the fused one exists
@@ -162,3 +162,43 @@ def unpack_cpu_4bit(module) -> None:
     weight.data = data
     weight.quant_state = state
     module.quant_state = state
+
+
+def is_quantized(module) -> bool:
+    """Whether ``module`` is a bitsandbytes 4-bit (``Linear4bit``) or 8-bit (``Linear8bitLt``) linear layer."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # without bitsandbytes nothing can be quantized
+        return False
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def is_4bit(module) -> bool:
+    """Whether ``module`` is a bitsandbytes ``Linear4bit`` (NF4 or FP4)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+def dequantized_weight(module) -> torch.Tensor:
+    """The float32 weight a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` computes with, from its current scales.
+
+    The one dequantizer of qzo (dense slices start from it, merged exports fold it): 4-bit
+    through ``dequantize_4bit`` on the plain layout (a repacked layer is put back first); int8
+    through bitsandbytes' own row-wise dequantization of its codes, or the weight itself when
+    the layer holds no int8 codes yet (``has_fp16_weights``, or not quantized).
+    """
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    if isinstance(module, bnb.nn.Linear4bit):
+        unpack_cpu_4bit(module)  # the repacked layout is not what dequantize_4bit reads
+        return F.dequantize_4bit(module.weight.data, module.weight.quant_state).to(torch.float32)
+    state = module.state
+    cb = state.CB if state.CB is not None else module.weight.CB
+    scb = state.SCB if state.SCB is not None else module.weight.SCB
+    if state.has_fp16_weights or cb is None or scb is None:
+        return module.weight.data.to(torch.float32)
+    return F.int8_vectorwise_dequant(cb, scb).to(torch.float32)

@@ -24,33 +24,22 @@ from __future__ import annotations
 
 import torch
 
+from .bnb import dequantized_weight
 from .noise import stream_id
 from .params import Trainable
 from .targets import (ModuleTargets, TargetError, _parent, clean_path, is_quantized, read_checkpoint,
-                      select_modules, unpack_cpu_4bit, unwrap_peft)
+                      select_modules, unwrap_peft)
 
 __all__ = ["dense", "DenseParams", "load_dense"]
 
 
 def _dequantized(module) -> torch.Tensor:
-    """The float32 weight a bitsandbytes layer computes with."""
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as F
-
-    if isinstance(module, bnb.nn.Linear4bit):
-        if module.weight.data.numel() == 0:
-            raise TargetError("a dense slice of a 4-bit layer that streams (qzo.streaming: its codes live in host RAM or "
-                           "on disk between forwards) cannot be trained: give the GPU more model.max_memory so the "
-                           "layer stays whole, or train its LoRA adapters or scales (targets.scales) instead")
-        unpack_cpu_4bit(module)  # the repacked layout is not what dequantize_4bit reads
-        weight = module.weight
-        return F.dequantize_4bit(weight.data, weight.quant_state).to(torch.float32)
-    state = module.state
-    cb = state.CB if state.CB is not None else module.weight.CB
-    scb = state.SCB if state.SCB is not None else module.weight.SCB
-    if state.has_fp16_weights or cb is None or scb is None:
-        return module.weight.data.to(torch.float32)  # not int8-quantized (yet): the weight is the weight
-    return F.int8_vectorwise_dequant(cb, scb).to(torch.float32)
+    """The float32 weight a bitsandbytes layer computes with (:func:`qzo.bnb.dequantized_weight`)."""
+    if getattr(module, "weight", None) is not None and module.weight.data.numel() == 0:
+        raise TargetError("a dense slice of a 4-bit layer that streams (qzo.streaming: its codes live in host RAM or "
+                          "on disk between forwards) cannot be trained: give the GPU more model.max_memory so the "
+                          "layer stays whole, or train its LoRA adapters or scales (targets.scales) instead")
+    return dequantized_weight(module)
 
 
 def _dense_linear(module) -> torch.nn.Linear:

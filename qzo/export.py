@@ -38,6 +38,7 @@ from typing import Iterator
 
 import torch
 
+from .bnb import dequantized_weight
 from .checkpoint import find_checkpoint, load_checkpoint
 from .errors import ModelSourceError, QzoError
 from .streaming import streamed_layers
@@ -182,18 +183,6 @@ def _write_adapter(folder: Path, cfg: dict, trainables: dict, base_reference: st
     save_file(lora, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
-def _dequantized_weight(module) -> torch.Tensor:
-    """A bitsandbytes layer's weight in float32, computed from its (trained) scales."""
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as F
-
-    if isinstance(module, bnb.nn.Linear4bit):
-        return F.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
-    scb = module.state.SCB if module.state.SCB is not None else module.weight.SCB
-    codes = module.state.CB if module.state.CB is not None else module.weight.data
-    return codes.float() * (scb.float().unsqueeze(1) / 127.0)
-
-
 def merged_tensors(model) -> Iterator[tuple[str, torch.Tensor | str]]:
     """Each tensor of the plain model ``model`` stands for, one at a time, trained values folded in.
 
@@ -225,7 +214,7 @@ def merged_tensors(model) -> Iterator[tuple[str, torch.Tensor | str]]:
         for pname, tensor in tensors:
             name = f"{path}.{pname}" if path else pname
             if pname == "weight" and is_quantized(module):
-                value = _dequantized_weight(module)
+                value = dequantized_weight(module)
             elif id(tensor) in seen and pname == "weight" and path not in deltas:
                 yield name, seen[id(tensor)]  # tied: one tensor under both names
                 continue

@@ -20,7 +20,7 @@ A quantized weight is ``W = q * s``: integer codes ``q`` that stay frozen and fl
 On CPUs with AVX512-BF16, bitsandbytes 0.50 would repack a 4-bit layer for its fused
 kernel and *copy* absmax into a bfloat16 transposed tensor the kernel reads instead:
 perturbing the float32 scales would change nothing. Scale-trained layers therefore run
-the plain path (see :func:`qzo.targets.unpack_cpu_4bit`).
+the plain path (see :func:`qzo.bnb.unpack_cpu_4bit`).
 
 Names are ``<module path>.weight.absmax`` / ``<module path>.weight.SCB`` (peft's
 ``base_layer`` segment dropped), so the noise streams and a saved checkpoint do not
@@ -36,8 +36,8 @@ import torch
 from .errors import QzoError
 from .noise import stream_id
 from .params import Trainable
-from .targets import (ModuleTargets, TargetError, is_quantized, read_checkpoint, select_modules, unpack_cpu_4bit,
-                      unwrap_peft)
+from .bnb import is_4bit, unpack_cpu_4bit
+from .targets import ModuleTargets, TargetError, is_quantized, read_checkpoint, select_modules, unwrap_peft
 
 __all__ = ["scales", "ScaleParams", "load_scales", "clip_grad"]
 
@@ -135,14 +135,13 @@ def scales(model, modules=None, clip: float | None = None) -> ScaleParams:
     model = unwrap_peft(model)
     chosen = select_modules(model, modules, lambda path, m: is_quantized(m), "qzo.scales", "quantized linear",
                             hint="load it with qzo.load(..., quant='nf4', 'fp4' or 'int8') to get bitsandbytes layers")
-    import bitsandbytes as bnb
 
     items, paths = [], []
     for path, _, module in chosen:
         if _offloaded(module):
             raise TargetError(f"qzo.scales: {path} is offloaded (its weight is on the meta device); give the model "
                               "enough max_memory to keep trained layers on a real device")
-        if isinstance(module, bnb.nn.Linear4bit):
+        if is_4bit(module):
             name, tensor = f"{path}.weight.absmax", _absmax_master(module)
         else:
             name, tensor = f"{path}.weight.SCB", _scb(module, path)

@@ -22,25 +22,16 @@ from typing import Callable, Iterable
 
 import torch
 
-from .bnb import unpack_cpu_4bit
+from .bnb import is_quantized
 from .errors import QzoError
 from .params import ParamSet, Trainable
 
 __all__ = ["TargetError", "ModuleTargets", "Targets", "combine", "is_quantized", "clean_path", "unwrap_peft",
-           "select_modules", "unpack_cpu_4bit", "read_checkpoint"]
+           "select_modules", "read_checkpoint"]
 
 
 class TargetError(QzoError, ValueError):
     """A target selection that cannot be built: a pattern matching nothing, a clash of names, ..."""
-
-
-def is_quantized(module) -> bool:
-    """Whether ``module`` is a bitsandbytes 4-bit (``Linear4bit``) or 8-bit (``Linear8bitLt``) linear layer."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # without bitsandbytes nothing can be quantized
-        return False
-    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
 def clean_path(path: str) -> str:
