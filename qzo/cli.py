@@ -12,6 +12,7 @@ import sys
 
 from .checkpoint import CHOICES_HELP
 from .errors import NonFiniteLossError, QzoError
+from .rules import RULES
 from .strategies import STRATEGIES
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=int, help="default 8")
     pl.add_argument("--seq", type=int, help="default 512")
     pl.add_argument("--lora-r", type=int, help="default 8")
-    pl.add_argument("--rule", choices=["sgd", "momentum", "adam", "sign"], help="default sgd")
+    pl.add_argument("--rule", choices=list(RULES), help="default sgd")
     pl.add_argument("--strategy", choices=list(STRATEGIES), help="default spsa")
     pl.add_argument("--pool", type=int, help="candidates per stacked forward (optim.batched); default 1")
     pl.add_argument("--double-quant", action="store_true", default=None)

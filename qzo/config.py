@@ -23,6 +23,7 @@ from .errors import ConfigError, DataError
 from .lora import ALL_LINEAR
 from .metrics import REPORTERS
 from .normalize import NORMALIZATIONS
+from .rules import RULES
 from .strategies import STRATEGIES
 from .strategies.fzoo import BASELINES
 from .templates import template_problem
@@ -131,7 +132,7 @@ _CHOICES = {
     ("optim", "strategy"): tuple(STRATEGIES),
     ("optim", "baseline"): BASELINES,
     ("optim", "normalize"): (None, *NORMALIZATIONS),
-    ("optim", "rule"): ("sgd", "momentum", "adam", "sign"),
+    ("optim", "rule"): tuple(RULES),
     ("optim", "schedule"): ("constant", "linear", "cosine"),
     ("data", "format"): FORMATS,
     ("objective", "kind"): ("cross_entropy", "reward"),

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from .errors import QzoError
 from .lora import ALL_LINEAR
 from .loss import chunk_tokens
+from .rules import RULES
+from .rules import state_copies as rule_state_copies  # not to shadow the local of plan()
 from .strategies import STRATEGIES
 
 __all__ = ["PRESETS", "HUB_PRESETS", "Plan", "plan", "model_config", "parse_size", "plan_source", "config_settings",
@@ -57,7 +59,6 @@ PRESETS = {
     "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064, False),
 }
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-_RULE_STATE = {"sgd": 0, "sign": 0, "momentum": 1, "adam": 2}
 
 
 def parse_size(text) -> int:
@@ -279,8 +280,8 @@ def plan(source, quant: str = "nf4", gpu=None, batch: int = 8, seq: int = 512, l
     """
     if quant not in ("nf4", "fp4", "int8", "none"):
         raise QzoError(f"unknown quant {quant!r}; choose nf4, fp4, int8 or none")
-    if rule not in _RULE_STATE:
-        raise QzoError(f"unknown rule {rule!r}; choose one of {', '.join(_RULE_STATE)}")
+    if rule not in RULES:
+        raise QzoError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
     if strategy not in STRATEGIES:
         raise QzoError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if dtype not in _DTYPE_BYTES:
@@ -297,7 +298,7 @@ def plan(source, quant: str = "nf4", gpu=None, batch: int = 8, seq: int = 512, l
     h, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     layer_weights = sum(_quantized_bytes(i, o, quant, double_quant, db) for i, o in shapes.values()) + 2 * h * db
     lora_values = sum(lora_r * (shapes[t][0] + shapes[t][1]) for t in lora_targets) if lora_r else 0
-    state_copies = _RULE_STATE[rule] + STRATEGIES[strategy].dense_state_copies
+    state_copies = rule_state_copies(rule) + STRATEGIES[strategy].dense_state_copies
     per_layer = layer_weights  # what keeping one more layer on the GPU costs
     # 4-bit layers that do not fit stream their packed codes (qzo.streaming); others go unquantized (accelerate)
     stream_packed = quant in ("nf4", "fp4")

@@ -1,0 +1,41 @@
+"""One name -> class table per component kind: the config, the CLI and the planner read the same names."""
+
+import pytest
+
+import copy
+
+from qzo.cli import _parser as build_parser
+from qzo.config import DEFAULTS, merge_config, validate
+from qzo.errors import ConfigError
+from qzo.plan import plan
+from qzo.rules import RULES, state_copies
+from qzo.strategies import STRATEGIES
+
+
+def _plan_choices(dest: str) -> list[str]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["plan"]
+    return list(next(a for a in sub._actions if a.dest == dest).choices)
+
+
+def test_cli_offers_exactly_the_registered_names():
+    assert _plan_choices("rule") == list(RULES)
+    assert _plan_choices("strategy") == list(STRATEGIES)
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_every_rule_is_a_config_value_and_planned_with_its_state(name):
+    cfg = copy.deepcopy(DEFAULTS)
+    merge_config(cfg, {"optim": {"rule": name}})
+    cfg = validate(cfg)
+    assert cfg["optim"]["rule"] == name
+    base, with_rule = plan("llama-2-7b"), plan("llama-2-7b", rule=name)
+    assert with_rule.state == base.trainables * state_copies(name)
+    assert state_copies(name) == {"sgd": 0, "sign": 0, "momentum": 1, "adam": 2}[name]
+
+
+def test_an_unregistered_rule_is_refused_by_key():
+    with pytest.raises(ConfigError, match="optim.rule"):
+        cfg = copy.deepcopy(DEFAULTS)
+        merge_config(cfg, {"optim": {"rule": "lion"}})
+        validate(cfg)
