@@ -33,7 +33,7 @@ import os
 
 import torch
 
-__all__ = ["is_quantized", "is_4bit", "dequantized_weight", "PLAIN_ENV", "plain_path_forced", "fused_cpu_4bit_available", "choose_cpu_path", "unpack_cpu_4bit", "is_packed",
+__all__ = ["QUANTS", "is_quantized", "is_4bit", "dequantized_weight", "PLAIN_ENV", "plain_path_forced", "fused_cpu_4bit_available", "choose_cpu_path", "unpack_cpu_4bit", "is_packed",
            "quiet_hub_kernel_warning"]
 
 #: environment variable: ``plain`` makes qzo run the plain CPU 4-bit path even where the fused one exists
@@ -162,6 +162,10 @@ def unpack_cpu_4bit(module) -> None:
     weight.data = data
     weight.quant_state = state
     module.quant_state = state
+
+
+#: what ``model.quant`` takes: bitsandbytes' 4-bit NormalFloat and FloatPoint, LLM.int8(), or no quantization
+QUANTS = ("nf4", "fp4", "int8", "none")
 
 
 def is_quantized(module) -> bool:

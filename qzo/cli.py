@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .bnb import QUANTS
 from .checkpoint import CHOICES_HELP
 from .errors import NonFiniteLossError, QzoError
 from .rules import RULES
@@ -47,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                                   "strategy, pool, quant and dtype; flags override them), a preset (llama-2-7b, "
                                   "llama-3.1-8b, ...), a model folder, a .gguf or a hub id whose config.json is in the "
                                   "local Hugging Face cache")
-    pl.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"], help="default nf4")
+    pl.add_argument("--quant", choices=list(QUANTS), help="default nf4")
     pl.add_argument("--gpu", help="GPU budget, e.g. 8GiB (a shipped GPU recipe: its card)")
     pl.add_argument("--batch", type=int, help="default 8")
     pl.add_argument("--seq", type=int, help="default 512")

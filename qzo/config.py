@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from .bnb import QUANTS
 from .data_formats import FORMATS, check_fields
 from .data_sources import parse_hf
 from .errors import ConfigError, DataError
@@ -127,7 +128,7 @@ DEFAULTS: dict = {
 }
 
 _CHOICES = {
-    ("model", "quant"): ("nf4", "fp4", "int8", "none"),
+    ("model", "quant"): QUANTS,
     ("model", "dtype"): (None, "float32", "bfloat16", "float16"),
     ("optim", "strategy"): tuple(STRATEGIES),
     ("optim", "baseline"): BASELINES,

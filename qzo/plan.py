@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .bnb import QUANTS
 from .errors import QzoError
 from .lora import ALL_LINEAR
 from .loss import chunk_tokens
@@ -278,8 +279,8 @@ def plan(source, quant: str = "nf4", gpu=None, batch: int = 8, seq: int = 512, l
         embedding_on_cpu: the input embedding in host RAM (``model.embedding_on_cpu``): its bytes leave the GPU
             (an untied model only; a tied one is refused, as :func:`qzo.load` refuses it).
     """
-    if quant not in ("nf4", "fp4", "int8", "none"):
-        raise QzoError(f"unknown quant {quant!r}; choose nf4, fp4, int8 or none")
+    if quant not in QUANTS:
+        raise QzoError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
     if rule not in RULES:
         raise QzoError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
     if strategy not in STRATEGIES:

@@ -39,3 +39,12 @@ def test_an_unregistered_rule_is_refused_by_key():
         cfg = copy.deepcopy(DEFAULTS)
         merge_config(cfg, {"optim": {"rule": "lion"}})
         validate(cfg)
+
+
+def test_quant_names_live_in_one_place():
+    from qzo import bnb, load
+
+    assert load.QUANTS is bnb.QUANTS  # qzo.load's public name is the same tuple
+    assert _plan_choices("quant") == list(bnb.QUANTS)
+    with pytest.raises(Exception, match="nf4, fp4, int8, none"):
+        plan("llama-2-7b", quant="q4_k")
