@@ -120,3 +120,18 @@ def test_the_gpu_stages_arguments_are_what_their_scripts_take(tmp_path, monkeypa
     streamed = [r for r in rows if r["model"] == gpu_check.STREAMED_70B]
     assert streamed and all(r["planner_gib"] < 20 for r in streamed)  # the planner fits it in the 20 GiB budget
     assert {r["lever"] for r in rows} >= {"none"} and len({r["lever"] for r in rows}) == 2
+
+
+def test_a_stage_past_its_budget_is_killed_and_the_rest_still_run(tmp_path):
+    import gpu_check
+
+    stages = [gpu_check.Stage("hang", ["-c", "import time; print('started', flush=True); time.sleep(60)"], 2, 0, "x"),
+              gpu_check.Stage("fails", ["-c", "raise SystemExit(3)"], 10, 0, "y"),
+              gpu_check.Stage("late", ["-c", "pass"], 10, 7, "z")]  # < 7 s left by then
+    summary = gpu_check.run_stages(stages, tmp_path, deadline_s=8, copy_to=tmp_path / "out", meta={"device": "test"})
+    got = {s["stage"]: s for s in summary["stages"]}
+    assert got["hang"]["status"] == "timeout" and "started" in got["hang"]["tail"] and got["hang"]["wall_s"] < 10
+    assert got["fails"]["status"] == "failed" and got["fails"]["returncode"] == 3
+    assert got["late"]["status"] == "skipped" and "before the deadline" in got["late"]["why"]
+    assert (tmp_path / "out" / "gpu_check.json").is_file()
+    assert "===== hang: timeout" in (tmp_path / "stages.log").read_text()
