@@ -13,13 +13,20 @@ and no half-written one. Reading goes through :func:`verify_checkpoint`: a check
 files are missing, truncated or altered (a disk that lied, a copy that stopped half way) is
 reported and skipped, and :func:`latest_checkpoint` falls back to the newest one that
 verifies, saying which it skipped and why.
+
+A write that fails (a full disk, a read-only or unwritable folder, a quota) raises
+:class:`RunDirError` naming the path and the reason, after removing what it had written:
+a checkpoint's temp folder, a text file's temp file. :func:`check_writable` tries a folder
+before a run starts, so an unwritable ``out_dir`` is an error before the model loads.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -33,7 +40,7 @@ from .errors import QzoError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "atomic_write_text",
            "verify_checkpoint", "CheckpointError", "find_checkpoint", "best_step", "record_best", "CHOICES_HELP",
-           "remove_partial_writes"]
+           "remove_partial_writes", "RunDirError", "check_writable", "write_error"]
 
 #: what ``--checkpoint`` takes in ``qzo eval``, ``qzo chat`` and ``qzo export``
 CHOICES_HELP = "last (default: the newest that verifies), best (lowest held-out loss) or step-N"
@@ -45,19 +52,84 @@ class CheckpointError(QzoError):
 CHECKPOINT_FILES = ("trainables.safetensors", "meta.json")
 
 
+class RunDirError(QzoError, OSError):
+    """A run directory that cannot be written: full, read-only, unwritable or over quota. Names the path."""
+
+    def __str__(self) -> str:  # the message alone, not OSError's "[Errno 28] ..."
+        return str(self.strerror if self.strerror is not None else super().__str__())
+
+
+# the errors a write to the run directory meets that the user fixes on the machine (not qzo's bugs)
+_DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted", errno.EFBIG: "the file is too large for the filesystem"}
+
+
+def _disk_errno(exc: BaseException) -> int | None:
+    """The errno of a failed write: an OSError's, or the ``(os error N)`` safetensors' Rust writer reports."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        return exc.errno
+    if type(exc).__name__ == "SafetensorError":
+        found = re.search(r"os error (\d+)", str(exc))
+        if found and int(found[1]) in _DISK_ERRNOS:
+            return int(found[1])
+    return None
+
+
+def write_error(path, exc: BaseException) -> RunDirError | None:
+    """``exc`` (raised writing ``path``) as a :class:`RunDirError` naming the path, or ``None`` when it is no disk error."""
+    if isinstance(exc, RunDirError):
+        return exc
+    code = _disk_errno(exc)
+    if code is None:
+        return None
+    where = getattr(exc, "filename", None) or path
+    return RunDirError(code, f"cannot write {where}: {_DISK_ERRNOS[code]}")
+
+
+def check_writable(folder) -> None:
+    """Raise :class:`RunDirError` unless a file can be created in ``folder`` (or, if it does not exist yet, in the
+    nearest folder above it that does): a 1-byte probe, written, flushed and removed. Root ignores permission bits,
+    so this tries instead of asking ``os.access``."""
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    probe = existing / f".qzo-write-test-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, b"q")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        code = exc.errno if exc.errno in _DISK_ERRNOS else None
+        reason = _DISK_ERRNOS[code] if code is not None else exc.strerror
+        raise RunDirError(exc.errno, f"cannot write the run directory {str(folder)!r} ({existing}: {reason}); free "
+                          "space, make it writable, or choose another with --set out_dir=...") from None
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a text file via a temp file + rename: readers see the old or the new file, never half."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise write_error(path, exc) or exc from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        error = write_error(path, exc)
+        if error is not None:
+            raise error from None
         raise
 
 
@@ -106,11 +178,17 @@ def _join_state(tree, tensors: dict):
 
 
 def save_checkpoint(run_dir: Path, step: int, trainables: dict, optimizer_state: dict, extra: dict | None = None) -> Path:
-    """Write ``checkpoints/step-<step>`` atomically and return its path."""
+    """Write ``checkpoints/step-<step>`` atomically and return its path.
+
+    A failed write (:class:`RunDirError`, naming the checkpoint) leaves the checkpoints as they were.
+    """
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=root))
+    except OSError as exc:
+        raise write_error(final, exc) or exc from None
     try:
         save_file(trainables, str(tmp / "trainables.safetensors"))
         tensors, tree = _split_state(optimizer_state)
@@ -135,6 +213,13 @@ def save_checkpoint(run_dir: Path, step: int, trainables: dict, optimizer_state:
         else:
             os.replace(tmp, final)
         _fsync(root)
+    except Exception as exc:
+        error = write_error(final, exc)
+        if error is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RunDirError(error.errno, f"cannot write checkpoint {final} ({error.strerror.split(': ')[-1]}); "
+                              "the checkpoints before it are intact") from None
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -215,18 +300,21 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
 
 
 def remove_partial_writes(run_dir: Path) -> list[str]:
-    """Delete what a process killed inside :func:`save_checkpoint` left: ``.tmp-*`` / ``.old-*`` folders.
+    """Delete what a process killed inside a write left: ``checkpoints/.tmp-*`` / ``.old-*`` folders, and in the
+    run folder the temp folders of the best and final values and :func:`atomic_write_text`'s temp files.
 
     Only the process that owns the run (it holds the run's lock) may call this. Returns the
-    names removed.
+    names removed (relative to the run folder, checkpoints' without ``checkpoints/``).
     """
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    partial = [p for p in root.iterdir() if p.is_dir() and p.name.startswith((".tmp-", ".old-"))]
+    run_dir = Path(run_dir)
+    root = run_dir / "checkpoints"
+    partial = [p for p in root.iterdir() if p.is_dir() and p.name.startswith((".tmp-", ".old-"))] if root.is_dir() else []
+    texts = ("config.yaml", "steps.jsonl", "metrics.jsonl", "summary.json", "best.json", "data.json")
+    partial += [p for p in run_dir.iterdir() if p.name in (".best-tmp", ".best-old", ".final-tmp", ".adapter-old")
+                or (p.is_file() and any(p.name.startswith(f".{t}.") for t in texts))] if run_dir.is_dir() else []
     for p in partial:
-        shutil.rmtree(p, ignore_errors=True)
-    return [p.name for p in partial]
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return [p.name if p.parent == root else str(p.relative_to(run_dir)) for p in partial]
 
 
 def best_step(run_dir: Path) -> dict | None:

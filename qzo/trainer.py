@@ -34,8 +34,9 @@ from pathlib import Path
 import yaml
 
 from .batched import CausalLMLoss
-from .checkpoint import (atomic_write_text, best_step, find_checkpoint, latest_checkpoint, list_checkpoints,
-                         load_checkpoint, prune_checkpoints, record_best, remove_partial_writes, save_checkpoint)
+from .checkpoint import (RunDirError, atomic_write_text, best_step, check_writable, find_checkpoint,
+                         latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints, record_best,
+                         remove_partial_writes, save_checkpoint, write_error)
 from .config import DEFAULTS, ConfigError, load_config, merge_config, validate
 from .data import (Batcher, ChatDataset, check_data_unchanged, data_record, datasets_from_config, eval_loss,
                    model_input_device)
@@ -269,6 +270,8 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
     t = cfg["train"]
     dist = init_from_env(t["candidate_parallel"], t["dist_timeout_s"])  # None for one process
     writer = dist is None or dist.rank == 0
+    if writer:  # a full or read-only out_dir is an error now, not after the model has loaded
+        check_writable(run_dir if run_dir is not None else cfg["out_dir"] or "runs")
     if not writer:
         log = _quiet
     elif dist is not None:
@@ -397,8 +400,15 @@ def _evals_after(run_dir: Path, best: dict | None) -> int:
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
+    """One line more; a write that fails (a full disk) is cut back off, so no half line stays behind."""
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        size = f.tell()
+        try:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+        except OSError as exc:
+            f.truncate(size)  # frees what was written: it works on a full disk
+            raise write_error(path, exc) or exc from None
 
 
 def _logged_wall(steps_path: Path) -> float:
@@ -538,13 +548,35 @@ def _keep_best(s: Session, step: int, eval_loss: float) -> None:
     record_best(s.run_dir, step, eval_loss)
     s.best = {"step": int(step), "eval_loss": float(eval_loss)}
     tmp = s.run_dir / ".best-tmp"
+    _write_into(tmp, lambda: write_final_values(s.parts, tmp), f"the best values in {s.run_dir / 'best'}")
+    _swap_in(tmp, s.run_dir / "best")
+
+
+def _write_into(tmp: Path, write, what: str) -> None:
+    """``write()`` into the fresh temp folder ``tmp``; one that fails (a full disk) leaves no ``tmp`` behind and
+    raises a :class:`RunDirError` naming ``what`` was written."""
     shutil.rmtree(tmp, ignore_errors=True)
-    write_final_values(s.parts, tmp)
-    old = s.run_dir / ".best-old"
-    if (s.run_dir / "best").exists():
-        os.replace(s.run_dir / "best", old)
-    os.replace(tmp, s.run_dir / "best")
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        write()
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        error = write_error(what, exc)
+        if error is not None:
+            raise error from None
+        raise
+
+
+def _swap_in(src: Path, dest: Path) -> None:
+    """Move ``src`` (a file or folder) to ``dest``, replacing a folder there whole (renames only: nothing is copied)."""
+    if src.is_dir() and dest.exists():
+        old = dest.parent / f".{dest.name}-old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+        os.replace(src, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dest)
 
 
 def _train_step(s: Session, step: int, steps: int, device, start_wall: float, scalars):
@@ -619,7 +651,11 @@ def finish(s: Session, initial: float | None, wall: float, log=print) -> dict:
     if initial is None and evals:
         initial = evals[0]
     final = evals[-1] if evals else None
-    write_final_values(s.parts, s.run_dir)
+    tmp = s.run_dir / ".final-tmp"  # written whole, then moved into place: a full disk leaves the old values
+    _write_into(tmp, lambda: write_final_values(s.parts, tmp), f"the final values in {s.run_dir}")
+    for item in list(tmp.iterdir()):  # adapter/, scales.safetensors, dense.safetensors
+        _swap_in(item, s.run_dir / item.name)
+    tmp.rmdir()
     summary = {"initial_eval_loss": initial, "final_eval_loss": final, "steps": s.opt.steps,
                "forwards": s.opt.forwards, "wall_s_this_session": round(wall, 2), "trainable_values": s.params.numel}
     atomic_write_text(s.run_dir / "summary.json", json.dumps(summary, indent=2))
@@ -648,15 +684,35 @@ def train(config_path=None, overrides=None, resume=None, log=print, progress: bo
     (``qzo.distributed``): they share each step's evaluations and batch, rank 0 alone
     writes the run directory and speaks, and the process group is closed at the end.
     """
-    session = setup(config_path, overrides, resume, log)
+    try:
+        session = setup(config_path, overrides, resume, log)
+    except OSError as exc:
+        raise _disk_full(None, exc) from None
     try:
         summary = run(session, log if session.writer else _quiet, progress)
+    except OSError as exc:  # a full disk, a folder made read-only: say which path and what is kept
+        raise _disk_full(session.run_dir, exc) from None
     finally:
         session.lock.release()
     if session.dist is not None:  # not after a failure: the other ranks are stopping on their own error
         _barrier_quietly(session.dist)
     summary["run_dir"] = str(session.run_dir)
     return summary
+
+
+def _disk_full(run_dir: Path | None, exc: OSError) -> OSError:
+    """A write that failed for a reason the user fixes (space, a read-only folder) as one clear
+    :class:`RunDirError`: the path, the reason, the last checkpoint that verifies, how to go on.
+    Other errors are returned as they are."""
+    error = write_error(run_dir, exc)
+    if error is None:
+        return exc
+    if run_dir is None:
+        return error
+    ckpt = latest_checkpoint(run_dir, log=lambda _: None)
+    kept = f"the last checkpoint, {ckpt.name}, verifies" if ckpt else "no checkpoint had been written yet"
+    return RunDirError(error.errno, f"{error}; {kept}; free space (or make {run_dir} writable) and continue with: "
+                       f"qzo train --resume {run_dir}")
 
 
 def _barrier_quietly(dist: Distributed) -> None:

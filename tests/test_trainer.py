@@ -34,7 +34,8 @@ def test_training_lowers_loss_and_writes_the_run(tiny_model_dir, overfit_data, t
     assert {p.name for p in out.iterdir()} - optional == {"config.yaml", "steps.jsonl", "metrics.jsonl",
                                                           "checkpoints", "adapter", "summary.json",
                                                           ".lock",  # qzo.run_lock: who trained it last
-                                                          "best.json", "best"}  # the best held-out checkpoint
+                                                          "best.json", "best",  # the best held-out checkpoint
+                                                          "data.json"}  # what a resume checks the data against
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(41))
     assert [m["step"] for m in metrics if "eval_loss" in m] == [0, 20, 40]
