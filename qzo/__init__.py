@@ -25,7 +25,7 @@ quiet_hub_kernel_warning()  # before anything imports bitsandbytes, which logs i
 
 from . import noise  # noqa: E402
 from .backend import get_backend, set_backend  # noqa: E402
-from .batched import CausalLMLoss  # noqa: E402
+from .loss import CausalLMLoss  # noqa: E402
 from . import targets  # noqa: E402
 from .dense import DenseParams, dense, load_dense  # noqa: E402
 from .scales import ScaleParams, clip_grad, load_scales, scales  # noqa: E402

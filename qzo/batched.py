@@ -31,16 +31,26 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from .errors import QzoError
-from .loss import batch_loss, decoder_and_head, head_loss, row_losses
 from .params import ParamSet, Trainable
 from .perturb import perturb_
 
-__all__ = ["Candidate", "BatchedLoss", "CausalLMLoss", "causal_lm_loss", "lora_candidates", "stack_batch"]
+__all__ = ["Candidate", "lora_candidates"]
+
+#: names that lived here before the loss moved to :mod:`qzo.loss`; still importable from here
+_MOVED_TO_LOSS = ("BatchedLoss", "CausalLMLoss", "causal_lm_loss", "stack_batch")
+
+
+def __getattr__(name: str):
+    if name in _MOVED_TO_LOSS:
+        from . import loss
+
+        return getattr(loss, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -53,174 +63,6 @@ class Candidate:
 
     terms: tuple[tuple[int, float], ...]
     mu_coef: float = 0.0
-
-
-class BatchedLoss(Protocol):
-    """A closure that can also evaluate several candidates in one forward (what ``batched=True`` needs).
-
-    Calling it returns the loss at the trainables' current values, as any ``opt.step``
-    closure does. :meth:`evaluate_candidates` returns one loss per candidate, each equal (to
-    float rounding) to what calling it would return with that candidate applied.
-    """
-
-    def __call__(self): ...
-
-    def evaluate_candidates(self, params: ParamSet, candidates: Sequence[Candidate],
-                            mu_for: Callable[[str], torch.Tensor | None] | None = None) -> torch.Tensor: ...
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Token-mean cross entropy of next-token prediction, as transformers' ``ForCausalLMLoss`` computes it.
-
-    Labels are padded on the right with ``ignore_index`` and shifted left by one (position t
-    predicts label t+1), logits are upcast to float32, and the mean runs over every label
-    that is not ``ignore_index`` in the whole batch. The fallback for models without a
-    ``loss_function`` attribute; models that have one use their own.
-    """
-    logits = logits.float()
-    shift = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:].contiguous()
-    return torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), shift.view(-1).to(logits.device),
-                                             ignore_index=ignore_index, reduction="mean")
-
-
-def stack_batch(batch: dict, k: int) -> dict:
-    """Every tensor of ``batch`` repeated ``k`` times along dim 0 (copy j is rows ``j*B:(j+1)*B``).
-
-    Non-tensor values pass through. Every tensor must have the batch size as its first dim:
-    a tensor that does not cannot be split per candidate, so it is refused rather than guessed.
-    """
-    sizes = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
-    scalars = [key for key, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() == 0]
-    if len(sizes) != 1 or scalars:
-        raise QzoError(f"batched evaluation stacks the batch per candidate along dim 0, but the batch's tensors do "
-                       f"not share one batch size (first dims {sorted(sizes)}, 0-dim {scalars}); pass a batch of "
-                       "[B, ...] tensors or use batched=False")
-    return {key: v.repeat(k, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) else v
-            for key, v in batch.items()}
-
-
-def _has_lora(module) -> bool:
-    """Whether LoRA factors live inside ``module`` (a LoRA-adapted head must see whole candidate blocks)."""
-    return any(isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict) for m in module.modules())
-
-
-class CausalLMLoss:
-    """The loss of a causal LM on one batch: an ``opt.step`` closure that can also batch a pool.
-
-    ``loss()`` returns the value of ``model(**batch).loss`` (computed from the labelled
-    positions' logits only, a chunk at a time, see ``qzo.loss``), so it replaces ``lambda:
-    model(**batch).loss`` anywhere and needs a fraction of its memory. With a strategy built
-    with ``batched=True``, the optimizer calls :meth:`evaluate_candidates` instead, which
-    evaluates the whole pool in one stacked forward (see the module docs).
-
-    Args:
-        model: the causal LM the LoRA trainables live in (the model ``qzo.lora`` was given,
-            or its ``peft_model``).
-        batch: the model's keyword inputs, with ``labels`` (``-100`` where not trained).
-
-    Example::
-
-        params = qzo.lora(model, r=8, target_modules=["q_proj", "v_proj"])
-        opt = qzo.ZO(params, strategy=qzo.GV(pool=4, batched=True), rule=qzo.SGD(lr=1e-3), eps=1e-2)
-        loss = opt.step(qzo.CausalLMLoss(model, batch))
-    """
-
-    def __init__(self, model, batch: dict):
-        if not isinstance(batch.get("labels"), torch.Tensor):
-            raise QzoError("CausalLMLoss needs a batch with a 'labels' tensor (-100 where no loss is taken)")
-        self.model = model
-        self.batch = batch
-
-    def __call__(self) -> torch.Tensor:
-        return batch_loss(self.model, self.batch)  # logits only where a label is (qzo.loss)
-
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        fn = getattr(self.model, "loss_function", None)
-        if fn is None:
-            return causal_lm_loss(logits, labels)
-        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None) or logits.shape[-1]
-        return fn(logits=logits, labels=labels, vocab_size=vocab)
-
-    @torch.no_grad()
-    def evaluate_candidates(self, params: ParamSet, candidates: Sequence[Candidate],
-                            mu_for: Callable[[str], torch.Tensor | None] | None = None) -> torch.Tensor:
-        """The loss with each candidate applied, from one forward over the batch stacked ``len(candidates)`` times.
-
-        Args:
-            params: the trainables; each must be a ``lora_A``/``lora_B`` weight of ``model``.
-            candidates: perturbations relative to the trainables' current values.
-            mu_for: name -> the strategy's dense mean (for candidates with a ``mu_coef``).
-
-        Returns:
-            A float32 tensor of ``len(candidates)`` losses (each the model's own loss
-            function on that candidate's row block: for Llama, the token mean over
-            labels != -100 of the shifted cross entropy).
-        """
-        k = len(candidates)
-        if k == 0:
-            return torch.zeros(0)
-        labels = self.batch["labels"]
-        inputs = {key: v for key, v in self.batch.items() if key != "labels"}
-        inputs.setdefault("use_cache", False)  # a K-times KV cache that nobody reads
-        stacked = stack_batch(inputs, k)
-        rows = labels.shape[0]
-        parts = decoder_and_head(self.model)
-        if parts is not None and not _has_lora(parts[1]):
-            decoder, head = parts
-            with lora_candidates(self.model, params, candidates, mu_for):
-                hidden = decoder(**stacked).last_hidden_state
-            return torch.stack([head_loss(hidden[j * rows:(j + 1) * rows], labels, head).reshape(())
-                                for j in range(k)])
-        with lora_candidates(self.model, params, candidates, mu_for):
-            logits = self.model(**stacked).logits
-        # one candidate at a time: the float32 upcast and log-softmax are one candidate's size
-        return torch.stack([self._loss(logits[j * rows:(j + 1) * rows], labels).float().reshape(())
-                            for j in range(k)])
-
-
-    @property
-    def tokens(self) -> int:
-        """Labelled positions the loss averages over (next-token targets: ``labels[:, 1:] != -100``).
-
-        A data-parallel step weights each rank's loss by this (``qzo.distributed``), so the
-        reduced loss is the token mean over the whole batch.
-        """
-        return int((self.batch["labels"][:, 1:] != -100).sum())
-
-    @property
-    def rows(self) -> int:
-        """The batch's rows: how many perturbations :meth:`evaluate_rows` takes."""
-        return int(self.batch["labels"].shape[0])
-
-    @torch.no_grad()
-    def evaluate_rows(self, params: ParamSet, candidates: Sequence[Candidate],
-                      mu_for: Callable[[str], torch.Tensor | None] | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row i's loss with candidate i applied to it, all rows in one ordinary forward.
-
-        Per-example perturbations: the same machinery as :meth:`evaluate_candidates` with one
-        row per block (the batch is not stacked), so it costs about one forward plus B
-        small adapter matmuls per LoRA layer.
-
-        Returns:
-            ``(losses, counts)``: float32 ``[B]`` token-mean loss of each row under its own
-            candidate, and each row's labelled-token count (the batch's token mean weights
-            row i by ``counts[i] / counts.sum()``).
-        """
-        candidates = list(candidates)
-        if len(candidates) != self.rows:
-            raise ValueError(f"evaluate_rows takes one candidate per row: {len(candidates)} for {self.rows} rows")
-        parts = decoder_and_head(self.model)
-        if parts is None or _has_lora(parts[1]):
-            raise QzoError("per-example perturbations need a supported causal LM (qzo.loss.SUPPORTED) whose LM head "
-                           "carries no LoRA; use a pool strategy instead")
-        decoder, head = parts
-        inputs = {key: v for key, v in self.batch.items() if key != "labels"}
-        inputs.setdefault("use_cache", False)
-        with lora_candidates(self.model, params, candidates, mu_for):
-            hidden = decoder(**inputs).last_hidden_state
-        sums, counts = row_losses(hidden, self.batch["labels"], head)
-        return sums / counts.clamp_min(1), counts
 
 
 def _lora_factors(model) -> dict[int, tuple[torch.nn.Linear, bool, str]]:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from .batched import CausalLMLoss
+from .loss import CausalLMLoss
 from .checkpoint import (RunDirError, atomic_write_text, best_step, check_writable, find_checkpoint,
                          latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints, record_best,
                          remove_partial_writes, save_checkpoint, write_error)
@@ -310,7 +310,7 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
             ckpt = None
             if writer:
                 for name in remove_partial_writes(run_dir):
-                    log(f"qzo: removed checkpoints/{name}, a checkpoint write that was interrupted")
+                    log(f"qzo: removed {name}, left by a write that was interrupted")
                 ckpt = latest_checkpoint(run_dir, log)
             # every rank loads the checkpoint rank 0 verified, after rank 0 truncated the logs to it
             ckpt = _from_rank0(dist, None if ckpt is None else str(ckpt))

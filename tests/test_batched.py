@@ -5,7 +5,8 @@ import torch
 
 import qzo
 from qzo import noise
-from qzo.batched import Candidate, CausalLMLoss
+from qzo.batched import Candidate
+from qzo.loss import CausalLMLoss
 from qzo.errors import QzoError
 from qzo.perturb import perturb_params_
 
@@ -209,3 +210,13 @@ def test_batched_refuses_non_lora_trainables(tiny_lora, tiny_batch):
     copies = [(t.name, t.tensor.clone()) for t in params]
     with pytest.raises(QzoError, match="not a lora_A/lora_B weight"):
         CausalLMLoss(model, tiny_batch).evaluate_candidates(qzo.ParamSet(copies), [Candidate(((1, 0.1),))])
+
+
+def test_the_loss_moved_to_qzo_loss_and_the_old_import_still_works():
+    import qzo.batched
+    import qzo.loss
+
+    assert qzo.batched.CausalLMLoss is qzo.loss.CausalLMLoss
+    assert qzo.batched.stack_batch is qzo.loss.stack_batch
+    with pytest.raises(AttributeError):
+        qzo.batched.no_such_name

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import qzo
-from qzo.batched import CausalLMLoss
+from qzo.loss import CausalLMLoss
 from qzo.data import IGNORE, Batcher, ChatDataset, Example, collate, eval_loss
 
 from conftest import tiny_config
