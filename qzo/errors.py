@@ -32,3 +32,9 @@ class NonFiniteLossError(QzoError, FloatingPointError):
     def __init__(self, message: str, step: int):
         super().__init__(message)
         self.step = step
+
+
+def check_choice(what: str, value, choices) -> None:
+    """Refuse ``value`` unless it is one of ``choices``, naming ``what`` and the choices (a :class:`QzoError`)."""
+    if value not in choices:
+        raise QzoError(f"unknown {what} {value!r}; choose one of {', '.join(map(str, choices))}")

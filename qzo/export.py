@@ -40,7 +40,7 @@ import torch
 
 from .bnb import dequantized_weight
 from .checkpoint import find_checkpoint, load_checkpoint
-from .errors import ModelSourceError, QzoError
+from .errors import ModelSourceError, QzoError, check_choice
 from .streaming import streamed_layers
 from .targets import clean_path, is_quantized, unwrap_peft
 
@@ -68,14 +68,11 @@ def export(run_dir, fmt: str, out=None, base=None, dtype: str = "bfloat16", log=
     """
     from .trainer import load_run_config
 
-    if fmt not in FORMATS:
-        raise QzoError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if dtype not in _DTYPES:
-        raise QzoError(f"unknown export dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    check_choice("export format", fmt, FORMATS)
+    check_choice("export dtype", dtype, _DTYPES)
     from .export_gguf import GGUF_TYPES
 
-    if gguf_type not in GGUF_TYPES:
-        raise QzoError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
+    check_choice("GGUF type", gguf_type, GGUF_TYPES)
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     ckpt = find_checkpoint(run_dir, checkpoint)

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import QzoError
+from .errors import QzoError, check_choice
 from .targets import unwrap_peft
 
 __all__ = ["GGUF_TYPES", "write_gguf", "write_lora_gguf", "modelfile", "permute_for_llama_cpp", "chat_family"]
@@ -86,8 +86,7 @@ def write_gguf(path, model, tok, gguf_type: str = "f16", source_gguf=None, name:
 
     from .export import merged_tensors
 
-    if gguf_type not in GGUF_TYPES:
-        raise QzoError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
+    check_choice("GGUF type", gguf_type, GGUF_TYPES)
     config = unwrap_peft(model).config
     _check_architecture(config)
     path = Path(path)

@@ -39,7 +39,7 @@ from .host_embedding import keep_input_embedding_on_host
 from .streaming import attach_streaming, plan_streaming
 from .bnb import QUANTS, choose_cpu_path
 from .cache import cache_dir
-from .errors import ModelSourceError, QzoError
+from .errors import ModelSourceError, QzoError, check_choice
 
 __all__ = ["load", "resolve_source", "hf_model_path", "QUANTS", "BUILTIN_MODELS"]
 
@@ -266,12 +266,10 @@ def load(
     Returns:
         ``(model, tokenizer)``; the model is in eval mode with all base weights frozen.
     """
-    if quant not in QUANTS:
-        raise QzoError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
+    check_choice("quant", quant, QUANTS)
     if dtype is None:
         dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    if dtype not in _DTYPES:
-        raise QzoError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    check_choice("dtype", dtype, _DTYPES)
     torch_dtype = _DTYPES[dtype]
     if device_map is None:
         device_map = "auto" if torch.cuda.is_available() else "cpu"

@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .bnb import QUANTS
-from .errors import QzoError
+from .errors import QzoError, check_choice
 from .lora import ALL_LINEAR
 from .loss import chunk_tokens
 from .rules import RULES
@@ -279,14 +279,10 @@ def plan(source, quant: str = "nf4", gpu=None, batch: int = 8, seq: int = 512, l
         embedding_on_cpu: the input embedding in host RAM (``model.embedding_on_cpu``): its bytes leave the GPU
             (an untied model only; a tied one is refused, as :func:`qzo.load` refuses it).
     """
-    if quant not in QUANTS:
-        raise QzoError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
-    if rule not in RULES:
-        raise QzoError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
-    if strategy not in STRATEGIES:
-        raise QzoError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if dtype not in _DTYPE_BYTES:
-        raise QzoError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPE_BYTES)}")
+    check_choice("quant", quant, QUANTS)
+    check_choice("rule", rule, RULES)
+    check_choice("strategy", strategy, STRATEGIES)
+    check_choice("dtype", dtype, _DTYPE_BYTES)
     cfg = model_config(source)
     db = _DTYPE_BYTES[dtype]
     shapes = _linear_shapes(cfg)
