@@ -304,7 +304,7 @@ def remove_partial_writes(run_dir: Path) -> list[str]:
     run folder the temp folders of the best and final values and :func:`atomic_write_text`'s temp files.
 
     Only the process that owns the run (it holds the run's lock) may call this. Returns the
-    names removed (relative to the run folder, checkpoints' without ``checkpoints/``).
+    paths removed, relative to the run folder.
     """
     run_dir = Path(run_dir)
     root = run_dir / "checkpoints"
@@ -314,7 +314,7 @@ def remove_partial_writes(run_dir: Path) -> list[str]:
                 or (p.is_file() and any(p.name.startswith(f".{t}.") for t in texts))] if run_dir.is_dir() else []
     for p in partial:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    return [p.name if p.parent == root else str(p.relative_to(run_dir)) for p in partial]
+    return [str(p.relative_to(run_dir)) for p in partial]
 
 
 def best_step(run_dir: Path) -> dict | None:
