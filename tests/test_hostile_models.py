@@ -54,3 +54,41 @@ def test_gguf_with_a_corrupt_header_or_no_magic(tmp_path, monkeypatch):
     fake.write_bytes(b"NOPE" + bytes(64))
     with pytest.raises(ModelSourceError, match="not a GGUF file"):
         qzo.load(fake, "nf4")
+
+
+def _small_gguf(path):
+    """A well-formed two-tensor llama GGUF (no tokenizer, which qzo reads after the tensor table)."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(16)
+    w.add_head_count(2)
+    w.add_head_count_kv(1)
+    w.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((8, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["tensor table", "tensor data cut"])
+def test_gguf_with_a_corrupt_tensor_table_or_cut_data(damage, tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("QZO_CACHE", str(tmp_path / "cache"))
+    data = _small_gguf(tmp_path / "good.gguf")
+    if damage == "tensor table":  # the second tensor's dims, type and offset: garbage
+        at = data.index(b"blk.0.attn_q.weight") + len(b"blk.0.attn_q.weight")
+        data = data[:at] + b"\xff" * 24 + data[at + 24:]
+    else:
+        data = data[:-100]
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data)
+    with pytest.raises(ModelSourceError, match=f"could not read GGUF '{bad}'"):
+        qzo.load(bad, "nf4")
+    assert not any((tmp_path / "cache").rglob("config.json"))
