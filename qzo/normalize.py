@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import math
 
+from .errors import QzoError
 from .strategies.base import Component, Estimate
 
-__all__ = ["Normalize", "NORMALIZATIONS"]
+__all__ = ["Normalize", "NORMALIZATIONS", "clip_grad"]
 
 NORMALIZATIONS = ("spread", "rms")
 
@@ -68,3 +69,21 @@ class Normalize(Component):
 
     def load_state_dict(self, state: dict) -> None:
         self.mean_square, self.t = float(state.get("mean_square", 0.0)), int(state.get("t", 0))
+
+
+def clip_grad(grad: float, clip: float | None) -> float:
+    """QZO's directional-derivative clipping: ``grad`` limited to ``[-clip, clip]``.
+
+    ``grad`` is the projected gradient ``(f+ - f-) / (2 eps)``. A quantized model's loss
+    can jump when a scale perturbation flips the rounding of many activations, and one
+    such step would otherwise throw the scales far off; QZO clips at C = 100. ``None``
+    leaves the value as it is; NaN passes through so the caller's finiteness check still
+    sees it.
+    """
+    if clip is None:
+        return grad
+    if not clip > 0:
+        raise QzoError(f"clip must be > 0 (QZO uses 100), got {clip}")
+    if math.isnan(grad):
+        return grad
+    return max(-clip, min(clip, grad))

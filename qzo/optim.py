@@ -22,11 +22,10 @@ from .batched import Candidate
 from .distributed import Distributed
 from .errors import NonFiniteLossError, QzoError
 from .noise import step_seed
-from .normalize import Normalize
+from .normalize import Normalize, clip_grad
 from .params import ParamSet, as_param_set
 from .perturb import noise_cache, perturb_params_
 from .rules import SGD, Rule
-from .scales import clip_grad
 from .schedule import Schedule
 from .strategies import SPSA, Estimate, Strategy
 

@@ -29,37 +29,18 @@ depend on which other tensors are trained or whether LoRA wraps the layer.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from .bnb import is_4bit, unpack_cpu_4bit
 from .errors import QzoError
 from .noise import stream_id
+from .normalize import clip_grad  # the clip is the optimizer's (qzo.ZO(clip=)); importable here as before
 from .params import Trainable
-from .bnb import is_4bit, unpack_cpu_4bit
 from .targets import ModuleTargets, TargetError, is_quantized, read_checkpoint, select_modules, unwrap_peft
 
 __all__ = ["scales", "ScaleParams", "load_scales", "clip_grad"]
 
 _SUFFIXES = (".weight.absmax", ".weight.SCB")
-
-
-def clip_grad(grad: float, clip: float | None) -> float:
-    """QZO's directional-derivative clipping: ``grad`` limited to ``[-clip, clip]``.
-
-    ``grad`` is the projected gradient ``(f+ - f-) / (2 eps)``. A quantized model's loss
-    can jump when a scale perturbation flips the rounding of many activations, and one
-    such step would otherwise throw the scales far off; QZO clips at C = 100. ``None``
-    leaves the value as it is; NaN passes through so the caller's finiteness check still
-    sees it.
-    """
-    if clip is None:
-        return grad
-    if not clip > 0:
-        raise QzoError(f"clip must be > 0 (QZO uses 100), got {clip}")
-    if math.isnan(grad):
-        return grad
-    return max(-clip, min(clip, grad))
 
 
 def _absmax_master(module) -> torch.Tensor:
