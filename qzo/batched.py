@@ -30,14 +30,13 @@ them.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
 
 from .errors import QzoError
 from .params import ParamSet, Trainable
-from .perturb import perturb_
+from .perturb import Candidate, perturb_
 
 __all__ = ["Candidate", "lora_candidates"]
 
@@ -51,18 +50,6 @@ def __getattr__(name: str):
 
         return getattr(loss, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One perturbation to evaluate, relative to the trainables' current values.
-
-    The candidate's values are ``x + sum coef * z(seed, stream) + mu_coef * mu`` for each
-    trainable ``x`` (``mu`` the strategy's dense mean, LDSD only).
-    """
-
-    terms: tuple[tuple[int, float], ...]
-    mu_coef: float = 0.0
 
 
 def _lora_factors(model) -> dict[int, tuple[torch.nn.Linear, bool, str]]:

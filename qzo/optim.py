@@ -18,13 +18,12 @@ from typing import Callable
 
 import torch
 
-from .batched import Candidate
 from .distributed import Distributed
 from .errors import NonFiniteLossError, QzoError
 from .noise import step_seed
 from .normalize import Normalize, clip_grad
 from .params import ParamSet, as_param_set
-from .perturb import noise_cache, perturb_params_
+from .perturb import Candidate, noise_cache, perturb_params_
 from .rules import SGD, Rule
 from .schedule import Schedule
 from .strategies import SPSA, Estimate, Strategy

@@ -15,6 +15,7 @@ steps, and the GPU kernels keep none.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -22,7 +23,19 @@ import torch
 from . import noise
 from .backend import use_triton
 
-__all__ = ["perturb_", "perturb_params_", "split_by_backend", "combine", "noise_combo", "chunks", "NoiseCache", "noise_cache"]
+__all__ = ["Candidate", "perturb_", "perturb_params_", "split_by_backend", "combine", "noise_combo", "chunks", "NoiseCache", "noise_cache"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One perturbation to evaluate, relative to the trainables' current values.
+
+    The candidate's values are ``x + sum coef * z(seed, stream) + mu_coef * mu`` for each
+    trainable ``x`` (``mu`` the strategy's dense mean, LDSD only).
+    """
+
+    terms: tuple[tuple[int, float], ...]
+    mu_coef: float = 0.0
 
 
 class NoiseCache:
