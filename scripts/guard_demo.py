@@ -1,9 +1,10 @@
 """What the divergence guard does on the demo at 2x its stable lr: the same run with the guard off and on.
 
-The demo recipe (``smollm2-135m/demo``: SmolLM2-135M-Instruct NF4, LoRA r 8 on q,v, SPSA,
-batch 8 x 96) at ``optim.lr=2e-3`` (the convergence benchmark's sweep: 1e-3 is stable,
-2e-3 blows up) for ``--forwards`` loss evaluations, held-out loss every ``--eval-every``
-steps, once per ``--factors`` value (``off`` is the guard off). Writes
+The demo recipe (``smollm2-135m/demo``: SmolLM2-135M-Instruct NF4, LoRA r 8 on q,v, SPSA)
+at the convergence benchmark's batch, 4 x 96, where its lr sweep found 1e-3 stable and 2e-3
+blowing up (held-out 16.35 at 400 forwards), at ``optim.lr=2e-3`` for ``--forwards`` loss
+evaluations, held-out loss every ``--eval-every`` steps, once per ``--factors`` value
+(``off`` is the guard off), on ``--threads`` torch threads (1 on a shared 2-core machine). Writes
 ``benchmarks/results/divergence_guard.json``: per run the held-out losses, the steps the
 guard undid, the lr it ended at, why it stopped, and the wall time.
 
@@ -28,6 +29,7 @@ def one_run(factor: str, args, folder: Path) -> dict:
 
     out = folder / f"lr{args.lr:g}-guard-{factor}"
     sets = [f"optim.lr={args.lr}", f"train.forwards={args.forwards}", f"train.eval_every={args.eval_every}",
+            f"train.batch_size={args.batch_size}",
             f"train.save_every={args.eval_every}", "train.report_to=[]", f"out_dir={out}",
             f"train.divergence_factor={'null' if factor == 'off' else factor}"]
     start = time.perf_counter()
@@ -56,11 +58,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--forwards", type=int, default=400)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--factors", nargs="+", default=["off", "3", "1.5"])
     p.add_argument("--folder", default="/tmp/qzo-guard-demo")
     p.add_argument("--out", default=str(RESULTS / "divergence_guard.json"))
     args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
@@ -69,8 +76,8 @@ def main() -> None:
         key = f"lr {args.lr:g}, guard {factor}"
         runs[key] = {"lr": args.lr, **one_run(factor, args, folder),
                      "command": "nice -n 10 python scripts/guard_demo.py " + " ".join(sys.argv[1:])}
-        result = {"device": device_name(), "recipe": "smollm2-135m/demo", "stable_lr": 1e-3,
-                  "forwards": args.forwards, "eval_every_steps": args.eval_every, "runs": runs}
+        result = {"device": device_name(), "recipe": "smollm2-135m/demo", "batch_size": args.batch_size,
+                  "stable_lr": 1e-3, "forwards": args.forwards, "eval_every_steps": args.eval_every, "runs": runs}
         out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'run':>18} {'held-out start':>14} {'end':>8} {'undone':>7} {'final lr':>9} stopped")
     for factor, r in runs.items():
