@@ -3,9 +3,11 @@
 A tiny random Llama (the demo's tokenizer) trains for ``--steps`` steps with a checkpoint
 every step, so kills land in checkpoint writes, evaluations, step logging and the final
 adapter write as well as in forwards. Each round starts a fresh run, then repeats: start
-(``--resume`` after the first start), kill with ``SIGKILL`` (half the kills at a random time
-since the start, half a random 0-0.3 s after a random step was logged), inspect, until the
-process ends by itself. After every kill:
+(``--resume`` after the first start), kill with ``SIGKILL`` (``--p-checkpoint`` of the kills,
+0.3, the moment a checkpoint's temp folder appears, i.e. inside its write, which the 2 ms
+writes of a tiny model are otherwise too short to be hit in; of the rest half at a random
+time since the start, half a random 0-0.3 s after a random step was logged), inspect, until
+the process ends by itself. After every kill:
 
 * every checkpoint must verify (sizes and SHA-256 recorded in its meta, ``qzo.checkpoint``);
 * a kill before the run folder exists leaves nothing to resume, and the run starts again;
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import signal
 import subprocess
@@ -101,8 +104,22 @@ def _wait_for_step(run: Path, step: int, proc) -> None:
         time.sleep(0.02)
 
 
+def _wait_for_checkpoint_write(run: Path, proc) -> bool:
+    """Return ``True`` the moment a checkpoint write's temp folder exists (polled every ~0.1 ms), ``False`` if the
+    process ended first."""
+    root = run / "checkpoints"
+    while proc.poll() is None:
+        try:
+            if any(e.name.startswith(".tmp-") for e in os.scandir(root)):
+                return True
+        except FileNotFoundError:
+            pass
+        time.sleep(0.0001)
+    return False
+
+
 def run_round(model: Path, data: Path, folder: Path, steps: int, kills: int, rng: random.Random,
-              window: tuple[float, float]) -> dict:
+              window: tuple[float, float], p_checkpoint: float = 0.0) -> dict:
     run = folder / "run"
     counts = {key: 0 for key in COUNTS}
     resumed_from = []
@@ -115,6 +132,11 @@ def run_round(model: Path, data: Path, folder: Path, steps: int, kills: int, rng
         counts["starts"] += 1
         if counts["kills"] < kills:
             try:
+                if rng.random() < p_checkpoint:  # inside a checkpoint write
+                    if not _wait_for_checkpoint_write(run, proc):
+                        out, _ = proc.communicate()
+                        raise SystemExit(f"qzo train ended before a checkpoint write was seen:\n{out[-3000:]}")
+                    raise subprocess.TimeoutExpired(argv, 0)
                 if rng.random() < 0.5:  # at a random time: the load, an evaluation, the final writes
                     out, _ = proc.communicate(timeout=rng.uniform(*window))
                 else:  # a random moment inside training: a step, its log line, its checkpoint write
@@ -145,6 +167,7 @@ def main() -> None:
     ap.add_argument("--per-round", type=int, default=5, help="kills before a round is let finish")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--p-checkpoint", type=float, default=0.3, help="share of the kills made inside a checkpoint write")
     ap.add_argument("--window", type=float, nargs=2, default=None,
                     help="seconds after a start at which the kill may land; default: 0.5 s to the uninterrupted "
                          "run's own time, so kills land in the load, steps, evaluations, checkpoints and final writes")
@@ -168,7 +191,7 @@ def main() -> None:
     while left > 0:
         folder = work / f"round-{totals['rounds']}"
         folder.mkdir()
-        got = run_round(model, data, folder, args.steps, min(args.per_round, left), rng, window)
+        got = run_round(model, data, folder, args.steps, min(args.per_round, left), rng, window, args.p_checkpoint)
         left -= got["kills"]
         totals["rounds"] += 1
         adapter = "adapter/adapter_model.safetensors"
@@ -181,7 +204,7 @@ def main() -> None:
     from _common import device_name
 
     result = {"device": device_name(), "steps_per_run": args.steps, "seed": args.seed,
-              "kill_window_s": [round(w, 1) for w in window], **totals}
+              "kill_window_s": [round(w, 1) for w in window], "p_checkpoint": args.p_checkpoint, **totals}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kill_campaign.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'kills':>6}{'rounds':>8}{'bit-exact':>11}{'corrupt ckpts':>15}{'in ckpt write':>15}{'lost steps':>12}")

@@ -1,4 +1,5 @@
-"""The short form of scripts/kill_campaign.py: a real qzo train killed 3 times at random moments ends bit-exact."""
+"""The short form of scripts/kill_campaign.py: a real qzo train killed 3 times at random moments (inside a checkpoint
+write among them, at the campaign's 0.3 odds) ends bit-exact."""
 
 import json
 import subprocess
@@ -14,6 +15,7 @@ def test_three_random_kills_leave_no_corrupt_checkpoint_and_a_bit_exact_run(tmp_
                             capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     counts = json.loads((tmp_path / "kill_campaign.json").read_text())
-    assert counts["kills"] == 3 and counts["rounds"] == counts["rounds_bit_exact"] == 1
+    # a round ends when a start finishes before its kill lands (a late random time): then another begins
+    assert counts["kills"] == 3 and counts["rounds"] == counts["rounds_bit_exact"] >= 1
     assert counts["corrupt_checkpoints"] == counts["lost_steps"] == counts["log_gaps"] == 0
-    assert counts["starts"] == 4  # three killed starts and the one that finished
+    assert counts["starts"] == counts["kills"] + counts["rounds"]  # the killed starts and one finished per round
