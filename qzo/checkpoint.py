@@ -77,7 +77,7 @@ def _disk_errno(exc: BaseException) -> int | None:
 
 
 def write_error(path, exc: BaseException) -> RunDirError | None:
-    """``exc`` (raised writing ``path``) as a :class:`RunDirError` naming the path, or ``None`` when it is no disk error."""
+    """``exc`` (raised writing ``path``) as a :class:`RunDirError` naming the path; ``None``: not a disk error."""
     if isinstance(exc, RunDirError):
         return exc
     code = _disk_errno(exc)
@@ -308,7 +308,8 @@ def remove_partial_writes(run_dir: Path) -> list[str]:
     """
     run_dir = Path(run_dir)
     root = run_dir / "checkpoints"
-    partial = [p for p in root.iterdir() if p.is_dir() and p.name.startswith((".tmp-", ".old-"))] if root.is_dir() else []
+    partial = ([p for p in root.iterdir() if p.is_dir() and p.name.startswith((".tmp-", ".old-"))]
+               if root.is_dir() else [])
     texts = ("config.yaml", "steps.jsonl", "metrics.jsonl", "summary.json", "best.json", "data.json")
     partial += [p for p in run_dir.iterdir() if p.name in (".best-tmp", ".best-old", ".final-tmp", ".adapter-old")
                 or (p.is_file() and any(p.name.startswith(f".{t}.") for t in texts))] if run_dir.is_dir() else []

@@ -124,8 +124,8 @@ def _lines(path: Path):
                 yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: byte {exc.start + 1} of the line (0x{raw[exc.start]:02x}) is not "
-                                f"UTF-8, which JSONL is read as; convert the file (from Latin-1, say: iconv -f latin1 -t "
-                                f"utf-8 {path} > fixed.jsonl) or fix the line") from None
+                                "UTF-8, which JSONL is read as; convert the file (from Latin-1, say: iconv -f latin1 "
+                                f"-t utf-8 {path} > fixed.jsonl) or fix the line") from None
 
 
 def _split_outside_brackets(text: str) -> list[str]:

@@ -150,7 +150,8 @@ def main() -> int:
     result = {
         "device": device_name(), "steps": args.steps, "warmup_steps": args.warmup, "window_steps": args.window,
         "every": args.every, "wall_s": round(wall, 1),
-        "rss_mib_median_first_window": round(rss_warm / 2**20, 2), "rss_mib_median_last_window": round(rss_end / 2**20, 2),
+        "rss_mib_median_first_window": round(rss_warm / 2**20, 2),
+        "rss_mib_median_last_window": round(rss_end / 2**20, 2),
         "rss_mib_at_warmup_step": round(by_step[args.warmup][2] / 2**20, 2),
         "rss_mib_at_last_step": round(by_step[args.steps][2] / 2**20, 2),
         "rss_mib_max_after_warmup": round(max(r for s, _, _, r in samples if s >= args.warmup) / 2**20, 2),

@@ -60,7 +60,8 @@ def test_a_step_after_an_undo_undoes_only_its_own_update():
     _, record = guard.step(opt, lambda: torch.tensor(float("inf")), 3)
     assert record["reverted"]["to_step"] == 2 and torch.equal(w, torch.linspace(-1, 1, 64))
     _, record = guard.step(opt, lambda: torch.tensor(float("inf")), 4)
-    assert guard.stop_reason and "steps 2, 3, 4" in guard.stop_reason and "step 4: loss is inf at step 4" in guard.stop_reason
+    assert guard.stop_reason and "steps 2, 3, 4" in guard.stop_reason
+    assert "step 4: loss is inf at step 4" in guard.stop_reason
     assert opt.rule.lr == 1e-2 * 0.5 ** 3
 
 

@@ -104,7 +104,8 @@ def test_the_first_tokens_of_a_long_text_are_those_of_the_whole_text(smol_tokeni
     (b'{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant"}]}\n',
      r'data.jsonl:1: message 1 \(assistant\) needs a string "content"'),
     (b'{"messages": [{"role": "narrator", "content": "Q"}, {"role": "assistant", "content": "A"}]}\n',
-     r"data.jsonl:1: message 0 needs a \"role\" \(roles are system, user, assistant, tool.*data.fields.roles.*'narrator'"),
+     r"data.jsonl:1: message 0 needs a \"role\" \(roles are system, user, assistant, tool"
+     r".*data.fields.roles.*'narrator'"),
     (b'{"conversations": [{"from": "wizard", "value": "Q"}, {"from": "gpt", "value": "A"}]}\n',
      r"data.jsonl:1: turn 0 has \"from\" 'wizard'; ShareGPT roles are .*data.fields.roles"),
     (b'[1, 2]\n', "data.jsonl:1: expected a JSON object, got list"),
