@@ -183,7 +183,7 @@ def run_one(method: str, lr: float, seed: int, budget: int, eval_every: int, pha
     partial = partial_path(method, lr, seed, phase, budget)
     if not first_order and partial.is_file():
         opt = METHODS[method].optimizer(params, lr, seed, budget)
-        state = torch.load(partial, weights_only=False)
+        state = torch.load(partial, weights_only=True)  # tensors, numbers and lists: no pickle runs
         params.load_state_dict(state["params"])
         opt.load_state_dict(state["opt"])
         rows, forwards, step, wall = state["rows"], state["forwards"], state["step"], state["wall"]
