@@ -56,7 +56,7 @@ from .data_sources import demo_data_path, read_examples, read_jsonl, resolve_dat
 from .data_sources import read_hf as _read_hf_examples
 from .errors import DataError
 from .loss import batch_loss
-from .noise import _mix64
+from .noise import epoch_seed, holdout_seed
 from .templates import BUILTIN, check_renders, render, set_chat_template
 
 __all__ = [
@@ -293,7 +293,7 @@ class ChatDataset:
         n_eval = max(1, int(round(n * fraction)))
         if n_eval >= n:
             raise DataError(f"{self.source}: {n} examples are too few to hold out {fraction:.0%} for evaluation")
-        g = torch.Generator().manual_seed(_mix64(seed ^ 0x5EED) & 0x7FFFFFFFFFFFFFFF)
+        g = torch.Generator().manual_seed(holdout_seed(seed))
         order = torch.randperm(n, generator=g).tolist()
 
         def pick(idx: list[int], dropped: int) -> ChatDataset:
@@ -450,7 +450,7 @@ class Batcher:
 
     def _perm(self, epoch: int) -> list[int]:
         if epoch not in self._perm_cache:
-            g = torch.Generator().manual_seed(_mix64(self.seed * 1_000_003 + epoch) & 0x7FFFFFFFFFFFFFFF)
+            g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
             self._perm_cache = {epoch: torch.randperm(len(self.dataset), generator=g).tolist()}
         return self._perm_cache[epoch]
 
