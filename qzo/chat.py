@@ -26,7 +26,7 @@ __all__ = ["load_for_chat", "reply", "chat_loop", "sampling_kwargs"]
 def load_for_chat(source: str, checkpoint: str | None = None):
     """``(model, tokenizer)`` for a run directory (base + a checkpoint's values, default ``last``) or any model
     source (which has no checkpoints: naming one is an error)."""
-    from .trainer import is_run_dir, load_run_model
+    from .runs import is_run_dir, load_run_model
 
     if is_run_dir(Path(source)):
         model, tok, _, _ = load_run_model(Path(source), checkpoint or "last")

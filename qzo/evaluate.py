@@ -67,7 +67,8 @@ def evaluate_run(run_dir, samples: int = 4, max_new_tokens: int = 64, log=print,
     progress lines and the final table. Raises :class:`QzoError` for a folder that is not a
     run or a run without a checkpoint.
     """
-    from .trainer import load_model_and_targets, load_run_config, load_run_model
+    from .components import load_model_and_targets
+    from .runs import load_run_config, load_run_model
 
     if samples < 0:
         raise QzoError(f"--samples must be >= 0, got {samples}")

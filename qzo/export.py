@@ -66,7 +66,7 @@ def export(run_dir, fmt: str, out=None, base=None, dtype: str = "bfloat16", log=
     Returns:
         The folder written.
     """
-    from .trainer import load_run_config
+    from .runs import load_run_config
 
     check_choice("export format", fmt, FORMATS)
     check_choice("export dtype", dtype, _DTYPES)
@@ -115,7 +115,7 @@ def _load_base(cfg: dict, base, lora: bool):
 
     ``params`` is ``None`` when no target is left to build (a LoRA-only run loaded without LoRA).
     """
-    from .trainer import load_model_and_targets
+    from .components import load_model_and_targets
 
     cfg = copy.deepcopy(cfg)
     if base is not None:

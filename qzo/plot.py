@@ -34,7 +34,7 @@ def _matplotlib():
 
 def read_metrics(run_dir) -> list[dict]:
     """The rows of a run's ``metrics.jsonl``; :class:`QzoError` when it is not a run or has none yet."""
-    from .trainer import is_run_dir
+    from .runs import is_run_dir
 
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):

@@ -1,4 +1,5 @@
-"""``qzo train``: config -> run directory, read top to bottom.
+"""``qzo train``: config -> run directory, read top to bottom (the loop; the builders are
+:mod:`qzo.components`, reading a run folder back is :mod:`qzo.runs`).
 
     setup (run dir, model, targets, data, optimizer) -> initial eval -> steps
     (log, eval, checkpoint) -> final eval, adapter, summary
@@ -33,158 +34,28 @@ from pathlib import Path
 
 import yaml
 
-from .loss import CausalLMLoss
-from .checkpoint import (RunDirError, atomic_write_text, best_step, check_writable, find_checkpoint,
-                         latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints, record_best,
-                         remove_partial_writes, save_checkpoint, write_error)
-from .config import DEFAULTS, ConfigError, load_config, merge_config, validate
+from .checkpoint import (RunDirError, atomic_write_text, best_step, check_writable, latest_checkpoint, list_checkpoints,
+                         load_checkpoint, prune_checkpoints, record_best, remove_partial_writes, save_checkpoint,
+                         write_error)
+from .components import (build_optimizer, build_strategy, build_targets, describe_targets, load_model_and_targets,
+                         total_steps)
+from .config import load_config
 from .data import (Batcher, ChatDataset, check_data_unchanged, data_record, datasets_from_config, eval_loss,
                    model_input_device)
 from .distributed import Distributed, init_from_env
 from .errors import NonFiniteLossError, QzoError
 from .guard import DivergenceGuard
-from .load import load
+from .loss import CausalLMLoss
 from .objectives import RewardLoss, load_reward
-from .dense import dense
-from .lora import lora
-from .normalize import Normalize
 from .optim import ZO
 from .params import ParamSet
-from .rules import SGD, Adam, Momentum, Sign
 from .run_lock import RunLock
-from .scales import scales
-from .schedule import Schedule
+from .runs import RESUMABLE_KEYS, is_run_dir, load_run_config, load_run_model
 from .stop_signals import GracefulStop
-from .strategies import FZOO, GV, LDSD, SPSA, ConMeZO, Greedy, PerExample
-from .targets import combine
 
-__all__ = ["train", "build_optimizer", "build_targets", "load_model_and_targets", "load_run_model", "Session"]
-
-# Keys a resumed run may change: they do not alter the trajectory of earlier steps.
-RESUMABLE_KEYS = ("train.steps", "train.forwards", "train.eval_every", "train.eval_every_forwards",
-                  "train.save_every", "train.keep_checkpoints", "train.eval_batch_size", "train.report_to")
-
-
-def build_strategy(cfg: dict):
-    """The strategy ``cfg["optim"]`` names, with its settings."""
-    o = cfg["optim"]
-    strategies = {
-        "spsa": lambda: SPSA(),
-        "gv": lambda: GV(pool=o["pool"], split=o["split"], batched=o["batched"]),
-        "greedy": lambda: Greedy(pool=o["pool"], batched=o["batched"]),
-        "ldsd": lambda: LDSD(candidates=o["candidates"], sigma=o["sigma"], lr_mu=o["lr_mu"], batched=o["batched"]),
-        "fzoo": lambda: FZOO(probes=o["probes"], baseline=o["baseline"], batched=o["batched"]),
-        "per_example": lambda: PerExample(),
-        "conmezo": lambda: ConMeZO(theta=o["cone_theta"], beta=o["cone_beta"], ramp_steps=o["cone_ramp_steps"]),
-    }
-    return strategies[o["strategy"]]()
-
-
-def total_steps(cfg: dict) -> int:
-    """The run's length in steps: ``train.steps``, or the first step reaching ``train.forwards`` evaluations.
-
-    A strategy's forwards per step are fixed (a batched pool of K counts K), so a budget in
-    forwards is a step count known before the run, which the lr schedules need.
-    """
-    budget = cfg["train"]["forwards"]
-    if budget is None:
-        return cfg["train"]["steps"]
-    return -(-budget // build_strategy(cfg).forwards_per_step)
-
-
-def build_optimizer(cfg: dict, params, distributed: Distributed | None = None) -> ZO:
-    """The ``qzo.ZO`` a config describes (spread over ranks with ``distributed``)."""
-    o = cfg["optim"]
-    wd = o["weight_decay"]
-    rules = {
-        "sgd": lambda: SGD(lr=o["lr"], weight_decay=wd),
-        "momentum": lambda: Momentum(lr=o["lr"], beta=o["momentum"], weight_decay=wd),
-        "adam": lambda: Adam(lr=o["lr"], betas=tuple(o["betas"]), weight_decay=wd),
-        "sign": lambda: Sign(lr=o["lr"], weight_decay=wd),
-    }
-    schedule = Schedule(o["schedule"], total_steps=total_steps(cfg), warmup_steps=o["warmup_steps"],
-                        min_ratio=o["min_lr_ratio"])
-    normalize = Normalize(o["normalize"], beta=o["normalize_beta"]) if o["normalize"] else None
-    return ZO(params, strategy=build_strategy(cfg), rule=rules[o["rule"]](), eps=o["eps"],
-              seed=cfg["train"]["seed"], schedule=schedule, clip=o["clip"], normalize=normalize,
-              distributed=distributed)
-
-
-def build_targets(model, cfg: dict) -> tuple[ParamSet, dict[str, ParamSet]]:
-    """The trainables ``cfg["targets"]`` asks for: ``(the set ZO trains, {kind: part})``.
-
-    Kinds are built in a fixed order (LoRA, scales, dense) so a run and its resume name and
-    seed every tensor the same way; more than one kind goes through :func:`qzo.combine`.
-    """
-    t, parts = cfg["targets"], {}
-    if t["lora"]:
-        lc = cfg["lora"]
-        parts["lora"] = lora(model, r=lc["r"], alpha=lc["alpha"], target_modules=lc["target_modules"],
-                             seed=cfg["train"]["seed"], init_from=lc["init_from"])
-    if t["scales"]:
-        parts["scales"] = scales(model, modules=None if t["scales"] == "all" else t["scales"])
-    if t["dense"]:
-        parts["dense"] = dense(model, modules=t["dense"])
-    params = next(iter(parts.values())) if len(parts) == 1 else combine(*parts.values())
-    return params, parts
-
-
-def describe_targets(parts: dict[str, ParamSet]) -> str:
-    """``"460,800 values: lora 120 tensors, scales 210 tensors"`` for logs."""
-    total = sum(p.numel for p in parts.values())
-    return f"{total:,} trainable values: " + ", ".join(f"{k} {len(p)} tensors ({p.numel:,})" for k, p in parts.items())
-
-
-def load_model_and_targets(cfg: dict, build: bool = True):
-    """Base model (quantized, placed) with the configured trainables: ``(model, tok, params, parts)``.
-
-    ``build=False`` loads the base alone (``params`` is ``None``, ``parts`` empty), on the
-    same CPU 4-bit path as the run, so its losses are the run's starting point.
-    """
-    m = cfg["model"]
-    # bitsandbytes' fused CPU kernel reads a bf16 copy of the block scales: a run that trains
-    # scales or dense slices loads the plain path, so they start from the full-precision scales
-    fused = m["cpu_fused_4bit"] and not (cfg["targets"]["scales"] or cfg["targets"]["dense"])
-    model, tok = load(m["source"], m["quant"], double_quant=m["double_quant"], dtype=m["dtype"],
-                      device_map=m["device_map"], max_memory=m["max_memory"], offload_folder=m["offload_folder"],
-                      trust_remote_code=m["trust_remote_code"], cpu_fused_4bit=fused,
-                      embedding_on_cpu=m["embedding_on_cpu"])
-    if tok is None:
-        raise QzoError("this model source has no tokenizer; training on chat data needs one")
-    if not build:
-        return model, tok, None, {}
-    params, parts = build_targets(model, cfg)
-    return model, tok, params, parts
-
-
-def is_run_dir(path: Path) -> bool:
-    return (Path(path) / "config.yaml").is_file() and (Path(path) / "steps.jsonl").exists()
-
-
-def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> dict:
-    """The resolved config of a run, with the overrides a resume may apply."""
-    run_dir = Path(run_dir)
-    if not is_run_dir(run_dir):
-        raise QzoError(f"{str(run_dir)!r} is not a qzo run directory (no config.yaml / steps.jsonl); "
-                       "pass the folder a previous `qzo train` wrote")
-    # a run written before a key existed resumes with that key's default (the behaviour it ran with)
-    base = copy.deepcopy(DEFAULTS)
-    merge_config(base, yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
-    for item in overrides or []:
-        key = item.split("=", 1)[0].strip()
-        if key not in RESUMABLE_KEYS:
-            raise ConfigError(f"--set {key} cannot change on --resume (it would change earlier steps); "
-                              f"resumable keys: {', '.join(RESUMABLE_KEYS)}")
-    from .config import apply_overrides
-
-    steps_before = total_steps(base)
-    cfg = apply_overrides(base, overrides or [])
-    if cfg["optim"]["schedule"] != "constant" and total_steps(cfg) != steps_before:
-        raise ConfigError(f"train.steps / train.forwards cannot change on --resume with the "
-                          f"{cfg['optim']['schedule']} schedule: its lr at every step depends on the total; "
-                          "start a new run instead")
-    return validate(cfg)
-
+# the builders and the run-folder readers are re-exported: they were trainer's before they had their own modules
+__all__ = ["train", "Session", "build_optimizer", "build_strategy", "build_targets", "load_model_and_targets",
+           "total_steps", "load_run_model", "load_run_config", "is_run_dir", "RESUMABLE_KEYS"]
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
     """Keep the lines of steps <= last_step (a crash may have logged steps past the checkpoint).
@@ -298,10 +169,10 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
                 run_dir = _new_run_dir(cfg, config_path)
                 lock.acquire(run_dir)
                 atomic_write_text(run_dir / "data.json", json.dumps(data, indent=2))
+            run_dir = Path(_from_rank0(dist, str(run_dir) if writer else None))  # every rank: rank 0's folder
+            cfg["out_dir"] = str(run_dir)
         elif writer and not check_data_unchanged(run_dir, data):  # refuses a data file changed since the start
             atomic_write_text(run_dir / "data.json", json.dumps(data, indent=2))  # a run from before data.json
-            run_dir = Path(_from_rank0(dist, str(run_dir) if writer else None))
-            cfg["out_dir"] = str(run_dir)
         opt = build_optimizer(cfg, params, dist)
         batcher = Batcher(train_ds, cfg["train"]["batch_size"], cfg["train"]["seed"], tok.pad_token_id)
         session = Session(cfg, run_dir, model, tok, params, parts, opt, train_ds, eval_ds, batcher, reward_fn, lock,
@@ -725,24 +596,3 @@ def _barrier_quietly(dist: Distributed) -> None:
             tdist.destroy_process_group()
     except Exception:  # noqa: BLE001 - a peer already gone: the error that matters was raised before
         pass
-
-
-def load_run_model(run_dir: Path, checkpoint: "Path | str | None" = None, source=None):
-    """Base model + trainables with a run's checkpoint: ``(model, tok, params, cfg)``.
-
-    ``checkpoint`` is a checkpoint folder or what ``--checkpoint`` takes (``last``, the
-    default; ``best``; ``step-N``; see :func:`qzo.checkpoint.find_checkpoint`). ``source``
-    loads the base from another place than the run's ``model.source`` (a moved folder); it
-    must be the same model, which the checkpoint's names and shapes check.
-    """
-    cfg = load_run_config(run_dir)
-    if source is not None:
-        cfg["model"]["source"] = str(source)
-    ckpt = checkpoint if isinstance(checkpoint, Path) else find_checkpoint(run_dir, checkpoint or "last")
-    cfg["lora"]["init_from"] = None  # the checkpoint holds the values: the run's starting point need not exist now
-    model, tok, params, _ = load_model_and_targets(cfg)
-    params.load_state_dict(load_checkpoint(ckpt)[0])
-    from .templates import set_chat_template
-
-    set_chat_template(tok, cfg["data"].get("chat_template"))  # chat and eval format chats as training did
-    return model, tok, params, cfg

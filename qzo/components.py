@@ -1,0 +1,118 @@
+"""Config -> components: the model, the trainables and the optimizer a run config describes.
+
+The builders ``qzo train`` uses, kept apart from the training loop (:mod:`qzo.trainer`) and
+the run directory (:mod:`qzo.runs`) so that ``qzo eval``, ``qzo chat``, ``qzo export`` and
+scripts build the same objects from a config without importing the loop. Each builder is a
+pure function of the config (and the model), so a run and its resume build the same things.
+"""
+
+from __future__ import annotations
+
+from .dense import dense
+from .distributed import Distributed
+from .errors import QzoError
+from .load import load
+from .lora import lora
+from .normalize import Normalize
+from .optim import ZO
+from .params import ParamSet
+from .rules import SGD, Adam, Momentum, Sign
+from .scales import scales
+from .schedule import Schedule
+from .strategies import FZOO, GV, LDSD, SPSA, ConMeZO, Greedy, PerExample
+from .targets import combine
+
+__all__ = ["build_strategy", "total_steps", "build_optimizer", "build_targets", "describe_targets",
+           "load_model_and_targets"]
+
+
+def build_strategy(cfg: dict):
+    """The strategy ``cfg["optim"]`` names, with its settings."""
+    o = cfg["optim"]
+    strategies = {
+        "spsa": lambda: SPSA(),
+        "gv": lambda: GV(pool=o["pool"], split=o["split"], batched=o["batched"]),
+        "greedy": lambda: Greedy(pool=o["pool"], batched=o["batched"]),
+        "ldsd": lambda: LDSD(candidates=o["candidates"], sigma=o["sigma"], lr_mu=o["lr_mu"], batched=o["batched"]),
+        "fzoo": lambda: FZOO(probes=o["probes"], baseline=o["baseline"], batched=o["batched"]),
+        "per_example": lambda: PerExample(),
+        "conmezo": lambda: ConMeZO(theta=o["cone_theta"], beta=o["cone_beta"], ramp_steps=o["cone_ramp_steps"]),
+    }
+    return strategies[o["strategy"]]()
+
+
+def total_steps(cfg: dict) -> int:
+    """The run's length in steps: ``train.steps``, or the first step reaching ``train.forwards`` evaluations.
+
+    A strategy's forwards per step are fixed (a batched pool of K counts K), so a budget in
+    forwards is a step count known before the run, which the lr schedules need.
+    """
+    budget = cfg["train"]["forwards"]
+    if budget is None:
+        return cfg["train"]["steps"]
+    return -(-budget // build_strategy(cfg).forwards_per_step)
+
+
+def build_optimizer(cfg: dict, params, distributed: Distributed | None = None) -> ZO:
+    """The ``qzo.ZO`` a config describes (spread over ranks with ``distributed``)."""
+    o = cfg["optim"]
+    wd = o["weight_decay"]
+    rules = {
+        "sgd": lambda: SGD(lr=o["lr"], weight_decay=wd),
+        "momentum": lambda: Momentum(lr=o["lr"], beta=o["momentum"], weight_decay=wd),
+        "adam": lambda: Adam(lr=o["lr"], betas=tuple(o["betas"]), weight_decay=wd),
+        "sign": lambda: Sign(lr=o["lr"], weight_decay=wd),
+    }
+    schedule = Schedule(o["schedule"], total_steps=total_steps(cfg), warmup_steps=o["warmup_steps"],
+                        min_ratio=o["min_lr_ratio"])
+    normalize = Normalize(o["normalize"], beta=o["normalize_beta"]) if o["normalize"] else None
+    return ZO(params, strategy=build_strategy(cfg), rule=rules[o["rule"]](), eps=o["eps"],
+              seed=cfg["train"]["seed"], schedule=schedule, clip=o["clip"], normalize=normalize,
+              distributed=distributed)
+
+
+def build_targets(model, cfg: dict) -> tuple[ParamSet, dict[str, ParamSet]]:
+    """The trainables ``cfg["targets"]`` asks for: ``(the set ZO trains, {kind: part})``.
+
+    Kinds are built in a fixed order (LoRA, scales, dense) so a run and its resume name and
+    seed every tensor the same way; more than one kind goes through :func:`qzo.combine`.
+    """
+    t, parts = cfg["targets"], {}
+    if t["lora"]:
+        lc = cfg["lora"]
+        parts["lora"] = lora(model, r=lc["r"], alpha=lc["alpha"], target_modules=lc["target_modules"],
+                             seed=cfg["train"]["seed"], init_from=lc["init_from"])
+    if t["scales"]:
+        parts["scales"] = scales(model, modules=None if t["scales"] == "all" else t["scales"])
+    if t["dense"]:
+        parts["dense"] = dense(model, modules=t["dense"])
+    params = next(iter(parts.values())) if len(parts) == 1 else combine(*parts.values())
+    return params, parts
+
+
+def describe_targets(parts: dict[str, ParamSet]) -> str:
+    """``"460,800 values: lora 120 tensors, scales 210 tensors"`` for logs."""
+    total = sum(p.numel for p in parts.values())
+    return f"{total:,} trainable values: " + ", ".join(f"{k} {len(p)} tensors ({p.numel:,})" for k, p in parts.items())
+
+
+def load_model_and_targets(cfg: dict, build: bool = True):
+    """Base model (quantized, placed) with the configured trainables: ``(model, tok, params, parts)``.
+
+    ``build=False`` loads the base alone (``params`` is ``None``, ``parts`` empty), on the
+    same CPU 4-bit path as the run, so its losses are the run's starting point.
+    """
+    m = cfg["model"]
+    # bitsandbytes' fused CPU kernel reads a bf16 copy of the block scales: a run that trains
+    # scales or dense slices loads the plain path, so they start from the full-precision scales
+    fused = m["cpu_fused_4bit"] and not (cfg["targets"]["scales"] or cfg["targets"]["dense"])
+    model, tok = load(m["source"], m["quant"], double_quant=m["double_quant"], dtype=m["dtype"],
+                      device_map=m["device_map"], max_memory=m["max_memory"], offload_folder=m["offload_folder"],
+                      trust_remote_code=m["trust_remote_code"], cpu_fused_4bit=fused,
+                      embedding_on_cpu=m["embedding_on_cpu"])
+    if tok is None:
+        raise QzoError("this model source has no tokenizer; training on chat data needs one")
+    if not build:
+        return model, tok, None, {}
+    params, parts = build_targets(model, cfg)
+    return model, tok, params, parts
