@@ -5,9 +5,11 @@ every step, so kills land in checkpoint writes, evaluations, step logging and th
 adapter write as well as in forwards. Each round starts a fresh run, then repeats: start
 (``--resume`` after the first start), kill with ``SIGKILL`` (``--p-checkpoint`` of the kills,
 0.3, the moment a checkpoint's temp folder appears, i.e. inside its write, which the 2 ms
-writes of a tiny model are otherwise too short to be hit in; of the rest half at a random
-time since the start, half a random 0-0.3 s after a random step was logged), inspect, until
-the process ends by itself. After every kill:
+writes of a tiny model are otherwise too short to be hit in; ``--p-eval`` 0.15 the moment an
+evaluation step's log line appears, inside its held-out evaluation (counted when no held-out
+loss of that step was logged); ``--p-final`` 0.15 the moment the final values' or best/'s
+temp folder appears; of the rest half at a random time since the start, half a random 0-0.3 s
+after a random step was logged), inspect, until the process ends by itself. After every kill:
 
 * every checkpoint must verify (sizes and SHA-256 recorded in its meta, ``qzo.checkpoint``);
 * a kill before the run folder exists leaves nothing to resume, and the run starts again;
@@ -35,7 +37,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COUNTS = ("kills", "corrupt_checkpoints", "kills_during_checkpoint_write", "lost_steps", "log_gaps", "starts")
+COUNTS = ("kills", "corrupt_checkpoints", "kills_during_checkpoint_write", "kills_during_eval", "kills_during_final_write",
+          "lost_steps", "log_gaps", "starts")
+EVAL_EVERY = 3
 
 
 def make_model(folder: Path) -> Path:
@@ -66,7 +70,7 @@ def write_data(folder: Path) -> Path:
 def train_argv(model: Path, data: Path, run: Path, steps: int) -> list[str]:
     sets = {"model.source": model, "model.quant": "nf4", "lora.r": 4, "data.train": data, "data.eval": data,
             "optim.lr": 5e-2, "train.steps": steps, "train.batch_size": 4, "train.max_len": 48,
-            "train.eval_every": 3, "train.save_every": 1, "train.keep_checkpoints": 2, "out_dir": run}
+            "train.eval_every": EVAL_EVERY, "train.save_every": 1, "train.keep_checkpoints": 2, "out_dir": run}
     return [sys.executable, "-m", "qzo", "train", "--no-progress"] + [a for k, v in sets.items()
                                                                       for a in ("--set", f"{k}={v}")]
 
@@ -92,7 +96,8 @@ def inspect(run: Path) -> dict:
     newest = max(steps, default=0)
     temp = [p.name for p in (run / "checkpoints").glob(".tmp-*")] if (run / "checkpoints").is_dir() else []
     return {"corrupt": corrupt, "newest": newest, "ahead": sum(s > newest for s in logged),
-            "in_checkpoint_write": bool(temp), "gaps": logged != list(range(1, len(logged) + 1))}
+            "in_checkpoint_write": bool(temp),
+            "in_final_write": any((run / name).exists() for name in (".final-tmp", ".best-tmp")), "gaps": logged != list(range(1, len(logged) + 1))}
 
 
 def _wait_for_step(run: Path, step: int, proc) -> None:
@@ -102,6 +107,31 @@ def _wait_for_step(run: Path, step: int, proc) -> None:
         if log.is_file() and log.read_text().count("\n") >= step:
             return
         time.sleep(0.02)
+
+
+def _wait_for_final_write(run: Path, proc) -> bool:
+    """Return ``True`` the moment the final values' (or best/'s) temp folder exists, ``False`` if the process ended."""
+    while proc.poll() is None:
+        try:
+            if any(e.name in (".final-tmp", ".best-tmp") for e in os.scandir(run)):
+                return True
+        except FileNotFoundError:
+            pass
+        time.sleep(0.0001)
+    return False
+
+
+def _evaluated(run: Path, step: int) -> bool:
+    """Whether ``metrics.jsonl`` holds the held-out loss of ``step`` (written when its evaluation ended)."""
+    path = run / "metrics.jsonl"
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("step") == step and row.get("eval_loss") is not None:
+            return True
+    return False
 
 
 def _wait_for_checkpoint_write(run: Path, proc) -> bool:
@@ -119,7 +149,8 @@ def _wait_for_checkpoint_write(run: Path, proc) -> bool:
 
 
 def run_round(model: Path, data: Path, folder: Path, steps: int, kills: int, rng: random.Random,
-              window: tuple[float, float], p_checkpoint: float = 0.0) -> dict:
+              window: tuple[float, float], p_checkpoint: float = 0.0, p_eval: float = 0.0,
+              p_final: float = 0.0) -> dict:
     run = folder / "run"
     counts = {key: 0 for key in COUNTS}
     resumed_from = []
@@ -131,13 +162,26 @@ def run_round(model: Path, data: Path, folder: Path, steps: int, kills: int, rng
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=folder)
         counts["starts"] += 1
         if counts["kills"] < kills:
+            evaluating = None
             try:
-                if rng.random() < p_checkpoint:  # inside a checkpoint write
+                target = rng.random()
+                if target < p_eval:  # the moment an evaluation step is logged: inside its held-out evaluation
+                    evaluating = EVAL_EVERY * rng.randint(1, steps // EVAL_EVERY)
+                    _wait_for_step(run, evaluating, proc)
+                    if proc.poll() is None:
+                        raise subprocess.TimeoutExpired(argv, 0)
+                    evaluating = None
+                    out, _ = proc.communicate()  # it ended first (a resume past that step): the round is over
+                elif target < p_eval + p_final:  # inside the final values' (or best/'s) write
+                    if _wait_for_final_write(run, proc):
+                        raise subprocess.TimeoutExpired(argv, 0)
+                    out, _ = proc.communicate()
+                elif target < p_eval + p_final + p_checkpoint:  # inside a checkpoint write
                     if not _wait_for_checkpoint_write(run, proc):
                         out, _ = proc.communicate()
                         raise SystemExit(f"qzo train ended before a checkpoint write was seen:\n{out[-3000:]}")
                     raise subprocess.TimeoutExpired(argv, 0)
-                if rng.random() < 0.5:  # at a random time: the load, an evaluation, the final writes
+                elif rng.random() < 0.5:  # at a random time: the load, an evaluation, the final writes
                     out, _ = proc.communicate(timeout=rng.uniform(*window))
                 else:  # a random moment inside training: a step, its log line, its checkpoint write
                     _wait_for_step(run, rng.randint(1, steps), proc)
@@ -149,6 +193,8 @@ def run_round(model: Path, data: Path, folder: Path, steps: int, kills: int, rng
                 seen = inspect(run)
                 counts["corrupt_checkpoints"] += seen["corrupt"]
                 counts["kills_during_checkpoint_write"] += seen["in_checkpoint_write"]
+                counts["kills_during_eval"] += evaluating is not None and not _evaluated(run, evaluating)
+                counts["kills_during_final_write"] += seen["in_final_write"]
                 counts["log_gaps"] += seen["gaps"]
                 resumed_from.append(seen["newest"])
                 continue
@@ -168,6 +214,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--p-checkpoint", type=float, default=0.3, help="share of the kills made inside a checkpoint write")
+    ap.add_argument("--p-eval", type=float, default=0.15, help="share made the moment an evaluation step is logged")
+    ap.add_argument("--p-final", type=float, default=0.15, help="share made inside the final values' write")
     ap.add_argument("--window", type=float, nargs=2, default=None,
                     help="seconds after a start at which the kill may land; default: 0.5 s to the uninterrupted "
                          "run's own time, so kills land in the load, steps, evaluations, checkpoints and final writes")
@@ -191,7 +239,8 @@ def main() -> None:
     while left > 0:
         folder = work / f"round-{totals['rounds']}"
         folder.mkdir()
-        got = run_round(model, data, folder, args.steps, min(args.per_round, left), rng, window, args.p_checkpoint)
+        got = run_round(model, data, folder, args.steps, min(args.per_round, left), rng, window, args.p_checkpoint,
+                        args.p_eval, args.p_final)
         left -= got["kills"]
         totals["rounds"] += 1
         adapter = "adapter/adapter_model.safetensors"
@@ -204,12 +253,15 @@ def main() -> None:
     from _common import device_name
 
     result = {"device": device_name(), "steps_per_run": args.steps, "seed": args.seed,
-              "kill_window_s": [round(w, 1) for w in window], "p_checkpoint": args.p_checkpoint, **totals}
+              "kill_window_s": [round(w, 1) for w in window], "p_checkpoint": args.p_checkpoint,
+              "p_eval": args.p_eval, "p_final": args.p_final, **totals}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kill_campaign.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'kills':>6}{'rounds':>8}{'bit-exact':>11}{'corrupt ckpts':>15}{'in ckpt write':>15}{'lost steps':>12}")
+    print(f"{'kills':>6}{'rounds':>8}{'bit-exact':>11}{'corrupt ckpts':>15}{'in ckpt write':>15}{'in eval':>9}"
+          f"{'in final write':>16}{'lost steps':>12}")
     print(f"{totals['kills']:6d}{totals['rounds']:8d}{totals['rounds_bit_exact']:11d}"
-          f"{totals['corrupt_checkpoints']:15d}{totals['kills_during_checkpoint_write']:15d}{totals['lost_steps']:12d}")
+          f"{totals['corrupt_checkpoints']:15d}{totals['kills_during_checkpoint_write']:15d}"
+          f"{totals['kills_during_eval']:9d}{totals['kills_during_final_write']:16d}{totals['lost_steps']:12d}")
     print(f"wrote {args.out / 'kill_campaign.json'}")
     ok = (totals["rounds_bit_exact"] == totals["rounds"] and not totals["corrupt_checkpoints"]
           and not totals["lost_steps"] and not totals["log_gaps"])
