@@ -26,6 +26,7 @@ from __future__ import annotations
 import codecs
 import glob
 import json
+import sys
 from pathlib import Path
 
 from .data_formats import FORMATS, Example, to_example
@@ -81,18 +82,13 @@ def read_jsonl(path, format: str = "auto", system_prompt: str | None = None,
         except json.JSONDecodeError as exc:
             raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
         except RecursionError:
-            raise DataError(f"{where}: JSON nested deeper than Python's parser reads (~{_depth()} levels); a record "
-                            "is a few levels deep (record, messages, message): flatten the line") from None
+            raise DataError(f"{where}: JSON nested deeper than Python's parser reads (~{sys.getrecursionlimit()} "
+                            "levels); a record is a few levels deep (record, messages, message): flatten the "
+                            "line") from None
         examples.append(_example(record, format, system_prompt, where, fields))
     if not examples:
         raise DataError(f"data file {str(path)!r} is empty; it needs one JSON record per line")
     return examples
-
-
-def _depth() -> int:
-    import sys
-
-    return sys.getrecursionlimit()
 
 
 def _example(record, format, system_prompt, where, fields) -> Example:
@@ -100,8 +96,8 @@ def _example(record, format, system_prompt, where, fields) -> Example:
     try:
         return to_example(record, format, system_prompt, where, fields)
     except RecursionError:
-        raise DataError(f"{where}: nested deeper than qzo reads (~{_depth()} levels); a record is a few levels "
-                        "deep (record, messages, message): flatten it") from None
+        raise DataError(f"{where}: nested deeper than qzo reads (~{sys.getrecursionlimit()} levels); a record is a "
+                        "few levels deep (record, messages, message): flatten it") from None
 
 
 def _lines(path: Path):

@@ -59,12 +59,9 @@ def keep_input_embedding_on_host(model, device=None) -> bool:
         if device.type == "cpu":
             return False
     device = torch.device(device)
-    try:  # accelerate's dispatch hook would move the ids back to the GPU before the lookup
-        from accelerate.hooks import remove_hook_from_module
+    from accelerate.hooks import remove_hook_from_module
 
-        remove_hook_from_module(embedding)
-    except ImportError:  # pragma: no cover - accelerate is a dependency
-        pass
+    remove_hook_from_module(embedding)  # accelerate's dispatch hook would move the ids back to the GPU first
     embedding.to("cpu")
     embedding.register_forward_pre_hook(lambda _module, args: tuple(
         a.to("cpu") if torch.is_tensor(a) else a for a in args))

@@ -33,6 +33,8 @@ import hashlib
 import numpy as np
 import torch
 
+from . import noise_native
+
 __all__ = ["randn", "randn_reference", "derive_seed", "derive_seeds", "stream_id", "philox4x32", "step_seed",
            "sampling_seed", "holdout_seed", "epoch_seed"]
 
@@ -190,15 +192,13 @@ def _randn_compiled(key: int, offset: int, numel: int) -> torch.Tensor:
     are the reference's, applied to bit-identical inputs, so every element is identical
     (torch's vectorized and tail loops depend only on the chunk's length, which is the same).
     """
-    from .noise_native import philox_uniforms
-
     out = torch.empty(numel, dtype=torch.float32)
     size = min(CHUNK, numel)
     u1_buf, theta_buf = torch.empty(size, dtype=torch.float32), torch.empty(size, dtype=torch.float32)
     for start in range(0, numel, CHUNK):
         count = min(CHUNK, numel - start)
         u1, theta = u1_buf[:count], theta_buf[:count]
-        philox_uniforms(key, offset + start, u1, theta)
+        noise_native.philox_uniforms(key, offset + start, u1, theta)
         radius = torch.log(u1).mul_(-2.0).sqrt_()
         torch.mul(radius, theta.cos_(), out=out[start : start + count])
     return out
@@ -222,9 +222,6 @@ def randn(seed: int, stream: int, numel: int, offset: int = 0, device="cpu") -> 
         A float32 tensor of shape ``(numel,)``, standard normal.
     """
     _check(numel, offset)
-    if torch.device(device).type == "cpu" and numel > 0:
-        from . import noise_native
-
-        if noise_native.available():
-            return _randn_compiled(derive_seed(seed, stream), offset, numel)
+    if numel > 0 and torch.device(device).type == "cpu" and noise_native.available():
+        return _randn_compiled(derive_seed(seed, stream), offset, numel)
     return randn_reference(seed, stream, numel, offset=offset, device=device)
