@@ -26,8 +26,11 @@ values spanning its blow-up point (plain and normalized steps have their own gri
 normalized step has no slope in it); the best lr whose sweep run did not blow up then runs
 the full budget on every seed, and the table says if any seed blew up there. Results
 accumulate in a CSV (one row per evaluation), so an interrupted benchmark resumes where it
-stopped (runs already in the CSV are skipped; a run cut mid-way continues bit-exactly from its last
-evaluation, whose state it keeps in the git-ignored results/.partial/). Outputs under benchmarks/results/:
+stopped (runs already in the CSV are skipped). A run cut mid-way goes on from its last step, in
+another session or on another machine: its replay log in results/convergence_runs/ (committed;
+every loss the optimizer received, a few KB) rebuilds its whole state by replay with no forward
+(``qzo.replay.ReplayedLoss``), and the state digests logged at each evaluation say whether the
+rebuilt state is bit-identical. Outputs under benchmarks/results/:
 
     convergence.csv   method, lr, seed, phase, budget, forwards, wall_s, eval_loss
     convergence.png   mean and min-max of held-out loss against forwards per method
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import statistics
 import sys
@@ -61,6 +65,7 @@ from _common import RESULTS, device_name, write_result  # noqa: E402
 
 import qzo  # noqa: E402
 from qzo.data import Batcher, ChatDataset, eval_loss  # noqa: E402
+from qzo.replay import RecordingLoss, ReplayedLoss, state_digest  # noqa: E402
 
 
 class Method:
@@ -115,6 +120,7 @@ BATCH, MAX_LEN, EVAL_BATCH = 4, 96, 16
 FIELDS = ["method", "lr", "seed", "phase", "budget", "forwards", "wall_s", "eval_loss"]
 CSV_PATH = RESULTS / "convergence.csv"
 HELD_OUT_LIMIT: int | None = None  # --quick evaluates on the first chats only
+DEADLINE: float | None = None  # --time-limit: time.monotonic() after which the benchmark stops at a step's end
 BLOW_UP = 1.1  # a run blew up when a held-out loss exceeds its starting loss by 10% (or is not finite)
 
 
@@ -145,26 +151,89 @@ def append_rows(rows: list[dict]) -> None:
         w.writerows(rows)
 
 
-def partial_path(method: str, lr: float, seed: int, phase: str, budget: int) -> Path:
-    """Where an unfinished ZO run keeps its state between evaluations (git-ignored; deleted when it ends)."""
-    return RESULTS / ".partial" / f"{method}-lr{lr:g}-seed{seed}-{phase}-{budget}.pt"
+def log_path(method: str, lr: float, seed: int, phase: str, budget: int) -> Path:
+    """The replay log of an unfinished ZO run (committed: a few KB; deleted when the run's rows reach the CSV)."""
+    return RESULTS / "convergence_runs" / f"{method}-lr{lr:g}-seed{seed}-{phase}-{budget}.jsonl"
 
 
-def save_partial(path: Path, rows, forwards, step, wall, params, opt) -> None:
-    """Atomically: the rows so far and everything the run needs to go on bit-exactly (ZO state is a resume)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"rows": rows, "forwards": forwards, "step": step, "wall": wall, "params": params.state_dict(),
-                "opt": opt.state_dict()}, tmp)
-    os.replace(tmp, path)
+class TimeLimit(Exception):
+    """--time-limit ran out: the current run stops after a logged step, to go on from its log next time."""
+
+
+class RunLog:
+    """An unfinished run's replay log: a header, one line per step, one per evaluation, one per resume.
+
+    A step line holds what :class:`qzo.replay.RecordingLoss` saw (every loss the optimizer
+    received) with the forward count and the cumulative wall time; an evaluation line holds
+    the CSV row and :func:`qzo.replay.state_digest` of the trainables. Replaying the step
+    lines through :class:`qzo.replay.ReplayedLoss` rebuilds the run's whole state with no
+    forward, so a run goes on across sessions and machines from a text file small enough to
+    commit (a model checkpoint in git is what we do not do), and the digests say whether the
+    rebuilt state is bit-identical to the one evaluated. Lines are appended and flushed; a
+    line torn by a kill is dropped on reading (the step it held runs again).
+    """
+
+    def __init__(self, path: Path, header: dict):
+        self.path, self.header = path, header
+        self.steps: list[dict] = []
+        self.evals: list[dict] = []
+        lines = []
+        if path.is_file():
+            text = path.read_text()
+            for raw in text.splitlines(keepends=True):
+                if not raw.endswith("\n"):
+                    break
+                try:
+                    lines.append(json.loads(raw))
+                except json.JSONDecodeError:
+                    break
+            if lines and {k: lines[0].get(k) for k in header} != header:
+                raise SystemExit(f"{path} was written by another configuration ({lines[0]}, this run: {header}); "
+                                 "move it away to start the run afresh")
+            kept = "".join(json.dumps(line) + "\n" for line in lines)
+            if kept != text:  # a torn last line: keep the whole ones
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(kept)
+                os.replace(tmp, path)
+        self.steps = [line for line in lines if line.get("kind") == "step"]
+        self.evals = [line for line in lines if line.get("kind") == "eval"]
+        self.started = bool(lines)
+
+    def append(self, line: dict, sync: bool = False) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+
+    def start(self) -> None:
+        self.append(dict(self.header, kind="start", device=device_name(), date=time.strftime("%Y-%m-%d %H:%M")), True)
+
+
+def replay(log: RunLog, opt: "qzo.ZO", params) -> tuple[int, float, str]:
+    """Bring a fresh ``opt`` to the log's last step; ``(step, wall, digest check)`` where the check is
+    ``"bit-exact"`` when every evaluation's digest was met again, else names the first that was not."""
+    digests = {e["step"]: e["digest"] for e in log.evals}
+    check, step, wall = "bit-exact", 0, 0.0
+    for line in log.steps:
+        closure = ReplayedLoss(line["record"])
+        opt.step(closure)
+        if opt.forwards != line["forwards"] or not closure.exhausted:
+            raise SystemExit(f"{log.path}: step {line['step']} replayed to {opt.forwards} forwards, the log says "
+                             f"{line['forwards']}: the code or config changed since it was written")
+        step, wall = line["step"], line["wall"]
+        if step in digests and state_digest(params) != digests[step] and check == "bit-exact":
+            check = f"differs from the recorded values at step {step} (equal to float rounding only)"
+    return step, wall, check
 
 
 def run_one(method: str, lr: float, seed: int, budget: int, eval_every: int, phase: str) -> list[dict]:
     """Train one method to ``budget`` forwards; held-out loss at every multiple of eval_every.
 
-    A ZO run saves its state at every evaluation (:func:`partial_path`), so a benchmark
-    stopped mid-run (a session ends) continues from its last evaluation, bit-exactly: the
-    batches and seeds are pure functions of the step, and ``qzo.ZO`` resumes from its state.
+    A ZO run logs every step's losses (:class:`RunLog`), so a benchmark stopped mid-run (a
+    session ends) goes on from its last logged step, bit-exactly: the batches and seeds are
+    pure functions of the step, and a replay of the logged losses rebuilds the optimizer.
     """
     first_order = METHODS[method] is None
     # every method on bitsandbytes' plain CPU 4-bit path (qzo's default; the fused kernel has no
@@ -180,25 +249,42 @@ def run_one(method: str, lr: float, seed: int, budget: int, eval_every: int, pha
     evaluate = lambda: eval_loss(model, held, EVAL_BATCH, tok.pad_token_id)
     row = lambda f, w: dict(method=method, lr=lr, seed=seed, phase=phase, budget=budget, forwards=f,  # noqa: E731
                             wall_s=round(w, 2), eval_loss=evaluate())
-    partial = partial_path(method, lr, seed, phase, budget)
-    if not first_order and partial.is_file():
-        opt = METHODS[method].optimizer(params, lr, seed, budget)
-        state = torch.load(partial, weights_only=True)  # tensors, numbers and lists: no pickle runs
-        params.load_state_dict(state["params"])
-        opt.load_state_dict(state["opt"])
-        rows, forwards, step, wall = state["rows"], state["forwards"], state["step"], state["wall"]
-        print(f"  resuming at {forwards} forwards (step {step}) from {partial.name}", flush=True)
-    else:
-        rows.append(row(0, 0.0))
-    next_eval = eval_every * (forwards // eval_every + 1)
+    log = RunLog(log_path(method, lr, seed, phase, budget),
+                 dict(method=method, lr=lr, seed=seed, phase=phase, budget=budget, eps=EPS, batch=BATCH,
+                      max_len=MAX_LEN, held_out_limit=HELD_OUT_LIMIT))
     if first_order:
         lora_params = [p for n, p in params.peft_model.named_parameters() if "lora_" in n]
         for p in lora_params:  # qzo.lora freezes them: ZO never needs autograd
             p.requires_grad_(True)
         adam = torch.optim.AdamW(lora_params, lr=lr, weight_decay=0.0)
-    elif step == 0:
+        rows.append(row(0, 0.0))
+    else:
         opt = METHODS[method].optimizer(params, lr, seed, budget)
-    while forwards < budget:
+        if log.started:
+            t0 = time.perf_counter()
+            step, wall, check = replay(log, opt, params)
+            forwards, rows = opt.forwards, [e["row"] for e in log.evals]
+            print(f"  resumed at {forwards} forwards (step {step}) by replaying {log.path.name} in "
+                  f"{time.perf_counter() - t0:.0f} s: {check}", flush=True)
+            log.append(dict(kind="resume", step=step, device=device_name(), date=time.strftime("%Y-%m-%d %H:%M"),
+                            state=check), True)
+        else:
+            log.start()
+            rows.append(row(0, 0.0))
+            log.append(dict(kind="eval", step=0, row=rows[-1], digest=state_digest(params)), True)
+    next_eval = eval_every * (rows[-1]["forwards"] // eval_every + 1)
+
+    def evaluated():
+        nonlocal next_eval
+        rows.append(row(forwards, wall))
+        while next_eval <= forwards:
+            next_eval += eval_every
+        if not first_order:
+            log.append(dict(kind="eval", step=step, row=rows[-1], digest=state_digest(params)), True)
+
+    if forwards >= next_eval and forwards < budget:  # stopped inside an evaluation: it runs now
+        evaluated()
+    while forwards < budget and not blew_up(rows):  # a blown-up run is disqualified: spend the CPU on the next
         step += 1
         batch = batches.batch(step)
         t0 = time.perf_counter()
@@ -213,25 +299,41 @@ def run_one(method: str, lr: float, seed: int, budget: int, eval_every: int, pha
         else:
             if forwards + opt.strategy.forwards_per_step > budget:
                 break
+            closure = RecordingLoss(qzo.CausalLMLoss(model, batch))
             try:
-                opt.step(qzo.CausalLMLoss(model, batch))
+                opt.step(closure)
             except qzo.NonFiniteLossError:
                 rows.append(dict(row(forwards, wall), eval_loss=float("nan")))
                 break
             forwards = opt.forwards
         wall += time.perf_counter() - t0
+        if not first_order:
+            log.append(dict(kind="step", step=step, forwards=forwards, wall=wall, record=closure.record))
         if forwards >= next_eval or forwards >= budget:
-            rows.append(row(forwards, wall))
-            while next_eval <= forwards:
-                next_eval += eval_every
-            if not first_order and forwards < budget:
-                save_partial(partial, rows, forwards, step, wall, params, opt)
-        if blew_up(rows):  # disqualified whatever follows: spend the CPU on the next run instead
-            break
+            evaluated()
+        if DEADLINE is not None and time.monotonic() > DEADLINE and forwards < budget and not first_order:
+            raise TimeLimit(f"{log.path.name} at {forwards} forwards")
     if rows[-1]["forwards"] != forwards:
         rows.append(row(forwards, wall))
-    partial.unlink(missing_ok=True)  # the run is complete: its rows go to the CSV
     return rows
+
+
+def finish(method: str, lr: float, seed: int, phase: str, budget: int) -> None:
+    """The run's rows are in the CSV: its replay log has done its work."""
+    log_path(method, lr, seed, phase, budget).unlink(missing_ok=True)
+
+
+def in_progress() -> list[dict]:
+    """The unfinished runs (their logs): how far each got, for a partial table's JSON."""
+    out = []
+    for path in sorted((RESULTS / "convergence_runs").glob("*.jsonl")):
+        lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        steps = [x for x in lines if x.get("kind") == "step"]
+        evals = [x["row"] for x in lines if x.get("kind") == "eval"]
+        out.append({"log": path.name, "forwards_done": steps[-1]["forwards"] if steps else 0,
+                    "held_out": [[e["forwards"], round(e["eval_loss"], 4)] for e in evals],
+                    "sessions": sum(x.get("kind") in ("start", "resume") for x in lines)})
+    return out
 
 
 def curve(rows, method, lr, seed, phase, budget=None):
@@ -361,13 +463,18 @@ def main() -> None:
                     help="a method's own lr grid, e.g. fzoo4_spread_cos=5e-3,1e-2 (a partial sweep; say so in --note)")
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--note", default="", help="a remark stored in the JSON (e.g. why some seeds are missing)")
+    ap.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                    help="stop after the step that passes this many seconds (e.g. before a session ends); the "
+                         "same command later goes on from the unfinished run's replay log")
     ap.add_argument("--summarize-only", action="store_true",
                     help="only tabulate the runs already in the CSV (e.g. of an interrupted benchmark)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run (budget 8, one lr per method, seed 0, 16 held-out chats) into a temporary "
                          "results folder")
     args = ap.parse_args()
-    global FO_GRID, HELD_OUT_LIMIT
+    global FO_GRID, HELD_OUT_LIMIT, DEADLINE
+    if args.time_limit is not None:
+        DEADLINE = time.monotonic() + args.time_limit
     if args.quick:
         args.budget, args.sweep_budget, args.seeds, args.eval_every = 8, 4, [0], 4
         for m in METHODS.values():
@@ -388,6 +495,7 @@ def main() -> None:
     def ensure(method, lr, seed, budget, phase):
         nonlocal rows
         if curve(rows, method, lr, seed, phase, budget):
+            finish(method, lr, seed, phase, budget)  # a stop between the CSV write and the log's removal
             return
         swept = curve(rows, method, lr, seed, "sweep", budget)
         if phase == "main" and swept:  # the sweep at the full budget was this very run (deterministic)
@@ -398,8 +506,14 @@ def main() -> None:
         if args.summarize_only:
             return
         print(f"run {phase} {method} lr={lr:g} seed={seed} budget={budget}", flush=True)
-        new = run_one(method, lr, seed, budget, min(args.eval_every, budget), phase)
+        try:
+            new = run_one(method, lr, seed, budget, min(args.eval_every, budget), phase)
+        except TimeLimit as stop:
+            print(f"time limit reached: stopped {stop}; the same command goes on from its replay log", flush=True)
+            args.summarize_only = True  # tabulate what is finished, start nothing new
+            return
         append_rows(new)
+        finish(method, lr, seed, phase, budget)
         rows += new
         print(f"  held-out {new[0]['eval_loss']:.4f} -> {new[-1]['eval_loss']:.4f} in {new[-1]['wall_s']:.0f} s "
               f"({new[-1]['wall_s'] / max(new[-1]['forwards'], 1):.2f} s/forward)", flush=True)
@@ -428,6 +542,8 @@ def main() -> None:
     summary = summarize(rows, args.budget, args.seeds, sweep, best_lr, sweep_budget)
     if args.note:
         summary["note"] = args.note
+    if running := in_progress():
+        summary["in_progress"] = running
     write_result("convergence.json", summary)
     png = plot(rows, summary, best_lr, args.seeds, args.budget)
     print(f"device: {summary['device']}; {summary['seconds_per_forward']} s per forward (MeZO, batch {BATCH})")

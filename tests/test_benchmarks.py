@@ -29,6 +29,40 @@ def test_convergence_quick_writes_its_table(tmp_path, smol_folder):
     assert "final held-out" in result.stdout
 
 
+def _quick(folder, *extra):
+    env = dict(os.environ, QZO_BENCH_RESULTS=str(folder))
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--quick", "--methods",
+                             "per_example_spread_cos", *extra], capture_output=True, text=True, env=env, timeout=900,
+                            cwd=folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def _losses(folder):
+    lines = (folder / "convergence.csv").read_text().splitlines()
+    return [line.split(",")[:6] + line.split(",")[7:] for line in lines]  # all but the wall time
+
+
+@pytest.mark.slow
+def test_convergence_run_stopped_mid_way_goes_on_bit_exactly_from_its_replay_log(tmp_path, smol_folder):
+    """--time-limit stops a run after one step; the next invocation replays its log and ends where an
+    uninterrupted run ends: the same held-out losses at every evaluation, digests met."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    whole.mkdir(), cut.mkdir()
+    _quick(whole)
+    out = _quick(cut, "--time-limit", "0")
+    assert "time limit reached" in out
+    (log,) = (cut / "convergence_runs").glob("*.jsonl")
+    kinds = [json.loads(line)["kind"] for line in log.read_text().splitlines()]
+    assert kinds == ["start", "eval", "step"]
+    with open(log, "a") as f:
+        f.write('{"kind": "step", "step": 2, "forw')  # a line torn by a kill is dropped
+    out = _quick(cut)
+    assert "resumed at 2 forwards (step 1)" in out and "bit-exact" in out
+    assert _losses(cut) == _losses(whole)
+    assert not list((cut / "convergence_runs").glob("*.jsonl"))  # finished runs leave no log
+
+
 @pytest.mark.slow
 def test_memory_benchmark_cpu_rows(tmp_path, smol_folder):
     """memory.py measures every method on the demo model and writes one row per method with the planner's figure."""
