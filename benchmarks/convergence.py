@@ -16,6 +16,8 @@ same data order and eps. A first-order step (forward + backward) counts as 3 for
     *_cos             with a cosine lr schedule over the run (the normalized step does not shrink by itself)
     spsa_rms_cos      MeZO with its slope divided by a running RMS, cosine schedule
     spsa_b_only       MeZO on LoRA's B factors only (A keeps its init and draws no noise)
+    spsa_b_first100   MeZO on B alone for the first 100 steps, then on A and B (noise_scale_steps)
+    spsa_a_half       MeZO with A's noise at half of B's scale (noise_scale {"*lora_A*": 0.5})
     conmezo           ConMeZO: MeZO in a cone of half-angle 1.35 around the momentum, beta 0.99
     per_example       a two-point probe per row, all rows in one forward each way (2 a step, B directions)
     gv4_spread_cos    steering + a scale-free step
@@ -71,9 +73,11 @@ from qzo.replay import RecordingLoss, ReplayedLoss, state_digest  # noqa: E402
 class Method:
     """A ZO configuration of the table: a strategy and the options it runs with."""
 
-    def __init__(self, strategy, normalize=None, schedule="constant", grid=(5e-4, 1e-3, 2e-3, 4e-3), select=None):
+    def __init__(self, strategy, normalize=None, schedule="constant", grid=(5e-4, 1e-3, 2e-3, 4e-3), select=None,
+                 noise_scale=None, noise_scale_steps=None):
         self.strategy, self.normalize, self.schedule, self.grid = strategy, normalize, schedule, grid
         self.select = select  # trainable-name patterns: only these draw noise and move
+        self.noise_scale, self.noise_scale_steps = noise_scale, noise_scale_steps  # LoRA-aware directions
 
     def optimizer(self, params, lr: float, seed: int, budget: int) -> "qzo.ZO":
         strategy = self.strategy()
@@ -82,7 +86,7 @@ class Method:
         steps = -(-budget // strategy.forwards_per_step)
         schedule = qzo.Schedule(self.schedule, total_steps=steps) if self.schedule != "constant" else None
         return qzo.ZO(params, strategy=strategy, rule=qzo.SGD(lr=lr), eps=EPS, seed=seed, schedule=schedule,
-                      normalize=self.normalize)
+                      normalize=self.normalize, noise_scale=self.noise_scale, noise_scale_steps=self.noise_scale_steps)
 
 
 # A normalized step is lr * O(1) per unit slope where a plain one is lr * g: measured |g| ~ 1.7
@@ -104,6 +108,9 @@ METHODS = {
                                grid=NORMALIZED_GRID),
     "spsa_rms_cos": Method(lambda: qzo.SPSA(), normalize="rms", schedule="cosine", grid=NORMALIZED_GRID),
     "spsa_b_only": Method(lambda: qzo.SPSA(), select=("*lora_B*",), grid=(1e-3, 2e-3, 4e-3, 8e-3)),  # LoRA-aware
+    # B alone for the first 100 steps (10% of MeZO's run: until B has moved off zero), then both
+    "spsa_b_first100": Method(lambda: qzo.SPSA(), noise_scale={"*lora_A*": 0}, noise_scale_steps=100),
+    "spsa_a_half": Method(lambda: qzo.SPSA(), noise_scale={"*lora_A*": 0.5}),  # A explored at half B's eps
     "conmezo": Method(lambda: qzo.ConMeZO(theta=1.35, beta=0.99)),
     "per_example": Method(lambda: qzo.PerExample()),  # a probe per row (GRZO's idea), 2 a step
     "per_example_spread_cos": Method(lambda: qzo.PerExample(), normalize="spread", schedule="cosine",

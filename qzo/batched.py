@@ -107,7 +107,8 @@ def _candidate_forward(factor: torch.nn.Linear, t: Trainable, candidates: Sequen
         # arithmetic (and backend) of the in-place path, so W_j is what perturbing x would give
         weights = w.unsqueeze(0).repeat(k, *([1] * w.dim()))
         for j, c in enumerate(candidates):
-            perturb_(weights[j], t.stream, [s for s, _ in c.terms], [a for _, a in c.terms], mu=mu, mu_coef=c.mu_coef)
+            perturb_(weights[j], t.stream, [s for s, _ in c.terms], t.coefs([a for _, a in c.terms]), mu=mu,
+                     mu_coef=c.mu_coef)
         if weights.device != x.device:
             weights = weights.to(x.device)
         y = torch.bmm(x.reshape(k, -1, x.shape[-1]), weights.transpose(1, 2))

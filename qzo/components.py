@@ -68,7 +68,7 @@ def build_optimizer(cfg: dict, params, distributed: Distributed | None = None) -
     normalize = Normalize(o["normalize"], beta=o["normalize_beta"]) if o["normalize"] else None
     return ZO(params, strategy=build_strategy(cfg), rule=rules[o["rule"]](), eps=o["eps"],
               seed=cfg["train"]["seed"], schedule=schedule, clip=o["clip"], normalize=normalize,
-              distributed=distributed)
+              distributed=distributed, noise_scale=o["noise_scale"], noise_scale_steps=o["noise_scale_steps"])
 
 
 def build_targets(model, cfg: dict) -> tuple[ParamSet, dict[str, ParamSet]]:

@@ -94,6 +94,10 @@ DEFAULTS: dict = {
         "min_lr_ratio": 0.0,  # final lr / lr for linear and cosine
         "batched": False,  # gv, greedy, ldsd, fzoo: evaluate the pool in one stacked forward (LoRA only)
         "clip": None,  # limit the projected gradient to [-clip, clip] (QZO's clipping; null: off)
+        # LoRA-aware directions: name pattern -> scale of the noise those tensors draw, e.g. {"*lora_A*": 0} (B only)
+        # or {"*lora_A*": 0.5} (A explored at half of B's scale); null: plain noise everywhere (MeZO)
+        "noise_scale": None,
+        "noise_scale_steps": None,  # noise_scale for the first this many steps only, then plain (null: always)
     },
     "train": {
         "steps": 200,
@@ -157,6 +161,8 @@ _NULLABLE_TYPES = {
     ("out_dir",): (str,),
     ("optim", "clip"): (float, int),
     ("optim", "normalize"): (str,),
+    ("optim", "noise_scale"): (dict,),
+    ("optim", "noise_scale_steps"): (int,),
     ("train", "forwards"): (int,),
     ("train", "eval_every_forwards"): (int,),
     ("train", "early_stop_patience"): (int,),
@@ -434,6 +440,14 @@ def validate(cfg: dict) -> dict:
             raise ConfigError(f"config key 'train.{key}' must be >= 1 or null, got {cfg['train'][key]}")
     if o["clip"] is not None and not o["clip"] > 0:
         raise ConfigError(f"config key 'optim.clip' must be > 0 or null, got {o['clip']}")
+    for pattern, scale in (o["noise_scale"] or {}).items():
+        if not isinstance(pattern, str) or isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+                or not scale >= 0:
+            raise ConfigError(f"config key 'optim.noise_scale' maps name patterns to scales >= 0, e.g. "
+                              f"{{'*lora_A*': 0}}; got {pattern!r}: {scale!r}")
+    if o["noise_scale_steps"] is not None and (o["noise_scale_steps"] < 0 or not o["noise_scale"]):
+        raise ConfigError(f"config key 'optim.noise_scale_steps' must be >= 0 and needs optim.noise_scale, got "
+                          f"{o['noise_scale_steps']} with noise_scale {o['noise_scale']}")
     if len(o["betas"]) != 2 or not all(0 <= b < 1 for b in o["betas"]):
         raise ConfigError(f"config key 'optim.betas' must be two values in [0, 1), got {o['betas']}")
     return cfg

@@ -61,9 +61,10 @@ class _Probe:
     batched (nothing applied).
     """
 
-    def __init__(self, opt: "ZO", closure: Callable[[], object]):
+    def __init__(self, opt: "ZO", closure: Callable[[], object], params: ParamSet):
         self._opt = opt
         self._closure = closure
+        self.params = params  # this step's trainables, with their noise scales
         self.eps = opt.eps
         self.applied: dict[int, float] = {}
         self.applied_mu = 0.0
@@ -73,7 +74,7 @@ class _Probe:
     def perturb(self, terms: list[tuple[int, float]], mu_coef: float = 0.0) -> None:
         seeds = [int(s) for s, _ in terms]
         coefs = [float(c) for _, c in terms]
-        perturb_params_(self._opt.params, seeds, coefs, mu_for=self._opt.strategy.mu_for, mu_coef=mu_coef)
+        perturb_params_(self.params, seeds, coefs, mu_for=self._opt.strategy.mu_for, mu_coef=mu_coef)
         for s, c in zip(seeds, coefs):
             self.applied[s] = self.applied.get(s, 0.0) + c
         self.applied_mu += mu_coef
@@ -165,7 +166,7 @@ class _Probe:
         values = []
         if mine:
             with torch.no_grad():
-                values = evaluate(self._opt.params, [relative[i] for i in mine], mu_for=self._opt.strategy.mu_for)
+                values = evaluate(self.params, [relative[i] for i in mine], mu_for=self._opt.strategy.mu_for)
             self._opt.forward_calls += 1
         self._opt.forwards += len(relative)
         losses = [float(v) for v in torch.as_tensor(values).detach().float().cpu().tolist()]
@@ -210,7 +211,7 @@ class _Probe:
         losses, counts = [], []
         if mine is not None:
             with torch.no_grad():
-                out, cnt = self._closure.evaluate_rows(self._opt.params, relative[mine],
+                out, cnt = self._closure.evaluate_rows(self.params, relative[mine],
                                                        mu_for=self._opt.strategy.mu_for)
             self._opt.forward_calls += 1
             losses = [float(v) for v in out.detach().float().cpu().tolist()]
@@ -251,6 +252,12 @@ class ZO:
             gradient by the spread of the step's losses (FZOO), ``"rms"`` by a running RMS of
             past ones, or a :class:`qzo.normalize.Normalize`; ``None``: off. Applied before
             the clip; see ``qzo.normalize``.
+        noise_scale: LoRA-aware (group-aware) directions: fnmatch pattern -> scale of the noise
+            that tensor draws (:meth:`qzo.params.ParamSet.with_noise`); ``{"*lora_A*": 0}``
+            perturbs and updates LoRA's B alone, ``{"*lora_A*": 0.5}`` explores A at half of
+            B's scale. ``None``: every tensor draws plain noise (MeZO).
+        noise_scale_steps: apply ``noise_scale`` for the first this many steps only, then
+            plain noise everywhere (e.g. B only until B has moved off zero); ``None``: always.
         distributed: a :class:`qzo.distributed.Distributed`: spread each step's evaluations
             (candidate-parallel) and the batch (data-parallel: pass each rank its shard of the
             batch) over ``torch.distributed`` ranks; only losses cross ranks. ``None``: one
@@ -277,6 +284,8 @@ class ZO:
         clip: float | None = None,
         normalize: str | Normalize | None = None,
         distributed: Distributed | None = None,
+        noise_scale: dict[str, float] | None = None,
+        noise_scale_steps: int | None = None,
     ):
         self.params: ParamSet = as_param_set(params)
         self.strategy = strategy if strategy is not None else SPSA()
@@ -298,6 +307,12 @@ class ZO:
             raise ValueError(f"clip must be > 0 (QZO uses 100), got {self.clip}")
         self.normalize = Normalize(normalize) if isinstance(normalize, str) else normalize
         self.distributed = distributed
+        if noise_scale_steps is not None and (not isinstance(noise_scale_steps, int) or noise_scale_steps < 0):
+            raise ValueError(f"noise_scale_steps must be an int >= 0 (or None: always), got {noise_scale_steps!r}")
+        if noise_scale_steps is not None and not noise_scale:
+            raise ValueError("noise_scale_steps limits noise_scale to the first steps, but no noise_scale was given")
+        self.noise_scale, self.noise_scale_steps = (dict(noise_scale) if noise_scale else None), noise_scale_steps
+        self._scaled = self.params.with_noise(self.noise_scale) if self.noise_scale else self.params
         self.strategy.bind(self.params)
         self.rule.bind(self.params)
         self.steps = 0
@@ -312,6 +327,12 @@ class ZO:
     def lr_at(self, step: int) -> float:
         """Learning rate of 1-based ``step``: the rule's lr times the schedule's factor."""
         return self.rule.lr * self.schedule.factor(step)
+
+    def params_at(self, step: int) -> ParamSet:
+        """The trainables 1-based ``step`` perturbs and updates, with their noise scales (``noise_scale``)."""
+        if self.noise_scale_steps is not None and step > self.noise_scale_steps:
+            return self.params
+        return self._scaled
 
     def _draw_seeds(self, step: int) -> Callable[[int], list[int]]:
         drawn = [0]
@@ -333,7 +354,8 @@ class ZO:
         lr = self.lr_at(step)
         if self.distributed is not None:
             self.distributed.step = step
-        probe = _Probe(self, closure)
+        params = self.params_at(step)
+        probe = _Probe(self, closure, params)
         try:
             est: Estimate = self.strategy.estimate(probe, self._draw_seeds(step))
             if not math.isfinite(est.grad):
@@ -343,8 +365,8 @@ class ZO:
                 est.grad = self.normalize(est, self.eps)
             if self.clip is not None:
                 est.grad = clip_grad(est.grad, self.clip)
-            self.rule.apply(self.params, est, lr)
-            self.strategy.after_update(self.params)
+            self.rule.apply(params, est, lr)
+            self.strategy.after_update(params)
         finally:
             noise_cache.clear()  # the cache holds one step's noise at most (CPU path)
         self.steps = step

@@ -8,6 +8,8 @@ passed without names are named by position (``"0"``, ``"1"``, ...), as torch opt
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -20,11 +22,21 @@ __all__ = ["Trainable", "ParamSet"]
 
 @dataclass(frozen=True)
 class Trainable:
-    """One trained tensor: its stable name, the live tensor (updated in place), its stream id."""
+    """One trained tensor: its stable name, the live tensor (updated in place), its stream id.
+
+    ``noise`` scales the random part of every direction on this tensor (``z`` becomes
+    ``noise * z`` in each perturbation and update pass): 1 everywhere is MeZO; see
+    :meth:`ParamSet.with_noise`.
+    """
 
     name: str
     tensor: torch.Tensor
     stream: int
+    noise: float = 1.0
+
+    def coefs(self, coefs):
+        """``coefs`` times this tensor's noise scale (the same list when it is 1: bit-identical passes)."""
+        return coefs if self.noise == 1.0 else [float(c) * self.noise for c in coefs]
 
 
 class ParamSet:
@@ -85,6 +97,35 @@ class ParamSet:
         if not chosen:
             raise ValueError(f"no trainable matches {list(patterns)}; names look like {self.items[0].name!r}")
         return ParamSet(chosen)
+
+    def with_noise(self, scales: dict[str, float]) -> "ParamSet":
+        """The set with per-tensor noise scales: LoRA-aware (or any group-aware) directions.
+
+        ``scales`` maps fnmatch patterns to a scale (the first matching pattern wins; tensors
+        no pattern matches keep 1). A tensor's direction is ``scale * z`` with the same ``z``
+        it draws in the plain set, in the perturbations and the update alike: a scale s on a
+        group is that group's eps times s with its slope's contribution times s (its step
+        times s squared), so ``{"*lora_A*": 0.5}`` explores A at half of B's scale. A scale
+        of 0 leaves the tensor out (it keeps its values and draws no noise, as :meth:`select`):
+        ``{"*lora_A*": 0}`` is "B only". Nothing new is stored.
+        """
+        import dataclasses
+        import fnmatch
+
+        for pattern, scale in scales.items():
+            if not (isinstance(scale, (int, float)) and scale >= 0 and math.isfinite(scale)):
+                raise ValueError(f"noise scale for {pattern!r} must be a finite number >= 0, got {scale!r}")
+            if not any(fnmatch.fnmatchcase(t.name, pattern) for t in self.items):
+                raise ValueError(f"noise scale pattern {pattern!r} matches no trainable; names look like "
+                                 f"{self.items[0].name!r}")
+        scaled = []
+        for t in self.items:
+            scale = next((float(v) for p, v in scales.items() if fnmatch.fnmatchcase(t.name, p)), 1.0)
+            if scale:
+                scaled.append(dataclasses.replace(t, noise=scale))
+        if not scaled:
+            raise ValueError(f"noise scales {scales} leave no trainable with noise: nothing would train")
+        return ParamSet(scaled)
 
     @property
     def numel(self) -> int:

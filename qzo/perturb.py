@@ -183,8 +183,9 @@ def perturb_(
 def split_by_backend(params, mu_for=None) -> tuple[dict[tuple, list], list]:
     """Trainables (each paired with its mean, or ``None``) split by where they run.
 
-    Returns ``(groups, rest)``: ``groups`` maps ``(device, dtype, has_mean)`` to the pairs
-    that go through the Triton kernels, one multi-tensor launch per group; ``rest`` are the
+    Returns ``(groups, rest)``: ``groups`` maps ``(device, dtype, has_mean, noise scale)`` to
+    the pairs that go through the Triton kernels, one multi-tensor launch per group (a launch
+    takes one coefficient list, so tensors with their own noise scale launch apart); ``rest`` are the
     pairs for the torch reference. Shared by the perturbation and the dense rules' update.
     """
     groups: dict[tuple, list] = {}
@@ -192,7 +193,7 @@ def split_by_backend(params, mu_for=None) -> tuple[dict[tuple, list], list]:
     for t in params:
         mu = mu_for(t.name) if mu_for is not None else None
         if use_triton(t.tensor.device):
-            groups.setdefault((t.tensor.device, t.tensor.dtype, mu is not None), []).append((t, mu))
+            groups.setdefault((t.tensor.device, t.tensor.dtype, mu is not None, t.noise), []).append((t, mu))
         else:
             rest.append((t, mu))
     return groups, rest
@@ -216,11 +217,11 @@ def perturb_params_(
     """
     groups, rest = split_by_backend(params, mu_for)
     for t, mu in rest:
-        perturb_(t.tensor, t.stream, seeds, coefs, mu=mu, mu_coef=mu_coef, scale=scale)
+        perturb_(t.tensor, t.stream, seeds, t.coefs(coefs), mu=mu, mu_coef=mu_coef, scale=scale)
     if groups:
         from qzo_kernels.perturb import perturb_many
 
-        for (_, _, has_mu), members in groups.items():
+        for (_, _, has_mu, _), members in groups.items():
             keys = noise.derive_seeds(seeds, [t.stream for t, _ in members])
-            perturb_many([t.tensor for t, _ in members], keys, coefs,
+            perturb_many([t.tensor for t, _ in members], keys, members[0][0].coefs(coefs),
                          mus=[m for _, m in members] if has_mu else None, mu_coef=mu_coef, scale=scale)

@@ -42,6 +42,8 @@ def test_overrides_parse_values():
         (["lora.target_modules=[]"], "target_modules"),
         (["optim.batched=true"], r"'optim.batched' applies to pool strategies"),
         (["optim.clip=0"], r"'optim.clip' must be > 0"),
+        (['optim.noise_scale={"*lora_A*": -1}'], r"'optim.noise_scale' maps name patterns to scales >= 0"),
+        (["optim.noise_scale_steps=10"], r"'optim.noise_scale_steps'.*needs optim.noise_scale"),
     ],
 )
 def test_bad_overrides(overrides, match):
@@ -59,3 +61,15 @@ def test_bad_yaml_keys(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_noise_scale_keys_reach_the_optimizer():
+    import torch
+
+    from qzo.components import build_optimizer
+
+    cfg = load_config(None, ['optim.noise_scale={"*lora_A*": 0}', "optim.noise_scale_steps=5"])
+    params = [("x.lora_A.weight", torch.zeros(3)), ("x.lora_B.weight", torch.zeros(3))]
+    opt = build_optimizer(cfg, params)
+    assert [t.name for t in opt.params_at(5)] == ["x.lora_B.weight"]
+    assert [t.name for t in opt.params_at(6)] == ["x.lora_A.weight", "x.lora_B.weight"]

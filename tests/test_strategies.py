@@ -351,3 +351,91 @@ def test_per_example_lowers_tiny_llama_loss_and_needs_a_row_closure(smol_tokeniz
         assert float(loss()) < start - 0.05
     with pytest.raises(qzo.QzoError, match="CausalLMLoss"):
         opt.step(lambda: model(**tiny_batch).loss)
+
+
+@pytest.mark.parametrize("strategy,rule,scale,steps", [
+    ("spsa", "sgd", {"*lora_A*": 0.5}, None),
+    ("fzoo", "adam", {"*lora_A*": 0.5, "*v_proj*": 2.0}, None),
+    ("conmezo", "sgd", {"*lora_A*": 0.0}, 3),  # B only for 3 steps, then both
+    ("ldsd", "momentum", {"*lora_A*": 0.25}, 2),
+    ("gv", "sgd", {"*lora_A*": 0.0}, None),
+])
+def test_noise_scales_equal_plain_reference(strategy, rule, scale, steps, tiny_llama_pair, tiny_batch):
+    """LoRA-aware directions: each tensor draws its scale times its plain noise, in every pass."""
+    (model_a, params_a), (model_b, params_b) = tiny_llama_pair
+    init = params_a.state_dict()
+    params_b.load_state_dict(init)
+    rules = {"sgd": qzo.SGD(lr=1e-2), "adam": qzo.Adam(lr=1e-2), "momentum": qzo.Momentum(lr=5e-3)}
+    opt = qzo.ZO(params_a, strategy=STRATEGIES[strategy](), rule=rules[rule], eps=1e-2, seed=5, noise_scale=scale,
+                 noise_scale_steps=steps)
+    plain = PlainZO([(t.name, t.tensor) for t in params_b], strategy, rule, lr=PLAIN_LR[rule], eps=1e-2, seed=5,
+                    noise_scale=scale, noise_scale_steps=steps, **PLAIN_KW[strategy])
+    frozen_until = steps if steps is not None else 5
+    for step in range(1, 6):
+        opt.step(lambda: model_a(**tiny_batch).loss)
+        plain.step(lambda: model_b(**tiny_batch).loss, step)
+        if step == frozen_until and scale.get("*lora_A*") == 0.0:
+            assert all(torch.equal(t.tensor, init[t.name]) for t in params_a if "lora_A" in t.name)
+    if steps is not None and scale.get("*lora_A*") == 0.0:  # A draws noise again after the first steps
+        assert all(not torch.equal(t.tensor, init[t.name]) for t in params_a if "lora_A" in t.name)
+    for ta, tb in zip(params_a, params_b):
+        moved = (tb.tensor - init[tb.name]).abs().max().item()
+        if moved == 0:
+            assert torch.equal(ta.tensor, tb.tensor)
+            continue
+        _assert_close_up_to_rare_flips(ta.tensor, tb.tensor, atol=moved * 3e-2, flip=rule == "adam",
+                                       lr=PLAIN_LR[rule])
+    params_a.load_state_dict(init)
+    params_b.load_state_dict(init)
+
+
+def test_zero_noise_on_a_is_b_only_bit_exactly(tiny_llama_pair, tiny_batch):
+    (model_a, params_a), (model_b, params_b) = tiny_llama_pair
+    init = params_a.state_dict()
+    params_b.load_state_dict(init)
+    scaled = qzo.ZO(params_a, rule=qzo.SGD(lr=1e-2), eps=1e-2, seed=2, noise_scale={"*lora_A*": 0})
+    selected = qzo.ZO(params_b.select("*lora_B*"), rule=qzo.SGD(lr=1e-2), eps=1e-2, seed=2)
+    for _ in range(3):
+        scaled.step(lambda: model_a(**tiny_batch).loss)
+        selected.step(lambda: model_b(**tiny_batch).loss)
+    for ta, tb in zip(params_a, params_b):
+        assert torch.equal(ta.tensor, tb.tensor)
+    params_a.load_state_dict(init)
+    params_b.load_state_dict(init)
+
+
+def test_noise_scales_resume_bit_exactly_across_the_switch(tiny_llama_pair, tiny_batch):
+    """A run that stops inside the B-only steps and resumes ends where the uninterrupted run does."""
+    (model_a, params_a), _ = tiny_llama_pair
+    init = params_a.state_dict()
+    make = lambda: qzo.ZO(params_a, strategy=qzo.ConMeZO(theta=1.2, beta=0.8), rule=qzo.Adam(lr=1e-2), eps=1e-2,
+                          seed=1, noise_scale={"*lora_A*": 0}, noise_scale_steps=3)
+    f = lambda: model_a(**tiny_batch).loss
+    whole = make()
+    for _ in range(5):
+        whole.step(f)
+    want = params_a.state_dict()
+    params_a.load_state_dict(init)
+    first = make()
+    for _ in range(2):
+        first.step(f)
+    saved, values = first.state_dict(), params_a.state_dict()
+    params_a.load_state_dict(values)
+    second = make()
+    second.load_state_dict(saved)
+    for _ in range(3):
+        second.step(f)
+    assert all(torch.equal(v, params_a.state_dict()[k]) for k, v in want.items())
+    params_a.load_state_dict(init)
+
+
+def test_noise_scale_errors_name_the_problem(tiny_llama_pair):
+    (_, params), _ = tiny_llama_pair
+    with pytest.raises(ValueError, match="matches no trainable"):
+        qzo.ZO(params, noise_scale={"*lora_C*": 0})
+    with pytest.raises(ValueError, match=">= 0"):
+        qzo.ZO(params, noise_scale={"*lora_A*": -1})
+    with pytest.raises(ValueError, match="nothing would train"):
+        qzo.ZO(params, noise_scale={"*lora_*": 0})
+    with pytest.raises(ValueError, match="no noise_scale was given"):
+        qzo.ZO(params, noise_scale_steps=3)

@@ -20,7 +20,7 @@ class PlainZO:
     def __init__(self, named, strategy: str, rule: str, lr: float, eps: float, seed: int, *, pool=4, split=0.5,
                  candidates=4, sigma=1.0, lr_mu=4e-2, beta=0.9, betas=(0.9, 0.999), adam_eps=1e-8, wd=0.0,
                  probes=4, baseline="theta", normalize=None, norm_beta=0.99, clip=None, theta=1.35,
-                 cone_beta=0.99):
+                 cone_beta=0.99, noise_scale=None, noise_scale_steps=None):
         self.named, self.strategy, self.rule = named, strategy, rule
         self.lr, self.eps, self.seed, self.wd = lr, eps, seed, wd
         self.pool, self.split, self.k, self.sigma, self.lr_mu = pool, split, candidates, sigma, lr_mu
@@ -33,9 +33,21 @@ class PlainZO:
         self.mu, self.m, self.v = zeros(), zeros(), zeros()
         self.t = 0
         self.log = []  # per step: (seeds, losses)
+        self.noise_scale, self.noise_scale_steps = noise_scale or {}, noise_scale_steps
+        self.scales = {n: 1.0 for n in self.theta}
+
+    def _scales_at(self, step):
+        """Each tensor's noise scale at ``step``: the first matching pattern's, for the first steps only."""
+        import fnmatch
+
+        if self.noise_scale_steps is not None and step > self.noise_scale_steps:
+            return {n: 1.0 for n in self.theta}
+        return {n: next((float(v) for p, v in self.noise_scale.items() if fnmatch.fnmatchcase(n, p)), 1.0)
+                for n in self.theta}
 
     def _z(self, s):
-        return {n: noise.randn(s, noise.stream_id(n), v.numel()).view_as(v) for n, v in self.theta.items()}
+        return {n: self.scales[n] * noise.randn(s, noise.stream_id(n), v.numel()).view_as(v)
+                for n, v in self.theta.items()}
 
     def _rows(self, closure, delta):
         with torch.no_grad():
@@ -51,6 +63,7 @@ class PlainZO:
 
     def step(self, closure, step):
         eps = self.eps
+        self.scales = self._scales_at(step)
         lin = lambda terms: {n: sum(c * z[n] for c, z in terms) for n in self.theta}
         zero = {n: torch.zeros_like(v) for n, v in self.theta.items()}
         spread = None

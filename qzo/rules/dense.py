@@ -64,9 +64,9 @@ class DenseRule(Rule):
             views = {k: self.state[k][t.name].view(-1) for k in self.state_names}
             for start, end in chunks(flat.numel()):
                 mu_chunk = mu_flat[start:end] if mu_flat is not None else None
-                leftover = noise_combo(t.stream, undo_seeds, undo_coefs, start, end - start, t.tensor.device,
-                                       mu_chunk, est.applied_mu)
-                d = noise_combo(t.stream, dir_seeds, dir_coefs, start, end - start, t.tensor.device,
+                leftover = noise_combo(t.stream, undo_seeds, t.coefs(undo_coefs), start, end - start,
+                                       t.tensor.device, mu_chunk, est.applied_mu)
+                d = noise_combo(t.stream, dir_seeds, t.coefs(dir_coefs), start, end - start, t.tensor.device,
                                 mu_chunk, est.direction_mu)
                 theta = flat[start:end].to(torch.float32) - leftover
                 if self.weight_decay:
@@ -83,10 +83,11 @@ class DenseRule(Rule):
         seeds, _ = combine([(s, 1.0) for s, _ in est.applied], [(s, 1.0) for s, _ in est.direction])
         undo = dict(est.applied)
         direction = dict(est.direction)
-        for (_, _, has_mu), members in groups.items():
+        for (_, _, has_mu, _), members in groups.items():
+            noisy = members[0][0]  # the group's noise scale
             dense_update_many(
                 self.kernel_rule, [t.tensor for t, _ in members], derive_seeds(seeds, [t.stream for t, _ in members]),
-                [undo.get(s, 0.0) for s in seeds], [direction.get(s, 0.0) for s in seeds],
+                noisy.coefs([undo.get(s, 0.0) for s in seeds]), noisy.coefs([direction.get(s, 0.0) for s in seeds]),
                 {role: [self.state[k][t.name] for t, _ in members] for role, k in zip(roles, self.state_names)},
                 grad=est.grad, lr=lr, decay=1.0 - lr * self.weight_decay,
                 mus=[m for _, m in members] if has_mu else None, undo_mu=est.applied_mu, dir_mu=est.direction_mu,

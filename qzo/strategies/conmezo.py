@@ -62,7 +62,6 @@ class ConMeZO(Strategy):
         self.theta, self.beta, self.ramp_steps = float(theta), float(beta), int(ramp_steps)
         self.m: dict[str, torch.Tensor] = {}
         self.t = 0
-        self._streams: dict[str, int] = {}
         self._numel = 0
         self._pending: tuple[Estimate, float] | None = None
 
@@ -70,7 +69,6 @@ class ConMeZO(Strategy):
         for t in params:
             if t.name not in self.m:
                 self.m[t.name] = torch.zeros(t.tensor.shape, dtype=torch.float32, device=t.tensor.device)
-            self._streams[t.name] = t.stream
         self._numel = sum(t.tensor.numel() for t in params)
 
     def mu_for(self, name: str):
@@ -116,7 +114,8 @@ class ConMeZO(Strategy):
         g = est.grad  # after the optimizer's normalization and clip: the slope the update used
         (seed, noise), = est.direction
         # m <- beta m + (1 - beta) g (axis m + noise z), one pass per tensor
-        perturb_params_([Trainable(name, m, self._streams[name]) for name, m in self.m.items()],
+        # the tensors this step moved, with their noise scales (qzo.ZO's noise_scale): m follows the direction taken
+        perturb_params_([Trainable(t.name, self.m[t.name], t.stream, t.noise) for t in params],
                         [seed], [(1 - beta) * g * noise], scale=beta + (1 - beta) * g * axis)
 
     def state_dict(self) -> dict:

@@ -61,14 +61,12 @@ class LDSD(Strategy):
         self.batched = bool(batched)
         self.forwards_per_step = self.candidates + 1
         self.mu: dict[str, torch.Tensor] = {}
-        self._streams: dict[str, int] = {}
         self._pending: tuple[list[int], list[float]] | None = None
 
     def bind(self, params) -> None:
         for t in params:
             if t.name not in self.mu:
                 self.mu[t.name] = torch.zeros(t.tensor.shape, dtype=torch.float32, device=t.tensor.device)
-            self._streams[t.name] = t.stream
 
     def mu_for(self, name: str):
         return self.mu.get(name)
@@ -104,7 +102,8 @@ class LDSD(Strategy):
         seeds, coefs = self._pending
         self._pending = None
         # the means as one set, so the Triton backend moves them all in one launch
-        perturb_params_([Trainable(name, mu, self._streams[name]) for name, mu in self.mu.items()], seeds, coefs)
+        # (of the tensors this step moved, with their noise scales: qzo.ZO's noise_scale)
+        perturb_params_([Trainable(t.name, self.mu[t.name], t.stream, t.noise) for t in params], seeds, coefs)
 
     def state_dict(self) -> dict:
         return {"mu": {name: mu.detach().clone() for name, mu in self.mu.items()}}
