@@ -194,6 +194,20 @@ class Distributed:
             buf[self.layout.shard] = float(local_rows)
         return int(self._all_reduce(buf, "row counts").sum().item())
 
+    def any_rank(self, flag: bool, what: str = "a flag") -> bool:
+        """``flag`` on any rank (one tiny all-reduce), so every rank takes the same decision (e.g. to stop)."""
+        return bool(self._all_reduce(torch.tensor([1.0 if flag else 0.0]), what).item() > 0)
+
+    def from_rank0(self, value):
+        """``value`` as rank 0 has it, on every rank (a picklable object: a path, a checkpoint's name)."""
+        box = [value]
+        self._dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here (e.g. until rank 0 has cut the logs the others read)."""
+        self._dist.barrier(group=self.group)
+
     def check(self, tensors: dict[str, torch.Tensor]) -> None:
         """Stop with :class:`DistributedError` naming the ranks whose trainables differ from rank 0's."""
         mine = trainables_checksum(tensors)

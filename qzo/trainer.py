@@ -1,5 +1,6 @@
 """``qzo train``: config -> run directory, read top to bottom (the loop; the builders are
-:mod:`qzo.components`, reading a run folder back is :mod:`qzo.runs`).
+:mod:`qzo.components`, what the run writes into its folder is :mod:`qzo.run_writer`, reading a
+run folder back is :mod:`qzo.runs`).
 
     setup (run dir, model, targets, data, optimizer) -> initial eval -> steps
     (log, eval, checkpoint) -> final eval, adapter, summary
@@ -24,56 +25,33 @@ resumed from a checkpoint produces the same bytes as one that never stopped.
 from __future__ import annotations
 
 import copy
-import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
-import yaml
-
-from .checkpoint import (RunDirError, atomic_write_text, best_step, check_writable, latest_checkpoint, list_checkpoints,
-                         load_checkpoint, prune_checkpoints, record_best, remove_partial_writes, save_checkpoint,
-                         write_error)
+from .checkpoint import (best_step, check_writable, latest_checkpoint, list_checkpoints, load_checkpoint,
+                         remove_partial_writes)
 from .components import (build_optimizer, build_strategy, build_targets, describe_targets, load_model_and_targets,
                          total_steps)
 from .config import load_config
 from .data import (Batcher, ChatDataset, check_data_unchanged, data_record, datasets_from_config, eval_loss,
                    model_input_device)
 from .distributed import Distributed, init_from_env
-from .errors import NonFiniteLossError, QzoError
+from .errors import NonFiniteLossError
 from .guard import DivergenceGuard
 from .loss import CausalLMLoss
 from .objectives import RewardLoss, load_reward
 from .optim import ZO
 from .params import ParamSet
 from .run_lock import RunLock
+from .run_writer import RunWriter, disk_full, new_run_dir, write_final_values
 from .runs import RESUMABLE_KEYS, is_run_dir, load_run_config, load_run_model
 from .stop_signals import GracefulStop
 
-# the builders and the run-folder readers are re-exported: they were trainer's before they had their own modules
+# the builders, the run-folder readers and writers are re-exported: they were trainer's before they had modules
 __all__ = ["train", "Session", "build_optimizer", "build_strategy", "build_targets", "load_model_and_targets",
-           "total_steps", "load_run_model", "load_run_config", "is_run_dir", "RESUMABLE_KEYS"]
-
-def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep the lines of steps <= last_step (a crash may have logged steps past the checkpoint).
-
-    A line that does not parse is the one a kill tore in half while it was written (always
-    the last): it is dropped with the steps past the checkpoint.
-    """
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if line.strip() and json.loads(line)["step"] <= last_step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
-
+           "total_steps", "load_run_model", "load_run_config", "is_run_dir", "RESUMABLE_KEYS", "write_final_values"]
 
 @dataclass
 class Session:
@@ -94,36 +72,17 @@ class Session:
     best: dict | None = None  # RUN/best.json as last written ({"step", "eval_loss"}), kept here so no eval re-reads it
     dist: Distributed | None = None  # under torchrun: this rank's place; None for one process
     guard: DivergenceGuard | None = None  # train.divergence_factor: undoes a step whose loss blows up (qzo.guard)
+    evals_since_best: int = 0  # held-out evaluations after the best one (train.early_stop_patience counts them)
+    out: RunWriter | None = None  # the run folder's writes (silent on ranks other than 0)
+
+    def __post_init__(self):
+        if self.out is None:
+            self.out = RunWriter(self.run_dir, writes=self.writer)
 
     @property
     def writer(self) -> bool:
         """Whether this process writes the run directory (rank 0 alone, or the only process)."""
         return self.dist is None or self.dist.rank == 0
-    evals_since_best: int = 0  # held-out evaluations after the best one (train.early_stop_patience counts them)
-
-
-def _unstarted(run_dir: Path) -> bool:
-    """A run folder that a killed ``qzo train`` created but never trained: nothing in it is worth keeping."""
-    names = {p.name for p in run_dir.iterdir()}
-    steps = run_dir / "steps.jsonl"
-    return names <= {"config.yaml", "steps.jsonl", ".lock", "data.json"} and (not steps.is_file() or
-                                                                            steps.stat().st_size == 0)
-
-
-def _new_run_dir(cfg: dict, config_path) -> Path:
-    if cfg["out_dir"]:
-        run_dir = Path(cfg["out_dir"])
-        if run_dir.exists() and any(run_dir.iterdir()) and not _unstarted(run_dir):
-            raise QzoError(f"out_dir {str(run_dir)!r} already exists and is not empty; continue it with "
-                           f"`qzo train --resume {run_dir}` or choose another with --set out_dir=...")
-    else:
-        name = Path(config_path).stem if config_path else "demo"
-        run_dir = Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg["out_dir"] = str(run_dir)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
-    (run_dir / "steps.jsonl").touch()
-    return run_dir
 
 
 def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
@@ -152,7 +111,7 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
     try:
         if resume is not None and writer:
             lock.acquire(run_dir)  # before anything is written: another live run may own it
-            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+            RunWriter(run_dir).write_config(cfg)
         ob = cfg["objective"]
         # loaded once, before the model: a bad objective.reward fails in seconds, not after the load
         reward_fn = load_reward(ob["reward"]) if ob["kind"] == "reward" else None
@@ -166,13 +125,13 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
         data = data_record(cfg, train_ds, eval_ds) if writer else None
         if run_dir is None:
             if writer:
-                run_dir = _new_run_dir(cfg, config_path)
+                run_dir = new_run_dir(cfg, config_path)
                 lock.acquire(run_dir)
-                atomic_write_text(run_dir / "data.json", json.dumps(data, indent=2))
+                RunWriter(run_dir).write_json("data.json", data)
             run_dir = Path(_from_rank0(dist, str(run_dir) if writer else None))  # every rank: rank 0's folder
             cfg["out_dir"] = str(run_dir)
         elif writer and not check_data_unchanged(run_dir, data):  # refuses a data file changed since the start
-            atomic_write_text(run_dir / "data.json", json.dumps(data, indent=2))  # a run from before data.json
+            RunWriter(run_dir).write_json("data.json", data)  # a run from before data.json
         opt = build_optimizer(cfg, params, dist)
         batcher = Batcher(train_ds, cfg["train"]["batch_size"], cfg["train"]["seed"], tok.pad_token_id)
         session = Session(cfg, run_dir, model, tok, params, parts, opt, train_ds, eval_ds, batcher, reward_fn, lock,
@@ -194,13 +153,11 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
                 if session.guard is not None:
                     session.guard.load_state_dict(opt_state.get("guard"), opt)
                 done = meta["step"]
-            if writer:
-                _truncate_jsonl(run_dir / "steps.jsonl", done)
-                _truncate_jsonl(run_dir / "metrics.jsonl", done)
-                _forget_best_after(run_dir, done)
-            _barrier(dist)  # the others read best.json and metrics.jsonl once rank 0 has cut them
+            session.out.cut_to(done)  # rank 0: the log lines and best mark past the checkpoint go
+            if dist is not None:
+                dist.barrier()  # the others read best.json and metrics.jsonl once rank 0 has cut them
             session.best = best_step(run_dir)
-            session.evals_since_best = _evals_after(run_dir, session.best)
+            session.evals_since_best = session.out.evals_after(session.best)
             log(f"qzo: resuming {run_dir} from step {done}")
         return session
     except BaseException:
@@ -231,60 +188,8 @@ def _quiet(message: str) -> None:
 
 
 def _from_rank0(dist: Distributed | None, value):
-    """``value`` as rank 0 has it, on every rank (a picklable object; ``value`` itself for one process)."""
-    if dist is None:
-        return value
-    import torch.distributed as tdist
-
-    box = [value]
-    tdist.broadcast_object_list(box, src=0, group=dist.group)
-    return box[0]
-
-
-def _barrier(dist: Distributed | None) -> None:
-    if dist is not None:
-        import torch.distributed as tdist
-
-        tdist.barrier(group=dist.group)
-
-
-def _forget_best_after(run_dir: Path, done: int) -> None:
-    """A resume from step ``done`` redoes later steps: a best mark past it is recomputed from the metrics kept."""
-    best = best_step(run_dir)
-    if best is None or best["step"] <= done:
-        return
-    (run_dir / "best.json").unlink()
-    kept = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    evals = [(m["eval_loss"], m["step"]) for m in kept if m.get("eval_loss") is not None and 0 < m["step"] <= done
-             and (run_dir / "checkpoints" / f"step-{m['step']:06d}").is_dir()]
-    if evals:
-        loss, step = min(evals)
-        record_best(run_dir, step, loss)
-
-
-def _evals_after(run_dir: Path, best: dict | None) -> int:
-    """Held-out evaluations logged in ``metrics.jsonl`` after the best one (read once, at resume)."""
-    if best is None:
-        return 0
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return sum(1 for r in rows if r.get("eval_loss") is not None and r["step"] > best["step"])
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    """One line more; a write that fails (a full disk) is cut back off, so no half line stays behind."""
-    with open(path, "a", encoding="utf-8") as f:
-        size = f.tell()
-        try:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-        except OSError as exc:
-            f.truncate(size)  # frees what was written: it works on a full disk
-            raise write_error(path, exc) or exc from None
-
-
-def _logged_wall(steps_path: Path) -> float:
-    lines = [line for line in steps_path.read_text().splitlines() if line.strip()] if steps_path.is_file() else []
-    return float(json.loads(lines[-1])["wall_s"]) if lines else 0.0
+    """``value`` as rank 0 has it, on every rank (``value`` itself for one process)."""
+    return value if dist is None else dist.from_rank0(value)
 
 
 def _save(s: Session, best_loss: float | None = None) -> None:
@@ -296,11 +201,11 @@ def _save(s: Session, best_loss: float | None = None) -> None:
     opt_state = s.opt.state_dict()
     if s.guard is not None:  # its snapshot, so a resumed run can still undo the step before it
         opt_state["guard"] = s.guard.state_dict()
-    written = save_checkpoint(s.run_dir, s.opt.steps, s.params.state_dict(), opt_state,
-                              extra={"forwards": s.opt.forwards})
+    written = s.out.checkpoint(s.opt.steps, s.params.state_dict(), opt_state, s.opt.forwards)
     if best_loss is not None:
-        _keep_best(s, s.opt.steps, best_loss)
-    prune_checkpoints(s.run_dir, s.cfg["train"]["keep_checkpoints"], newest_good=written, best=s.best)
+        s.out.keep_best(s.opt.steps, best_loss, s.parts)
+        s.best = {"step": int(s.opt.steps), "eval_loss": float(best_loss)}
+    s.out.prune(s.cfg["train"]["keep_checkpoints"], newest_good=written, best=s.best)
 
 
 def _evaluate(s: Session) -> float:
@@ -334,7 +239,6 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
     t = s.cfg["train"]
     steps = total_steps(s.cfg)
     device = model_input_device(s.model)
-    metrics_path, steps_path = s.run_dir / "metrics.jsonl", s.run_dir / "steps.jsonl"
     first_step = s.opt.steps + 1
     from .metrics import open_reporters
 
@@ -344,12 +248,11 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
     initial = None
     if s.opt.steps == 0:
         initial = _evaluate(s)  # every rank: they hold the same values, and all take the decisions that follow
-        if s.writer:
-            _append_jsonl(metrics_path, {"step": 0, "forwards": 0, "loss": None, "eval_loss": initial, "wall_s": 0.0})
+        s.out.log_metrics({"step": 0, "forwards": 0, "loss": None, "eval_loss": initial, "wall_s": 0.0})
         scalars.add({"step": 0, "forwards": 0, "eval_loss": initial})
         log(f"qzo: held-out loss before training: {initial:.4f} ({len(s.eval_ds)} examples)")
     # wall_s counts training time from here (evaluations included), continuing across resumes.
-    start_wall = time.perf_counter() - _logged_wall(steps_path)
+    start_wall = time.perf_counter() - s.out.logged_wall()
     from tqdm.auto import tqdm
 
     bar = tqdm(total=steps, initial=s.opt.steps, desc="qzo train", unit="step", disable=not (progress and s.writer),
@@ -403,51 +306,11 @@ class _NoScalars:
 
 def _any_rank(s: Session, flag: bool) -> bool:
     """``flag`` on any rank (one tiny all-reduce), so every rank stops after the same step."""
-    if s.dist is None:
-        return bool(flag)
-    import torch
-
-    return bool(s.dist._all_reduce(torch.tensor([1.0 if flag else 0.0]), "the stop flag").item() > 0)
+    return bool(flag) if s.dist is None else s.dist.any_rank(flag, "the stop flag")
 
 
 def _is_best(s: Session, eval_loss: float) -> bool:
     return eval_loss == eval_loss and (s.best is None or eval_loss < s.best["eval_loss"])
-
-
-def _keep_best(s: Session, step: int, eval_loss: float) -> None:
-    """Step ``step`` (checkpointed) becomes the run's best: ``RUN/best.json`` and ``RUN/best/`` (its final values)."""
-    record_best(s.run_dir, step, eval_loss)
-    s.best = {"step": int(step), "eval_loss": float(eval_loss)}
-    tmp = s.run_dir / ".best-tmp"
-    _write_into(tmp, lambda: write_final_values(s.parts, tmp), f"the best values in {s.run_dir / 'best'}")
-    _swap_in(tmp, s.run_dir / "best")
-
-
-def _write_into(tmp: Path, write, what: str) -> None:
-    """``write()`` into the fresh temp folder ``tmp``; one that fails (a full disk) leaves no ``tmp`` behind and
-    raises a :class:`RunDirError` naming ``what`` was written."""
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        write()
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        error = write_error(what, exc)
-        if error is not None:
-            raise error from None
-        raise
-
-
-def _swap_in(src: Path, dest: Path) -> None:
-    """Move ``src`` (a file or folder) to ``dest``, replacing a folder there whole (renames only: nothing is copied)."""
-    if src.is_dir() and dest.exists():
-        old = dest.parent / f".{dest.name}-old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dest, old)
-        os.replace(src, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dest)
 
 
 def _train_step(s: Session, step: int, steps: int, device, start_wall: float, scalars):
@@ -465,16 +328,14 @@ def _train_step(s: Session, step: int, steps: int, device, start_wall: float, sc
         raise NonFiniteLossError(f"{exc} Training stopped at step {exc.step}; {kept}.", exc.step) from None
     wall = time.perf_counter() - start_wall
     record["wall_s"] = round(wall, 4)
-    if s.writer:
-        _append_jsonl(s.run_dir / "steps.jsonl", record)
+    s.out.log_step(record)
     row = {"step": step, "forwards": s.opt.forwards, "loss": loss if loss == loss else None, "wall_s": round(wall, 4)}
     if "reverted" in record:
         row["reverted"] = True
     evaluated = None
     if _eval_due(s.cfg["train"], step, forwards_before, s.opt.forwards) or step == steps:
         evaluated = row["eval_loss"] = _evaluate(s)
-    if s.writer:
-        _append_jsonl(s.run_dir / "metrics.jsonl", row)
+    s.out.log_metrics(row)
     scalars.add(row, lr=record.get("lr"), record=record)
     return loss, evaluated, wall
 
@@ -500,8 +361,7 @@ def _stopped(s: Session, why: str, step: int, steps: int, initial, wall: float, 
         f"continue with: qzo train --resume {s.run_dir}")
     summary = finish(s, initial, wall, log)
     summary["stopped_by"] = why
-    if s.writer:
-        atomic_write_text(s.run_dir / "summary.json", json.dumps(summary, indent=2))
+    s.out.write_json("summary.json", summary)
     return summary
 
 
@@ -517,19 +377,14 @@ def finish(s: Session, initial: float | None, wall: float, log=print) -> dict:
     """Write the adapter and summary; print before/after held-out loss (rank 0; the others return a short summary)."""
     if not s.writer:
         return {"steps": s.opt.steps, "forwards": s.opt.forwards, "rank": s.dist.rank, "written_by": 0}
-    metrics = [json.loads(line) for line in (s.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    evals = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None]
+    evals = [m["eval_loss"] for m in s.out.metrics() if m.get("eval_loss") is not None]
     if initial is None and evals:
         initial = evals[0]
     final = evals[-1] if evals else None
-    tmp = s.run_dir / ".final-tmp"  # written whole, then moved into place: a full disk leaves the old values
-    _write_into(tmp, lambda: write_final_values(s.parts, tmp), f"the final values in {s.run_dir}")
-    for item in list(tmp.iterdir()):  # adapter/, scales.safetensors, dense.safetensors
-        _swap_in(item, s.run_dir / item.name)
-    tmp.rmdir()
+    s.out.write_final(s.parts)  # adapter/, scales.safetensors, dense.safetensors: whole, or the old ones stay
     summary = {"initial_eval_loss": initial, "final_eval_loss": final, "steps": s.opt.steps,
                "forwards": s.opt.forwards, "wall_s_this_session": round(wall, 2), "trainable_values": s.params.numel}
-    atomic_write_text(s.run_dir / "summary.json", json.dumps(summary, indent=2))
+    s.out.write_json("summary.json", summary)
     if final is not None and initial is not None:
         log(f"qzo: held-out loss {initial:.4f} -> {final:.4f} after {s.opt.steps} steps "
             f"({s.opt.forwards} forwards, {wall / 60:.1f} min); run saved in {s.run_dir}")
@@ -537,15 +392,6 @@ def finish(s: Session, initial: float | None, wall: float, log=print) -> dict:
 
     write_run_plot(s.run_dir, log)  # RUN/loss.png when matplotlib is installed
     return summary
-
-
-def write_final_values(parts: dict[str, ParamSet], run_dir: Path) -> None:
-    """The trained values in their users' formats: ``adapter/`` (PEFT), ``scales/dense.safetensors``."""
-    if "lora" in parts:
-        parts["lora"].save_adapter(run_dir / "adapter")
-    for kind in ("scales", "dense"):
-        if kind in parts:
-            parts[kind].save(run_dir / f"{kind}.safetensors")
 
 
 def train(config_path=None, overrides=None, resume=None, log=print, progress: bool = True) -> dict:
@@ -558,32 +404,17 @@ def train(config_path=None, overrides=None, resume=None, log=print, progress: bo
     try:
         session = setup(config_path, overrides, resume, log)
     except OSError as exc:
-        raise _disk_full(None, exc) from None
+        raise disk_full(None, exc) from None
     try:
         summary = run(session, log if session.writer else _quiet, progress)
     except OSError as exc:  # a full disk, a folder made read-only: say which path and what is kept
-        raise _disk_full(session.run_dir, exc) from None
+        raise disk_full(session.run_dir, exc) from None
     finally:
         session.lock.release()
     if session.dist is not None:  # not after a failure: the other ranks are stopping on their own error
         _barrier_quietly(session.dist)
     summary["run_dir"] = str(session.run_dir)
     return summary
-
-
-def _disk_full(run_dir: Path | None, exc: OSError) -> OSError:
-    """A write that failed for a reason the user fixes (space, a read-only folder) as one clear
-    :class:`RunDirError`: the path, the reason, the last checkpoint that verifies, how to go on.
-    Other errors are returned as they are."""
-    error = write_error(run_dir, exc)
-    if error is None:
-        return exc
-    if run_dir is None:
-        return error
-    ckpt = latest_checkpoint(run_dir, log=lambda _: None)
-    kept = f"the last checkpoint, {ckpt.name}, verifies" if ckpt else "no checkpoint had been written yet"
-    return RunDirError(error.errno, f"{error}; {kept}; free space (or make {run_dir} writable) and continue with: "
-                       f"qzo train --resume {run_dir}")
 
 
 def _barrier_quietly(dist: Distributed) -> None:

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qzo import checkpoint, trainer
+from qzo import checkpoint, run_writer
 from qzo.checkpoint import RunDirError, list_checkpoints, verify_checkpoint
 from qzo.trainer import train
 
@@ -88,7 +88,7 @@ def test_a_full_disk_names_the_path_keeps_the_last_checkpoint_and_resumes(moment
     data = write_code_chats(folder.parent)
     run = folder / "run"
     saves, filler = [], []
-    real_save = trainer.save_checkpoint
+    real_save = run_writer.save_checkpoint
 
     def save(run_dir, step, *args, **kwargs):
         saves.append(step)
@@ -107,10 +107,10 @@ def test_a_full_disk_names_the_path_keeps_the_last_checkpoint_and_resumes(moment
             if real:
                 filler.append(_fill(folder, leave=0))
             else:
-                monkeypatch.setattr(trainer, "_append_jsonl", _enospc_append)
+                monkeypatch.setattr(run_writer, "append_jsonl", _enospc_append)
         return out
 
-    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    monkeypatch.setattr(run_writer, "save_checkpoint", save)
     with pytest.raises(RunDirError) as info:
         train(None, _sets(tiny_model_dir, data, run), progress=False, log=lambda *_: None)
     message = str(info.value)
