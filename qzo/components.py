@@ -16,10 +16,10 @@ from .lora import lora
 from .normalize import Normalize
 from .optim import ZO
 from .params import ParamSet
-from .rules import SGD, Adam, Momentum, Sign
+from .rules import RULES
 from .scales import scales
 from .schedule import Schedule
-from .strategies import FZOO, GV, LDSD, SPSA, ConMeZO, Greedy, PerExample
+from .strategies import STRATEGIES
 from .targets import combine
 
 __all__ = ["build_strategy", "total_steps", "build_optimizer", "build_targets", "describe_targets",
@@ -27,18 +27,9 @@ __all__ = ["build_strategy", "total_steps", "build_optimizer", "build_targets", 
 
 
 def build_strategy(cfg: dict):
-    """The strategy ``cfg["optim"]`` names, with its settings."""
+    """The strategy ``cfg["optim"]`` names, with its settings (each class's ``config_keys``)."""
     o = cfg["optim"]
-    strategies = {
-        "spsa": lambda: SPSA(),
-        "gv": lambda: GV(pool=o["pool"], split=o["split"], batched=o["batched"]),
-        "greedy": lambda: Greedy(pool=o["pool"], batched=o["batched"]),
-        "ldsd": lambda: LDSD(candidates=o["candidates"], sigma=o["sigma"], lr_mu=o["lr_mu"], batched=o["batched"]),
-        "fzoo": lambda: FZOO(probes=o["probes"], baseline=o["baseline"], batched=o["batched"]),
-        "per_example": lambda: PerExample(),
-        "conmezo": lambda: ConMeZO(theta=o["cone_theta"], beta=o["cone_beta"], ramp_steps=o["cone_ramp_steps"]),
-    }
-    return strategies[o["strategy"]]()
+    return STRATEGIES[o["strategy"]].from_config(o)
 
 
 def total_steps(cfg: dict) -> int:
@@ -56,17 +47,10 @@ def total_steps(cfg: dict) -> int:
 def build_optimizer(cfg: dict, params, distributed: Distributed | None = None) -> ZO:
     """The ``qzo.ZO`` a config describes (spread over ranks with ``distributed``)."""
     o = cfg["optim"]
-    wd = o["weight_decay"]
-    rules = {
-        "sgd": lambda: SGD(lr=o["lr"], weight_decay=wd),
-        "momentum": lambda: Momentum(lr=o["lr"], beta=o["momentum"], weight_decay=wd),
-        "adam": lambda: Adam(lr=o["lr"], betas=tuple(o["betas"]), weight_decay=wd),
-        "sign": lambda: Sign(lr=o["lr"], weight_decay=wd),
-    }
     schedule = Schedule(o["schedule"], total_steps=total_steps(cfg), warmup_steps=o["warmup_steps"],
                         min_ratio=o["min_lr_ratio"])
     normalize = Normalize(o["normalize"], beta=o["normalize_beta"]) if o["normalize"] else None
-    return ZO(params, strategy=build_strategy(cfg), rule=rules[o["rule"]](), eps=o["eps"],
+    return ZO(params, strategy=build_strategy(cfg), rule=RULES[o["rule"]].from_config(o), eps=o["eps"],
               seed=cfg["train"]["seed"], schedule=schedule, clip=o["clip"], normalize=normalize,
               distributed=distributed, noise_scale=o["noise_scale"], noise_scale_steps=o["noise_scale_steps"])
 

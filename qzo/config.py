@@ -450,4 +450,21 @@ def validate(cfg: dict) -> dict:
                           f"{o['noise_scale_steps']} with noise_scale {o['noise_scale']}")
     if len(o["betas"]) != 2 or not all(0 <= b < 1 for b in o["betas"]):
         raise ConfigError(f"config key 'optim.betas' must be two values in [0, 1), got {o['betas']}")
+    _check_builds(o)
     return cfg
+
+
+def _check_builds(o: dict) -> None:
+    """Build the strategy and rule the config names from their tables: what a constructor refuses is
+    reported by the config keys that feed it.
+
+    The checks above cover every key whatever is chosen (a bad value in a key the chosen
+    strategy ignores is still caught); the constructors are the last word on what they take.
+    """
+    for table, name in ((STRATEGIES, o["strategy"]), (RULES, o["rule"])):
+        cls = table[name]
+        try:
+            cls.from_config(o)
+        except (ValueError, TypeError) as exc:
+            keys = ", ".join(f"'optim.{k}'" for k in cls.config_keys.values())
+            raise ConfigError(f"config keys {keys} ({name}): {exc}") from None

@@ -50,3 +50,32 @@ def test_quant_names_live_in_one_place():
     assert _plan_choices("quant") == list(bnb.QUANTS)
     with pytest.raises(Exception, match="nf4, fp4, int8, none"):
         plan("llama-2-7b", quant="q4_k")
+
+
+@pytest.mark.parametrize("table,kind", [(STRATEGIES, "strategy"), (RULES, "rule")])
+def test_the_config_builds_each_component_from_its_config_keys(table, kind):
+    """Every constructor argument a class names comes from an optim key, and the defaults build every class."""
+    import inspect
+
+    from qzo.components import build_strategy
+
+    for name, cls in table.items():
+        assert set(cls.config_keys.values()) <= set(DEFAULTS["optim"]), name
+        assert set(cls.config_keys) <= set(inspect.signature(cls.__init__).parameters), name
+        cfg = copy.deepcopy(DEFAULTS)
+        merge_config(cfg, {"optim": {kind: name, "pool": 4}})
+        built = build_strategy(cfg) if kind == "strategy" else cls.from_config(cfg["optim"])
+        assert type(built) is cls
+
+
+def test_a_constructor_refusal_is_reported_by_its_config_keys(monkeypatch):
+    class Picky(STRATEGIES["fzoo"]):
+        def __init__(self, probes=4, baseline="theta", batched=False):
+            raise ValueError(f"probes {probes} is not to my liking")
+
+    monkeypatch.setitem(STRATEGIES, "fzoo", Picky)
+    cfg = copy.deepcopy(DEFAULTS)
+    merge_config(cfg, {"optim": {"strategy": "fzoo"}})
+    with pytest.raises(ConfigError, match=r"config keys 'optim.probes', 'optim.baseline', 'optim.batched' \(fzoo\): "
+                                          r"probes 4 is not to my liking"):
+        validate(cfg)

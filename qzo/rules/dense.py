@@ -114,6 +114,8 @@ class Momentum(DenseRule):
         weight_decay: decoupled weight decay.
     """
 
+    config_keys = {"lr": "lr", "beta": "momentum", "weight_decay": "weight_decay"}
+
     state_names = ("momentum",)
     kernel_rule = "momentum"
 
@@ -141,6 +143,8 @@ class Adam(DenseRule):
         eps: Adam's denominator epsilon (not the perturbation scale).
         weight_decay: decoupled weight decay (AdamW).
     """
+
+    config_keys = {"lr": "lr", "betas": "betas", "weight_decay": "weight_decay"}
 
     state_names = ("exp_avg", "exp_avg_sq")
     kernel_rule = "adam"
@@ -175,6 +179,8 @@ class Sign(DenseRule):
         lr: learning rate (the step of every value is exactly lr).
         weight_decay: decoupled weight decay.
     """
+
+    config_keys = {"lr": "lr", "weight_decay": "weight_decay"}
 
     kernel_rule = "sign"
 

@@ -92,7 +92,15 @@ class Estimate:
 
 
 class Component:
-    """What strategies and rules share: checkpointable state and a readable repr."""
+    """What strategies and rules share: checkpointable state, a readable repr, and their config keys."""
+
+    #: constructor argument -> the ``optim.*`` config key that sets it (how a config builds the component)
+    config_keys: dict[str, str] = {}
+
+    @classmethod
+    def from_config(cls, optim: dict) -> "Component":
+        """The component the ``optim`` section of a config describes (its :attr:`config_keys` values)."""
+        return cls(**{arg: optim[key] for arg, key in cls.config_keys.items()})
 
     def state_dict(self) -> dict:
         """State for checkpoints (tensors allowed); stateless components return ``{}``."""

@@ -53,6 +53,8 @@ class FZOO(Strategy):
             ``qzo.CausalLMLoss`` closure); ``opt.forwards`` still counts every evaluation.
     """
 
+    config_keys = {"probes": "probes", "baseline": "baseline", "batched": "batched"}
+
     def __init__(self, probes: int = 4, baseline: str = "theta", batched: bool = False):
         if baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")

@@ -50,6 +50,8 @@ class LDSD(Strategy):
             ``qzo.CausalLMLoss`` closure); ``opt.forwards`` still counts ``candidates`` evaluations.
     """
 
+    config_keys = {"candidates": "candidates", "sigma": "sigma", "lr_mu": "lr_mu", "batched": "batched"}
+
     dense_state_copies = 1  # mu
 
     def __init__(self, candidates: int = 8, sigma: float = 1.0, lr_mu: float = 4e-2, batched: bool = False):

@@ -54,6 +54,8 @@ class GV(Strategy):
             ``qzo.CausalLMLoss`` closure); ``opt.forwards`` still counts ``pool`` evaluations.
     """
 
+    config_keys = {"pool": "pool", "split": "split", "batched": "batched"}
+
     def __init__(self, pool: int = 4, split: float = 0.5, batched: bool = False):
         if pool < 2:
             raise ValueError(f"GV needs pool >= 2 (one low-loss and one high-loss candidate), got {pool}")
@@ -100,6 +102,8 @@ class Greedy(Strategy):
         batched: evaluate the pool in one stacked forward (LoRA trainables and a
             ``qzo.CausalLMLoss`` closure); ``opt.forwards`` still counts ``pool`` evaluations.
     """
+
+    config_keys = {"pool": "pool", "batched": "batched"}
 
     def __init__(self, pool: int = 4, batched: bool = False):
         if pool < 1:
