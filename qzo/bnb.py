@@ -1,4 +1,9 @@
-"""bitsandbytes' CPU 4-bit paths, chosen once per model, and the internals that choice touches.
+"""Every touch of bitsandbytes' internals in qzo, in one module: what a layer is, its codes, its scales.
+
+The rest of qzo asks here (``is_quantized``, ``is_4bit``, ``four_bit_linears``, the one
+dequantizer ``dequantized_weight``, ``packed_codes`` / ``set_packed_codes`` for streaming,
+``float32_absmax`` / ``int8_row_scales`` for trained scales), so a bitsandbytes release that
+moves an attribute is mended in one file. Most of the module is the choice of CPU path:
 
 bitsandbytes 0.50 has two CPU paths for a ``Linear4bit``:
 
@@ -33,7 +38,11 @@ import os
 
 import torch
 
-__all__ = ["QUANTS", "is_quantized", "is_4bit", "dequantized_weight", "PLAIN_ENV", "plain_path_forced", "fused_cpu_4bit_available", "choose_cpu_path", "unpack_cpu_4bit", "is_packed",
+from .errors import TargetError
+
+__all__ = ["QUANTS", "is_quantized", "is_4bit", "is_quantized_tensor", "four_bit_linears", "packed_codes",
+           "set_packed_codes", "float32_absmax", "int8_row_scales", "dequantized_weight", "PLAIN_ENV",
+           "plain_path_forced", "fused_cpu_4bit_available", "choose_cpu_path", "unpack_cpu_4bit", "is_packed",
            "quiet_hub_kernel_warning"]
 
 #: environment variable: ``plain`` makes qzo run the plain CPU 4-bit path even where the fused one exists
@@ -186,6 +195,34 @@ def is_4bit(module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
 
 
+def is_quantized_tensor(tensor) -> bool:
+    """Whether ``tensor`` is a bitsandbytes quantized parameter (4-bit codes or int8 weights)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return isinstance(tensor, (bnb.nn.Params4bit, bnb.nn.Int8Params))
+
+
+def four_bit_linears(module) -> list[tuple[str, torch.nn.Module]]:
+    """``(name, layer)`` of every bitsandbytes ``Linear4bit`` inside ``module`` (what streaming offload moves)."""
+    return [(name, m) for name, m in module.named_modules() if is_4bit(m)]
+
+
+def packed_codes(module) -> torch.Tensor:
+    """A ``Linear4bit``'s packed 4-bit codes (the bytes streaming offload stores away from the device)."""
+    return module.weight.data
+
+
+def set_packed_codes(module, codes: torch.Tensor) -> None:
+    """Put ``codes`` (or an empty tensor: the codes live elsewhere for now) in as a ``Linear4bit``'s codes.
+
+    Only the storage changes: the ``Params4bit`` and its ``quant_state`` (scales, shape, blocksize)
+    stay, so the layer computes with whatever codes it holds when it runs.
+    """
+    module.weight.data = codes
+
+
 def dequantized_weight(module) -> torch.Tensor:
     """The float32 weight a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` computes with, from its current scales.
 
@@ -206,3 +243,37 @@ def dequantized_weight(module) -> torch.Tensor:
     if state.has_fp16_weights or cb is None or scb is None:
         return module.weight.data.to(torch.float32)
     return F.int8_vectorwise_dequant(cb, scb).to(torch.float32)
+
+
+def float32_absmax(module) -> torch.Tensor:
+    """A ``Linear4bit``'s block scales as a float32, non-nested tensor that its forward reads (what
+    ``qzo.scales`` trains): a double-quantized layer is switched once to the dequantized scales."""
+    unpack_cpu_4bit(module)  # the fused CPU kernel would read a bf16 copy instead
+    state = module.weight.quant_state
+    if state.nested:
+        from bitsandbytes.functional import dequantize_blockwise
+
+        absmax = dequantize_blockwise(state.absmax, state.state2)
+        absmax += state.offset
+        state.absmax = absmax.to(torch.float32).contiguous()
+        state.nested, state.offset, state.state2 = False, None, None
+    elif state.absmax.dtype != torch.float32 or not state.absmax.is_contiguous():
+        state.absmax = state.absmax.to(torch.float32).contiguous()
+    module.quant_state = state  # Linear4bit keeps a second reference; keep both on one object
+    return state.absmax
+
+
+def int8_row_scales(module, path: str) -> torch.Tensor:
+    """A ``Linear8bitLt``'s float32 row scales (``SCB``) that its forward reads; refuses layers without them."""
+    if module.state.has_fp16_weights:
+        raise TargetError(f"qzo.scales: {path} keeps fp16 weights (has_fp16_weights=True) and re-quantizes them on "
+                          "every forward, so its scales cannot be trained; load it with qzo.load(..., quant='int8')")
+    scb = module.state.SCB if module.state.SCB is not None else module.weight.SCB
+    if scb is None:
+        raise TargetError(f"qzo.scales: {path} is not quantized yet (no SCB); move the model to its device first, "
+                          "or load it with qzo.load(..., quant='int8')")
+    if scb.dtype != torch.float32 or not scb.is_contiguous():
+        layout = "contiguous" if scb.is_contiguous() else "strided"
+        raise TargetError(f"qzo.scales: {path}.SCB is {scb.dtype} {layout}; expected the contiguous float32 "
+                          "row scales bitsandbytes makes")
+    return scb

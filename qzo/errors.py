@@ -26,6 +26,10 @@ class ModelSourceError(QzoError, FileNotFoundError):
     """A model that cannot be found or read."""
 
 
+class TargetError(QzoError, ValueError):
+    """A target selection that cannot be built: a pattern matching nothing, a clash of names, ..."""
+
+
 class NonFiniteLossError(QzoError, FloatingPointError):
     """A loss evaluation returned NaN or inf; the trainables were restored before raising."""
 

@@ -37,7 +37,7 @@ import torch
 
 from .host_embedding import keep_input_embedding_on_host
 from .streaming import attach_streaming, plan_streaming
-from .bnb import QUANTS, choose_cpu_path
+from .bnb import QUANTS, choose_cpu_path, is_quantized_tensor
 from .cache import cache_dir
 from .errors import ModelSourceError, QzoError, check_choice
 
@@ -346,16 +346,13 @@ def _detach_from_checkpoint_files(model) -> None:
     1B-shaped model, on top of the model itself. Copying the few unquantized tensors drops
     the mapping.
     """
-    import bitsandbytes as bnb
-
-    quantized = (bnb.nn.Params4bit, bnb.nn.Int8Params)
     seen = set()  # a tied weight (embedding = head) is one tensor: copy it once
     with torch.no_grad():
         for module in model.modules():
             for tensor in list(module._parameters.values()) + list(module._buffers.values()):
                 if tensor is None or id(tensor) in seen or tensor.device.type != "cpu":
                     continue
-                if isinstance(tensor, quantized):
+                if is_quantized_tensor(tensor):
                     continue
                 seen.add(id(tensor))
                 tensor.data = tensor.data.clone()

@@ -29,9 +29,7 @@ depend on which other tensors are trained or whether LoRA wraps the layer.
 
 from __future__ import annotations
 
-import torch
-
-from .bnb import is_4bit, unpack_cpu_4bit
+from .bnb import float32_absmax, int8_row_scales, is_4bit
 from .errors import QzoError
 from .noise import stream_id
 from .normalize import clip_grad  # the clip is the optimizer's (qzo.ZO(clip=)); importable here as before
@@ -41,38 +39,6 @@ from .targets import ModuleTargets, TargetError, is_quantized, read_checkpoint, 
 __all__ = ["scales", "ScaleParams", "load_scales", "clip_grad"]
 
 _SUFFIXES = (".weight.absmax", ".weight.SCB")
-
-
-def _absmax_master(module) -> torch.Tensor:
-    """The layer's block scales as a float32, non-nested tensor that its forward reads."""
-    unpack_cpu_4bit(module)  # the fused CPU kernel would read a bf16 copy instead
-    state = module.weight.quant_state
-    if state.nested:
-        from bitsandbytes.functional import dequantize_blockwise
-
-        absmax = dequantize_blockwise(state.absmax, state.state2)
-        absmax += state.offset
-        state.absmax = absmax.to(torch.float32).contiguous()
-        state.nested, state.offset, state.state2 = False, None, None
-    elif state.absmax.dtype != torch.float32 or not state.absmax.is_contiguous():
-        state.absmax = state.absmax.to(torch.float32).contiguous()
-    module.quant_state = state  # Linear4bit keeps a second reference; keep both on one object
-    return state.absmax
-
-
-def _scb(module, path: str) -> torch.Tensor:
-    if module.state.has_fp16_weights:
-        raise TargetError(f"qzo.scales: {path} keeps fp16 weights (has_fp16_weights=True) and re-quantizes them on "
-                          "every forward, so its scales cannot be trained; load it with qzo.load(..., quant='int8')")
-    scb = module.state.SCB if module.state.SCB is not None else module.weight.SCB
-    if scb is None:
-        raise TargetError(f"qzo.scales: {path} is not quantized yet (no SCB); move the model to its device first, "
-                          "or load it with qzo.load(..., quant='int8')")
-    if scb.dtype != torch.float32 or not scb.is_contiguous():
-        layout = "contiguous" if scb.is_contiguous() else "strided"
-        raise TargetError(f"qzo.scales: {path}.SCB is {scb.dtype} {layout}; expected the contiguous float32 "
-                          "row scales bitsandbytes makes")
-    return scb
 
 
 def _offloaded(module) -> bool:
@@ -123,9 +89,9 @@ def scales(model, modules=None, clip: float | None = None) -> ScaleParams:
             raise TargetError(f"qzo.scales: {path} is offloaded (its weight is on the meta device); give the model "
                               "enough max_memory to keep trained layers on a real device")
         if is_4bit(module):
-            name, tensor = f"{path}.weight.absmax", _absmax_master(module)
+            name, tensor = f"{path}.weight.absmax", float32_absmax(module)
         else:
-            name, tensor = f"{path}.weight.SCB", _scb(module, path)
+            name, tensor = f"{path}.weight.SCB", int8_row_scales(module, path)
         tensor.requires_grad_(False)
         module.qzo_target = "scales"  # qzo.dense refuses to replace a scale-trained layer
         items.append(Trainable(name, tensor, stream_id(name)))

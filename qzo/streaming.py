@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .bnb import four_bit_linears, packed_codes, set_packed_codes
 from .errors import QzoError
 
 __all__ = ["StreamPlan", "plan_streaming", "attach_streaming", "StreamedLayers", "streamed_layers"]
@@ -94,12 +95,6 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return layers
 
 
-def _four_bit_linears(layer) -> list[tuple[str, torch.nn.Module]]:
-    import bitsandbytes as bnb
-
-    return [(name, m) for name, m in layer.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
-
-
 class StreamedLayers:
     """The streamed decoder layers of one model and the hooks that copy their codes in and out.
 
@@ -132,11 +127,11 @@ class StreamedLayers:
         self.stored_bytes = 0
         empty = torch.empty(0, dtype=torch.uint8)
         for i in self.order:
-            linears = _four_bit_linears(self.layers[i])
+            linears = four_bit_linears(self.layers[i])
             if not linears:
                 raise QzoError(f"model.layers.{i} has no 4-bit layers to stream; offload it with model.quant: none")
             self._modules[i] = dict(linears)
-            packed = {name: m.weight.data.contiguous() for name, m in linears}
+            packed = {name: packed_codes(m).contiguous() for name, m in linears}
             self.stored_bytes += sum(t.numel() * t.element_size() for t in packed.values())
             if plan.layers[i] == "disk":
                 self.folder.mkdir(parents=True, exist_ok=True)
@@ -144,7 +139,7 @@ class StreamedLayers:
             else:
                 self._memory[i] = {k: v.pin_memory() if self._copy_stream is not None else v for k, v in packed.items()}
             for m in self._modules[i].values():
-                m.weight.data = empty.to(self.device)  # the codes now live in the store only
+                set_packed_codes(m, empty.to(self.device))  # the codes now live in the store only
             self._hooks += [self.layers[i].register_forward_pre_hook(self._fetch_hook(i)),
                             self.layers[i].register_forward_hook(self._release_hook(i))]
         if self.device.type == "cuda":
@@ -213,7 +208,7 @@ class StreamedLayers:
                     # next read-ahead's copy while this layer's kernels (queued, not yet run) still read it
                     t.record_stream(compute)
             for name, m in self._modules[i].items():
-                m.weight.data = got[name]
+                set_packed_codes(m, got[name])
                 self.bytes_streamed += got[name].numel() * got[name].element_size()
             nxt = self._next(i)
             if nxt != i:
@@ -225,7 +220,7 @@ class StreamedLayers:
 
         def release(module, args, output):
             for m in self._modules[i].values():
-                m.weight.data = empty
+                set_packed_codes(m, empty)
         return release
 
     def materialize(self) -> None:
@@ -236,7 +231,7 @@ class StreamedLayers:
                 got, event = got
                 event.synchronize()
             for name, m in self._modules[i].items():
-                m.weight.data = got[name]
+                set_packed_codes(m, got[name])
         for handle in self._hooks:
             handle.remove()
         self._hooks = []

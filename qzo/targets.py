@@ -23,15 +23,11 @@ from typing import Callable, Iterable
 import torch
 
 from .bnb import is_quantized
-from .errors import QzoError
+from .errors import TargetError  # noqa: F401 - defined here first: importable from here as before
 from .params import ParamSet, Trainable
 
 __all__ = ["TargetError", "ModuleTargets", "Targets", "combine", "is_quantized", "clean_path", "unwrap_peft",
            "select_modules", "read_checkpoint"]
-
-
-class TargetError(QzoError, ValueError):
-    """A target selection that cannot be built: a pattern matching nothing, a clash of names, ..."""
 
 
 def clean_path(path: str) -> str:
