@@ -46,7 +46,6 @@ from _common import RESULTS, device_name, write_result  # noqa: E402
 
 import qzo  # noqa: E402
 from qzo.data import Batcher, ChatDataset, model_input_device  # noqa: E402
-from qzo.strategies.pool import evaluate_pool  # noqa: E402
 
 GPU_TARGET = {"K": 4, "batched_over_one": 1.6}
 
@@ -63,9 +62,9 @@ class PoolOnly(qzo.Strategy):
 
     def estimate(self, probe, draw_seeds):
         seeds = draw_seeds(self.k)
-        losses = evaluate_pool(probe, seeds, probe.eps, batched=self.batched)
+        losses = probe.evaluate_pool([([(s, probe.eps)], 0.0) for s in seeds])  # batched: the strategy's flag
         probe.move_to([])  # one by one leaves the last candidate applied
-        return qzo.Estimate(direction=[], grad=0.0, applied=[], losses=losses, loss=min(losses), seeds=seeds)
+        return qzo.Estimate(direction=[], grad=0.0, loss=min(losses))
 
 
 def demo_setup(batch_size: int):

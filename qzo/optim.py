@@ -8,6 +8,15 @@ is reproducible from the base model and the config alone (the replay contract).
 
 Step seeds are a pure function of ``(seed, step, j)``, so resuming needs only the step
 counter: a resumed run draws exactly the seeds the uninterrupted run would have drawn.
+
+Who owns what. A strategy decides: the direction, the projected gradient along it, the
+reported loss (an :class:`~qzo.strategies.Estimate` with just those). The probe records
+what the step did: the perturbation left applied, every loss, the forwards it ran; and it
+decides *how* a pool is evaluated (:attr:`ZO.batched`: one stacked forward, or one by one).
+The optimizer completes the estimate from the probe (a strategy that states one of those
+is checked against it), applies the normalizer and the clip (its own options), and hands
+the estimate to the rule. The strategy's mean, where it keeps one, is read one way:
+``strategy.mu_for(name)``. Nothing here knows model code: the closure is the only link.
 """
 
 from __future__ import annotations
@@ -52,23 +61,28 @@ class StepRecord:
 
 
 class _Probe:
-    """The strategy's handle on the trainables and the closure for one step.
+    """The strategy's handle on the trainables and the closure for one step, and the record of what it did.
 
-    ``applied`` / ``applied_mu`` book-keep the perturbation currently on the trainables
-    (x = theta + sum coef * z(seed) + applied_mu * mu). Strategies move with :meth:`move_to`
+    The probe owns everything the step did: ``applied`` / ``applied_mu`` (the perturbation
+    on the trainables now, x = theta + sum coef * z(seed) + applied_mu * mu), ``losses``
+    (every evaluation, in order), ``forwards`` / ``forward_calls`` (added to the optimizer's
+    counters when the step ends, also when it fails). Strategies move with :meth:`move_to`
     (an absolute target, reached from whatever is applied in one pass), so the same code
-    works whether the pool was evaluated one by one (the last candidate left applied) or
-    batched (nothing applied).
+    works whether a pool was evaluated one by one (the last candidate left applied) or
+    batched (nothing applied); whether it is batched is the probe's :attr:`batched`.
     """
 
-    def __init__(self, opt: "ZO", closure: Callable[[], object], params: ParamSet):
+    def __init__(self, opt: "ZO", closure: Callable[[], object], params: ParamSet, batched: bool = False):
         self._opt = opt
         self._closure = closure
         self.params = params  # this step's trainables, with their noise scales
         self.eps = opt.eps
+        self.batched = batched
         self.applied: dict[int, float] = {}
         self.applied_mu = 0.0
         self.losses: list[float] = []
+        self.forwards = 0  # loss evaluations (a batched pool of K counts K)
+        self.forward_calls = 0  # model forwards that ran
         self._total_rows: int | None = None
 
     def perturb(self, terms: list[tuple[int, float]], mu_coef: float = 0.0) -> None:
@@ -116,7 +130,7 @@ class _Probe:
     def _run_closure(self) -> tuple[float, int | None]:
         with torch.no_grad():
             value = self._closure()
-        self._opt.forward_calls += 1
+        self.forward_calls += 1
         loss = float(value.detach().float().item() if isinstance(value, torch.Tensor) else value)
         return loss, getattr(self._closure, "tokens", None)
 
@@ -140,9 +154,24 @@ class _Probe:
             if target is not None:
                 self.move_to(*target)
             values.append(self._run_closure() if dist is None or dist.owns(i) else None)
-        self._opt.forwards += len(targets)
+        self.forwards += len(targets)
         losses = [v[0] for v in values] if dist is None else dist.reduce_losses(values)
         return self._record(losses)
+
+    def evaluate_pool(self, targets: list[tuple[list[tuple[int, float]], float] | None]) -> list[float]:
+        """Independent targets evaluated as a pool: one stacked forward when :attr:`batched`, else a group.
+
+        Batched, leading ``None`` targets ("here": theta, since a pool starts a step) run first on
+        their own and nothing stays applied; one by one the last target stays applied.
+        """
+        if not self.batched:
+            return self.evaluate_group(targets)
+        here = 0
+        while here < len(targets) and targets[here] is None:
+            here += 1
+        if any(t is None for t in targets[here:]):
+            raise ValueError("a batched pool takes 'here' (None) targets only before the others")
+        return (self.evaluate_group([None] * here) if here else []) + self.evaluate_batch(targets[here:])
 
     def evaluate_batch(self, candidates: list[tuple[list[tuple[int, float]], float]]) -> list[float]:
         """The loss at each ``(terms, mu_coef)`` target in one stacked forward; the trainables do not move.
@@ -167,8 +196,8 @@ class _Probe:
         if mine:
             with torch.no_grad():
                 values = evaluate(self.params, [relative[i] for i in mine], mu_for=self._opt.strategy.mu_for)
-            self._opt.forward_calls += 1
-        self._opt.forwards += len(relative)
+            self.forward_calls += 1
+        self.forwards += len(relative)
         losses = [float(v) for v in torch.as_tensor(values).detach().float().cpu().tolist()]
         if len(losses) != len(mine):
             raise ValueError(f"evaluate_candidates returned {len(losses)} losses for {len(mine)} candidates")
@@ -213,12 +242,12 @@ class _Probe:
             with torch.no_grad():
                 out, cnt = self._closure.evaluate_rows(self.params, relative[mine],
                                                        mu_for=self._opt.strategy.mu_for)
-            self._opt.forward_calls += 1
+            self.forward_calls += 1
             losses = [float(v) for v in out.detach().float().cpu().tolist()]
             counts = [float(c) for c in cnt.detach().float().cpu().tolist()]
         if dist is not None:  # one group: the shards of slot 0 run it, every rank gets every row
             losses, counts = dist.gather_rows(total_rows, mine, losses, counts)
-        self._opt.forwards += 1
+        self.forwards += 1
         total = sum(counts)
         if not total:
             raise QzoError("no row of the batch has a labelled token: there is no loss to estimate")
@@ -258,6 +287,10 @@ class ZO:
             B's scale. ``None``: every tensor draws plain noise (MeZO).
         noise_scale_steps: apply ``noise_scale`` for the first this many steps only, then
             plain noise everywhere (e.g. B only until B has moved off zero); ``None``: always.
+        batched: evaluate a strategy's pool in one stacked forward (LoRA trainables and a
+            :class:`qzo.CausalLMLoss` closure; see ``qzo.batched``). How the probe evaluates,
+            not what the strategy decides, so it is the optimizer's; a strategy built with
+            ``batched=True`` (the older spelling) turns it on too.
         distributed: a :class:`qzo.distributed.Distributed`: spread each step's evaluations
             (candidate-parallel) and the batch (data-parallel: pass each rank its shard of the
             batch) over ``torch.distributed`` ranks; only losses cross ranks. ``None``: one
@@ -286,6 +319,7 @@ class ZO:
         distributed: Distributed | None = None,
         noise_scale: dict[str, float] | None = None,
         noise_scale_steps: int | None = None,
+        batched: bool = False,
     ):
         self.params: ParamSet = as_param_set(params)
         self.strategy = strategy if strategy is not None else SPSA()
@@ -307,6 +341,7 @@ class ZO:
             raise ValueError(f"clip must be > 0 (QZO uses 100), got {self.clip}")
         self.normalize = Normalize(normalize) if isinstance(normalize, str) else normalize
         self.distributed = distributed
+        self.batched = bool(batched) or bool(getattr(self.strategy, "batched", False))
         if noise_scale_steps is not None and (not isinstance(noise_scale_steps, int) or noise_scale_steps < 0):
             raise ValueError(f"noise_scale_steps must be an int >= 0 (or None: always), got {noise_scale_steps!r}")
         if noise_scale_steps is not None and not noise_scale:
@@ -334,15 +369,32 @@ class ZO:
             return self.params
         return self._scaled
 
-    def _draw_seeds(self, step: int) -> Callable[[int], list[int]]:
-        drawn = [0]
+    def _draw_seeds(self, step: int, drawn: list[int]) -> Callable[[int], list[int]]:
+        """The step's seed source; every seed it hands out is appended to ``drawn`` (the step log's seeds)."""
 
         def draw(n: int) -> list[int]:
-            seeds = [step_seed(self.seed, step, drawn[0] + j) for j in range(n)]
-            drawn[0] += n
+            seeds = [step_seed(self.seed, step, len(drawn) + j) for j in range(n)]
+            drawn.extend(seeds)
             return seeds
 
         return draw
+
+    def _complete(self, est: Estimate, probe: _Probe, drawn: list[int]) -> None:
+        """Fill in what the step did from the probe's record; a strategy that stated it must agree."""
+        applied = [(s, c) for s, c in probe.applied.items()]
+        if est.applied is not None and ([(int(s), float(c)) for s, c in est.applied if c != 0.0] != applied
+                                        or float(est.applied_mu) != probe.applied_mu):
+            probe.restore()
+            raise QzoError(f"{type(self.strategy).__name__} says it left {est.applied} (mean x {est.applied_mu}) on "
+                           f"the trainables, but the probe applied {applied} (mean x {probe.applied_mu}); drop "
+                           "Estimate.applied (the probe keeps it) or move with probe.move_to")
+        est.applied, est.applied_mu = applied, probe.applied_mu
+        if est.losses is None:
+            est.losses = list(probe.losses)
+        if not est.seeds:
+            est.seeds = list(drawn)
+        if est.mu is None:
+            est.mu = self.strategy.mu_for
 
     def step(self, closure: Callable[[], object]) -> float:
         """One ZO step. ``closure()`` returns the scalar loss (it is called under no-grad).
@@ -355,9 +407,11 @@ class ZO:
         if self.distributed is not None:
             self.distributed.step = step
         params = self.params_at(step)
-        probe = _Probe(self, closure, params)
+        probe = _Probe(self, closure, params, batched=self.batched)
+        drawn: list[int] = []
         try:
-            est: Estimate = self.strategy.estimate(probe, self._draw_seeds(step))
+            est: Estimate = self.strategy.estimate(probe, self._draw_seeds(step, drawn))
+            self._complete(est, probe, drawn)
             if not math.isfinite(est.grad):
                 probe.restore()
                 raise NonFiniteLossError(f"projected gradient is {est.grad} at step {step}; trainables restored", step)
@@ -368,6 +422,8 @@ class ZO:
             self.rule.apply(params, est, lr)
             self.strategy.after_update(params)
         finally:
+            self.forwards += probe.forwards  # evaluations that ran count, also in a step that failed
+            self.forward_calls += probe.forward_calls
             noise_cache.clear()  # the cache holds one step's noise at most (CPU path)
         self.steps = step
         self.last_record = StepRecord(

@@ -17,7 +17,9 @@ __all__ = ["Rule", "mu_of"]
 
 def mu_of(est: Estimate, name: str):
     """The strategy's mean for trainable ``name`` in this estimate, or ``None``."""
-    return est.mu.get(name) if est.mu is not None else None
+    if est.mu is None:
+        return None
+    return est.mu(name) if callable(est.mu) else est.mu.get(name)  # a dict: estimates built before mu_for
 
 
 class Rule(Component):

@@ -30,6 +30,8 @@ class Probe(Protocol):
     """
 
     eps: float
+    #: the closure evaluates a pool in one stacked forward (``qzo.ZO(batched=True)``): see :meth:`evaluate_pool`
+    batched: bool
 
     def perturb(self, terms: list[tuple[int, float]], mu_coef: float = 0.0) -> None:
         """Add ``sum coef * z(seed)`` (+ ``mu_coef`` * the strategy's mean) to every trainable."""
@@ -46,6 +48,11 @@ class Probe(Protocol):
         Evaluations that do not depend on each other belong in one group: a distributed
         optimizer runs a group's forwards on different ranks (``qzo.distributed``).
         """
+
+    def evaluate_pool(self, targets: list[tuple[list[tuple[int, float]], float] | None]) -> list[float]:
+        """A group of independent targets the way the probe evaluates pools: one stacked forward when it is
+        :attr:`batched` (leading ``None`` targets, "here", run first on their own; nothing stays applied),
+        else :meth:`evaluate_group` (the last target stays applied). Continue with :meth:`move_to` either way."""
 
     def rows(self) -> int:
         """Rows of the closure's batch (per-example strategies; needs ``qzo.CausalLMLoss`` and LoRA)."""
@@ -64,30 +71,37 @@ class Probe(Protocol):
 class Estimate:
     """The result of a strategy's step, before the update.
 
+    A strategy fills in what it *decided*: ``direction``, ``grad``, ``loss`` (and
+    ``direction_mu`` / ``spread`` where it has them). What the step *did* is the probe's
+    record, and ``qzo.ZO`` completes the estimate from it: ``applied`` / ``applied_mu``
+    (what is still on the trainables), ``losses`` (every evaluation, in order), ``seeds``
+    (every seed drawn) and ``mu`` (the strategy's :meth:`Strategy.mu_for`). A strategy that
+    states one of those anyway is checked against the probe's record.
+
     Attributes:
         direction: ``(seed, coef)`` terms of the update direction d = sum coef * z(seed).
         grad: projected gradient along d; the plain SGD update is ``theta -= lr * grad * d``.
         applied: ``(seed, coef)`` terms of the perturbation still on the trainables
             (x = theta + sum coef * z); the rule undoes it in the same pass as the update.
-        losses: every loss evaluated this step, in evaluation order.
+        losses: every loss evaluated this step, in evaluation order (PerExample: per row).
         loss: the step's reported training loss.
         seeds: every seed drawn this step (for the step log and replay).
         direction_mu: coefficient of the strategy's dense mean (LDSD's mu) in d.
         applied_mu: coefficient of that mean in the leftover perturbation.
-        mu: name -> mean tensor, when the strategy keeps one (else ``None``).
+        mu: name -> the strategy's mean for that trainable (``None``: no mean), a callable.
         spread: the losses whose standard deviation ``qzo.ZO(normalize="spread")`` divides
             by (``None``: all of ``losses``; FZOO leaves its baseline out).
     """
 
     direction: list[tuple[int, float]]
     grad: float
-    applied: list[tuple[int, float]]
-    losses: list[float]
-    loss: float
+    applied: list[tuple[int, float]] | None = None
+    losses: list[float] | None = None
+    loss: float = float("nan")
     seeds: list[int] = field(default_factory=list)
     direction_mu: float = 0.0
     applied_mu: float = 0.0
-    mu: dict | None = None
+    mu: Callable | dict | None = None
     spread: list[float] | None = None
 
 

@@ -92,17 +92,8 @@ class ConMeZO(Strategy):
             axis, noise = 0.0, 1.0  # no momentum yet: MeZO's direction
         f_plus, f_minus = probe.evaluate_group([([(seed, eps * noise)], eps * axis),
                                                 ([(seed, -eps * noise)], -eps * axis)])
-        est = Estimate(
-            direction=[(seed, noise)],
-            grad=(f_plus - f_minus) / (2.0 * eps),
-            applied=[(seed, -eps * noise)],
-            losses=[f_plus, f_minus],
-            loss=0.5 * (f_plus + f_minus),
-            seeds=[seed],
-            direction_mu=axis,
-            applied_mu=-eps * axis,
-            mu=self.m,
-        )
+        est = Estimate(direction=[(seed, noise)], grad=(f_plus - f_minus) / (2.0 * eps), loss=0.5 * (f_plus + f_minus),
+                       direction_mu=axis)
         self._pending = (est, axis)
         return est
 

@@ -69,11 +69,9 @@ class FZOO(Strategy):
         eps = probe.eps
         seeds = draw_seeds(self.probes)
         targets = [([(seed, eps)], 0.0) for seed in seeds]
-        if self.batched:
-            losses = [probe.evaluate()] if self.baseline == "theta" else []  # nothing is applied at a step's start
-            losses += probe.evaluate_batch(targets)
-        else:  # f(theta) and the probes in one group (a distributed run spreads it over ranks)
-            losses = probe.evaluate_group(([None] if self.baseline == "theta" else []) + targets)
+        # f(theta) and the probes in one group (a distributed run spreads it over ranks; a batched probe
+        # evaluates f(theta) first, on its own, then the probes in one stacked forward)
+        losses = probe.evaluate_pool(([None] if self.baseline == "theta" else []) + targets)
         probe_losses = losses[1:] if self.baseline == "theta" else losses
         if self.baseline == "theta":
             base, m = losses[0], self.probes
@@ -81,7 +79,5 @@ class FZOO(Strategy):
             base, m = math.fsum(probe_losses) / self.probes, self.probes - 1
         slopes = [(f - base) / eps for f in probe_losses]
         direction, grad = weighted_slopes(seeds, slopes, [1.0 / m] * len(slopes), m)
-        # one by one, the last probe is still on the trainables; the rule undoes it in its pass
-        applied = [] if self.batched else [(seeds[-1], eps)]
-        return Estimate(direction=direction, grad=grad, applied=applied, losses=losses, loss=base, seeds=seeds,
-                        spread=probe_losses)
+        # one by one, the last probe is still on the trainables (the probe knows; the rule undoes it in its pass)
+        return Estimate(direction=direction, grad=grad, loss=base, spread=probe_losses)

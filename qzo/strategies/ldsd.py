@@ -25,7 +25,6 @@ import torch
 from ..params import Trainable
 from ..perturb import perturb_params_
 from .base import Estimate, Probe, Strategy
-from .pool import evaluate_pool
 
 __all__ = ["LDSD", "leave_one_out"]
 
@@ -77,7 +76,7 @@ class LDSD(Strategy):
         eps, sigma = probe.eps, self.sigma
         seeds = draw_seeds(self.candidates)
         # theta + eps (mu + sigma e_i)
-        losses = evaluate_pool(probe, seeds, eps * sigma, mu_coef=eps, batched=self.batched)
+        losses = probe.evaluate_pool([([(seed, eps * sigma)], eps) for seed in seeds])
         b = min(range(len(seeds)), key=lambda i: losses[i])
         best = seeds[b]
         probe.move_to([(best, -eps * sigma)], mu_coef=-eps)  # theta - eps (mu + sigma e_best)
@@ -86,17 +85,8 @@ class LDSD(Strategy):
         c = leave_one_out(losses)
         k = len(seeds)
         self._pending = (seeds, [-self.lr_mu * ci / (k * sigma) for ci in c])
-        return Estimate(
-            direction=[(best, sigma)],
-            grad=(f_plus - f_minus) / (2.0 * eps),
-            applied=[(best, -eps * sigma)],
-            losses=losses + [f_minus],
-            loss=0.5 * (f_plus + f_minus),
-            seeds=seeds,
-            direction_mu=1.0,
-            applied_mu=-eps,
-            mu=self.mu,
-        )
+        return Estimate(direction=[(best, sigma)], grad=(f_plus - f_minus) / (2.0 * eps), loss=0.5 * (f_plus + f_minus),
+                        direction_mu=1.0)
 
     def after_update(self, params) -> None:
         if self._pending is None:

@@ -52,5 +52,6 @@ class PerExample(Strategy):
         slopes = [(fp - fm) / (2.0 * eps) for fp, fm in zip(plus, minus)]
         direction, grad = weighted_slopes(seeds, slopes, weights, len(slopes))
         loss = math.fsum(w * 0.5 * (fp + fm) for w, fp, fm in zip(weights, plus, minus))
-        return Estimate(direction=direction, grad=grad, applied=[], losses=plus + minus, loss=loss, seeds=seeds,
+        # the step log keeps every row's loss (the probe records the two batch losses)
+        return Estimate(direction=direction, grad=grad, losses=plus + minus, loss=loss,
                         spread=[0.5 * (fp - fm) for fp, fm in zip(plus, minus)])

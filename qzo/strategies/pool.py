@@ -15,20 +15,7 @@ from typing import Callable
 
 from .base import Estimate, Probe, Strategy
 
-__all__ = ["GV", "Greedy", "evaluate_pool"]
-
-
-def evaluate_pool(probe: Probe, seeds: list[int], scale: float, mu_coef: float = 0.0,
-                  batched: bool = False) -> list[float]:
-    """f(theta + scale * z_i + mu_coef * mu) for each seed, in pool order.
-
-    One by one, the last candidate stays applied; batched (one stacked forward through
-    ``probe.evaluate_batch``), nothing is applied. Callers go on with ``probe.move_to``.
-    """
-    candidates = [([(seed, scale)], mu_coef) for seed in seeds]
-    if batched:
-        return probe.evaluate_batch(candidates)
-    return probe.evaluate_group(candidates)
+__all__ = ["GV", "Greedy"]
 
 
 class GV(Strategy):
@@ -74,19 +61,12 @@ class GV(Strategy):
     def estimate(self, probe: Probe, draw_seeds: Callable[[int], list[int]]) -> Estimate:
         eps = probe.eps
         seeds = draw_seeds(self.pool)
-        pool_losses = evaluate_pool(probe, seeds, eps, batched=self.batched)
+        pool_losses = probe.evaluate_pool([([(seed, eps)], 0.0) for seed in seeds])
         best, rest = self.groups(seeds, pool_losses)
         v = [(s, 1.0 / len(best)) for s in best] + [(s, -1.0 / len(rest)) for s in rest]
         # from what the pool left, in one pass each
         f_plus, f_minus = probe.evaluate_group([([(s, eps * c) for s, c in v], 0.0), ([(s, -eps * c) for s, c in v], 0.0)])
-        return Estimate(
-            direction=v,
-            grad=(f_plus - f_minus) / (2.0 * eps),
-            applied=[(s, -eps * c) for s, c in v],
-            losses=pool_losses + [f_plus, f_minus],
-            loss=0.5 * (f_plus + f_minus),
-            seeds=seeds,
-        )
+        return Estimate(direction=v, grad=(f_plus - f_minus) / (2.0 * eps), loss=0.5 * (f_plus + f_minus))
 
 
 class Greedy(Strategy):
@@ -115,17 +95,10 @@ class Greedy(Strategy):
     def estimate(self, probe: Probe, draw_seeds: Callable[[int], list[int]]) -> Estimate:
         eps = probe.eps
         seeds = draw_seeds(self.pool)
-        pool_losses = evaluate_pool(probe, seeds, eps, batched=self.batched)
+        pool_losses = probe.evaluate_pool([([(seed, eps)], 0.0) for seed in seeds])
         b = min(range(len(seeds)), key=lambda i: pool_losses[i])
         best = seeds[b]
         probe.move_to([(best, -eps)])
         f_minus = probe.evaluate()
         f_plus = pool_losses[b]
-        return Estimate(
-            direction=[(best, 1.0)],
-            grad=(f_plus - f_minus) / (2.0 * eps),
-            applied=[(best, -eps)],
-            losses=pool_losses + [f_minus],
-            loss=0.5 * (f_plus + f_minus),
-            seeds=seeds,
-        )
+        return Estimate(direction=[(best, 1.0)], grad=(f_plus - f_minus) / (2.0 * eps), loss=0.5 * (f_plus + f_minus))

@@ -26,11 +26,4 @@ class SPSA(Strategy):
         # one group: +eps z then -2 eps z from there (two ranks can run one side each)
         f_plus, f_minus = probe.evaluate_group([([(seed, eps)], 0.0), ([(seed, -eps)], 0.0)])
         grad = (f_plus - f_minus) / (2.0 * eps)
-        return Estimate(
-            direction=[(seed, 1.0)],
-            grad=grad,
-            applied=[(seed, -eps)],
-            losses=[f_plus, f_minus],
-            loss=0.5 * (f_plus + f_minus),
-            seeds=[seed],
-        )
+        return Estimate(direction=[(seed, 1.0)], grad=grad, loss=0.5 * (f_plus + f_minus))
