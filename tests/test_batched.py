@@ -10,7 +10,7 @@ from qzo.loss import CausalLMLoss
 from qzo.errors import QzoError
 from qzo.perturb import perturb_params_
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 # Batched rows go through torch.bmm with per-candidate factors and the base layers see a
 # K-times larger batch, so float32 GEMMs sum in another order than the one-by-one F.linear
@@ -20,13 +20,13 @@ LOSS_RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def build_tiny(smol_tokenizer):
+def build_tiny(tiny_tokenizer):
     """quant -> a tiny Llama (float32, or NF4-quantized) with LoRA r 4 on q,v, built once per module."""
     built = {}
 
     def build(quant):
         if quant not in built:
-            model, _ = qzo.load(tiny_config(len(smol_tokenizer)), quant=quant, seed=0)
+            model, _ = qzo.load(tiny_config(len(tiny_tokenizer)), quant=quant, seed=0)
             params = qzo.lora(model, r=4, target_modules=["q_proj", "v_proj"], seed=0)
             for t in params:  # B starts at 0 in LoRA; give both factors values
                 t.tensor.add_(0.05 * noise.randn(99, t.stream, t.tensor.numel()).view_as(t.tensor))

@@ -11,56 +11,59 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_convergence_quick_writes_its_table(tmp_path, smol_folder):
-    env = dict(os.environ, QZO_BENCH_RESULTS=str(tmp_path))
+def _quick(folder, *extra, methods=("per_example_spread_cos",)):
+    env = dict(os.environ, QZO_BENCH_RESULTS=str(folder))
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--quick", "--methods",
-                             "spsa", "fzoo4_spread_cos"], capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+                             *methods, *extra], capture_output=True, text=True, env=env, timeout=900, cwd=folder)
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "convergence.json").read_text())
-    assert summary["budget_forwards"] == 8 and set(summary["methods"]) == {"spsa", "fzoo4_spread_cos"}
+    return result.stdout
+
+
+def _losses(folder, method):
+    """The CSV rows of ``method`` without their wall times (the same run gives the same losses, not times)."""
+    lines = [line.split(",") for line in (folder / "convergence.csv").read_text().splitlines()[1:]]
+    return [line[:6] + line[7:] for line in lines if line[0] == method]
+
+
+@pytest.fixture(scope="module")
+def quick_table(tmp_path_factory, smol_folder):
+    """One uninterrupted --quick benchmark of MeZO and a per-example, scale-free method (the slow part, shared)."""
+    folder = tmp_path_factory.mktemp("quick")
+    return folder, _quick(folder, methods=("spsa", "per_example_spread_cos"))
+
+
+@pytest.mark.slow
+def test_convergence_quick_writes_its_table(quick_table):
+    folder, stdout = quick_table
+    summary = json.loads((folder / "convergence.json").read_text())
+    assert summary["budget_forwards"] == 8 and set(summary["methods"]) == {"spsa", "per_example_spread_cos"}
     # MeZO reaches its own final loss by the end (earlier if its loss rose at the end)
     spsa = summary["methods"]["spsa"]
     assert 0 < spsa["fraction_of_spsa_forwards"] <= 1.0 and 0 < spsa["fraction_of_spsa_wall"] <= 1.0
     assert summary["seconds_per_forward"] > 0 and spsa["blew_up_seeds"] in (0, 1)
     for info in summary["methods"].values():
         assert 0 < info["final_eval_loss"] < 20
-    assert (tmp_path / "convergence.csv").is_file()
-    assert "final held-out" in result.stdout
-
-
-def _quick(folder, *extra):
-    env = dict(os.environ, QZO_BENCH_RESULTS=str(folder))
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--quick", "--methods",
-                             "per_example_spread_cos", *extra], capture_output=True, text=True, env=env, timeout=900,
-                            cwd=folder)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
-
-
-def _losses(folder):
-    lines = (folder / "convergence.csv").read_text().splitlines()
-    return [line.split(",")[:6] + line.split(",")[7:] for line in lines]  # all but the wall time
+    assert (folder / "convergence.csv").is_file() and "in_progress" not in summary
+    assert "final held-out" in stdout
 
 
 @pytest.mark.slow
-def test_convergence_run_stopped_mid_way_goes_on_bit_exactly_from_its_replay_log(tmp_path, smol_folder):
+def test_convergence_run_stopped_mid_way_goes_on_bit_exactly_from_its_replay_log(quick_table, tmp_path):
     """--time-limit stops a run after one step; the next invocation replays its log and ends where an
     uninterrupted run ends: the same held-out losses at every evaluation, digests met."""
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    whole.mkdir(), cut.mkdir()
-    _quick(whole)
-    out = _quick(cut, "--time-limit", "0")
+    whole, _ = quick_table
+    out = _quick(tmp_path, "--time-limit", "0")
     assert "time limit reached" in out
-    (log,) = (cut / "convergence_runs").glob("*.jsonl")
+    (log,) = (tmp_path / "convergence_runs").glob("*.jsonl")
     kinds = [json.loads(line)["kind"] for line in log.read_text().splitlines()]
     assert kinds == ["start", "eval", "step"]
+    assert json.loads((tmp_path / "convergence.json").read_text())["in_progress"][0]["forwards_done"] == 2
     with open(log, "a") as f:
         f.write('{"kind": "step", "step": 2, "forw')  # a line torn by a kill is dropped
-    out = _quick(cut)
+    out = _quick(tmp_path)
     assert "resumed at 2 forwards (step 1)" in out and "bit-exact" in out
-    assert _losses(cut) == _losses(whole)
-    assert not list((cut / "convergence_runs").glob("*.jsonl"))  # finished runs leave no log
+    assert _losses(tmp_path, "per_example_spread_cos") == _losses(whole, "per_example_spread_cos")
+    assert not list((tmp_path / "convergence_runs").glob("*.jsonl"))  # finished runs leave no log
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from qzo.cli import main
 from qzo.errors import QzoError
 from qzo.trainer import load_run_model, train
 
-from conftest import run_overrides, write_code_chats
+from helpers import run_overrides, write_code_chats
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from qzo.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, verify_checkpoint
 from qzo.trainer import train
 
-from conftest import run_overrides
+from helpers import run_overrides
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from transformers import LlamaConfig
 import qzo
 from qzo import bnb
 
-from conftest import TINY, needs_fused_cpu_4bit, tiny_config
+from helpers import TINY, needs_fused_cpu_4bit, tiny_config
 
 IDS = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
 #: bf16 keeps 8 significant bits (unit roundoff 2**-9); the fused kernel rounds activations

@@ -27,22 +27,22 @@ def _write(path, lines):
     return path
 
 
-def test_labels_cover_exactly_the_assistant_turns(smol_tokenizer):
-    ids, labels = encode_chat(smol_tokenizer, CHAT, max_len=256)
+def test_labels_cover_exactly_the_assistant_turns(tiny_tokenizer):
+    ids, labels = encode_chat(tiny_tokenizer, CHAT, max_len=256)
     assert len(ids) == len(labels)
     trained = [t for t, y in zip(ids, labels) if y != IGNORE]
-    text = smol_tokenizer.decode(trained)
+    text = tiny_tokenizer.decode(trained)
     assert text == "ANSWER: red<|im_end|>\nANSWER: blue<|im_end|>\n"
-    masked = smol_tokenizer.decode([t for t, y in zip(ids, labels) if y == IGNORE])
+    masked = tiny_tokenizer.decode([t for t, y in zip(ids, labels) if y == IGNORE])
     assert "Name a colour." in masked and "assistant" in masked and "ANSWER" not in masked
 
 
-def test_truncation_keeps_prefix_and_drops_examples_without_targets(smol_tokenizer):
-    ids, labels = encode_chat(smol_tokenizer, CHAT, max_len=40)
+def test_truncation_keeps_prefix_and_drops_examples_without_targets(tiny_tokenizer):
+    ids, labels = encode_chat(tiny_tokenizer, CHAT, max_len=40)
     assert len(ids) == 40
-    assert encode_chat(smol_tokenizer, CHAT, max_len=5) is None
+    assert encode_chat(tiny_tokenizer, CHAT, max_len=5) is None
     with pytest.raises(DataError, match="max_len"):
-        ChatDataset.from_chats(smol_tokenizer, [CHAT], max_len=5)
+        ChatDataset.from_chats(tiny_tokenizer, [CHAT], max_len=5)
 
 
 def test_collate_pads_and_masks():
@@ -117,24 +117,24 @@ def _masked(tok, ids, labels):
     return tok.decode([t for t, y in zip(ids, labels) if y == IGNORE])
 
 
-def test_alpaca_record_is_a_user_and_an_assistant_turn(smol_tokenizer):
+def test_alpaca_record_is_a_user_and_an_assistant_turn(tiny_tokenizer):
     chat = to_chat(ALPACA)
     assert chat == [{"role": "user", "content": "Name a colour.\n\nPick a warm one."},
                     {"role": "assistant", "content": "ANSWER: red"}]
-    ids, labels = encode_chat(smol_tokenizer, chat, max_len=256)
-    assert _trained(smol_tokenizer, ids, labels) == "ANSWER: red" + END
-    assert "Name a colour.\n\nPick a warm one." in _masked(smol_tokenizer, ids, labels)
+    ids, labels = encode_chat(tiny_tokenizer, chat, max_len=256)
+    assert _trained(tiny_tokenizer, ids, labels) == "ANSWER: red" + END
+    assert "Name a colour.\n\nPick a warm one." in _masked(tiny_tokenizer, ids, labels)
     without = {k: v for k, v in ALPACA.items() if k != "input"}
     for no_input in ({**ALPACA, "input": ""}, {**ALPACA, "input": None}, without):
         assert to_chat(no_input)[0]["content"] == "Name a colour."
 
 
-def test_completion_record_trains_on_the_completion_only(smol_tokenizer):
+def test_completion_record_trains_on_the_completion_only(tiny_tokenizer):
     chat = to_chat(COMPLETION)
     assert chat == [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "ANSWER: 4"}]
-    ids, labels = encode_chat(smol_tokenizer, chat, max_len=256)
-    assert _trained(smol_tokenizer, ids, labels) == "ANSWER: 4" + END
-    masked = _masked(smol_tokenizer, ids, labels)
+    ids, labels = encode_chat(tiny_tokenizer, chat, max_len=256)
+    assert _trained(tiny_tokenizer, ids, labels) == "ANSWER: 4" + END
+    masked = _masked(tiny_tokenizer, ids, labels)
     assert "What is 2 plus 2?" in masked and "<|im_start|>assistant\n" in masked and "ANSWER" not in masked
 
 
@@ -152,18 +152,18 @@ def test_detection_order_and_forced_format():
         to_chat(CHAT, format="vicuna")
 
 
-def test_system_prompt_is_added_where_there_is_none(smol_tokenizer):
+def test_system_prompt_is_added_where_there_is_none(tiny_tokenizer):
     own = [{"role": "system", "content": "Answer in French."}] + CHAT
     assert to_chat({"messages": own}, system_prompt="Be terse.") == own
     for record in ({"messages": CHAT}, ALPACA, COMPLETION):
         chat = to_chat(record, system_prompt="Be terse.")
         assert chat[0] == {"role": "system", "content": "Be terse."} and chat[1:] == to_chat(record)
-    ids, labels = encode_chat(smol_tokenizer, to_chat(COMPLETION, system_prompt="Be terse."), max_len=256)
-    masked = _masked(smol_tokenizer, ids, labels)
+    ids, labels = encode_chat(tiny_tokenizer, to_chat(COMPLETION, system_prompt="Be terse."), max_len=256)
+    masked = _masked(tiny_tokenizer, ids, labels)
     assert masked.startswith("<|im_start|>system\nBe terse." + END) and "SmolLM" not in masked
-    assert _trained(smol_tokenizer, ids, labels) == "ANSWER: 4" + END
-    ids, labels = encode_chat(smol_tokenizer, to_chat(COMPLETION), max_len=256)
-    assert "SmolLM" in _masked(smol_tokenizer, ids, labels)  # without one, the template's default stays
+    assert _trained(tiny_tokenizer, ids, labels) == "ANSWER: 4" + END
+    ids, labels = encode_chat(tiny_tokenizer, to_chat(COMPLETION), max_len=256)
+    assert "SmolLM" in _masked(tiny_tokenizer, ids, labels)  # without one, the template's default stays
 
 
 def _mixed_lines():
@@ -174,12 +174,12 @@ def _mixed_lines():
 MIXED_TRAINED = ["ANSWER: red" + END + "ANSWER: blue" + END, "ANSWER: red" + END, "ANSWER: 4" + END, "hi" + END]
 
 
-def test_mixed_format_file(tmp_path, smol_tokenizer):
+def test_mixed_format_file(tmp_path, tiny_tokenizer):
     path = _write(tmp_path / "mixed.jsonl", _mixed_lines())
     chats = read_chat_jsonl(path)
     assert [len(c) for c in chats] == [4, 2, 2, 2]
-    ds = ChatDataset.from_jsonl(smol_tokenizer, path, max_len=256)
-    assert [_trained(smol_tokenizer, x, y) for x, y in zip(ds.input_ids, ds.labels)] == MIXED_TRAINED
+    ds = ChatDataset.from_jsonl(tiny_tokenizer, path, max_len=256)
+    assert [_trained(tiny_tokenizer, x, y) for x, y in zip(ds.input_ids, ds.labels)] == MIXED_TRAINED
     with_system = read_chats(path, system_prompt="S.")
     assert all(c[0] == {"role": "system", "content": "S."} for c in with_system)
     with pytest.raises(DataError, match=r"mixed.jsonl:2: data.format \"chat\" expects"):
@@ -213,10 +213,10 @@ def _demo_dataset(tok, n, max_len):
     return ChatDataset.from_chats(tok, read_chat_jsonl("builtin:demo_train")[:n], max_len, source="demo")
 
 
-def test_packed_rows_keep_exactly_the_labels_of_their_examples(smol_tokenizer):
+def test_packed_rows_keep_exactly_the_labels_of_their_examples(tiny_tokenizer):
     max_len = 150  # demo chats are 56-72 tokens: two per row
     chats = read_chat_jsonl("builtin:demo_train")[:9] + [CHAT * 4]  # the last is truncated to max_len
-    flat = ChatDataset.from_chats(smol_tokenizer, chats, max_len, source="demo")
+    flat = ChatDataset.from_chats(tiny_tokenizer, chats, max_len, source="demo")
     assert len(flat.input_ids[-1]) == max_len
     packed = flat.pack(max_len)
     assert packed.row_len == max_len and packed.num_examples == len(flat) == 10 and len(packed) < len(flat)
@@ -233,16 +233,16 @@ def test_packed_rows_keep_exactly_the_labels_of_their_examples(smol_tokenizer):
             x, y = next(examples)
             assert ids[start : start + n] == x and labels[start : start + n] == y
             assert labels[start] == IGNORE  # no target crosses from one example into the next
-            answers += _trained(smol_tokenizer, x, y)
+            answers += _trained(tiny_tokenizer, x, y)
             start += n
-        assert _trained(smol_tokenizer, ids, labels) == answers
+        assert _trained(tiny_tokenizer, ids, labels) == answers
     assert next(examples, None) is None
-    assert _trained(smol_tokenizer, flat.input_ids[0], flat.labels[0]) == chats[0][1]["content"] + END
+    assert _trained(tiny_tokenizer, flat.input_ids[0], flat.labels[0]) == chats[0][1]["content"] + END
 
 
-def test_packed_batches_are_exactly_max_len_wide(smol_tokenizer):
-    packed = _demo_dataset(smol_tokenizer, 7, 150).pack(150)
-    batcher = Batcher(packed, 3, seed=0, pad_id=smol_tokenizer.pad_token_id)
+def test_packed_batches_are_exactly_max_len_wide(tiny_tokenizer):
+    packed = _demo_dataset(tiny_tokenizer, 7, 150).pack(150)
+    batcher = Batcher(packed, 3, seed=0, pad_id=tiny_tokenizer.pad_token_id)
     batch = batcher.batch(1)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (3, 150)
     assert "attention_mask" not in batch  # packed: the block-diagonal mask comes from the position ids
@@ -256,12 +256,12 @@ def test_packed_batches_are_exactly_max_len_wide(smol_tokenizer):
     assert collate([[1]], [[1]], pad_id=0, width=4)["input_ids"].tolist() == [[1, 0, 0, 0]]
 
 
-def test_pack_refuses_repacking_and_overlong_rows(smol_tokenizer):
-    packed = _demo_dataset(smol_tokenizer, 3, 150).pack(150)
+def test_pack_refuses_repacking_and_overlong_rows(tiny_tokenizer):
+    packed = _demo_dataset(tiny_tokenizer, 3, 150).pack(150)
     with pytest.raises(DataError, match="already packed"):
         packed.pack(150)
     with pytest.raises(DataError, match="longer than max_len=40"):
-        _demo_dataset(smol_tokenizer, 3, 150).pack(40)
+        _demo_dataset(tiny_tokenizer, 3, 150).pack(40)
     train, held = packed.split(0.5, seed=0)
     assert train.row_len == held.row_len == 150
     assert train.num_examples + held.num_examples == 3
@@ -273,41 +273,57 @@ def _cfg(**data):
     return cfg
 
 
-def test_datasets_from_config_matches_the_former_loader(tmp_path, smol_tokenizer):
-    cfg = _cfg()
-    train, held = datasets_from_config(cfg, smol_tokenizer)
-    assert train.input_ids == ChatDataset.from_jsonl(smol_tokenizer, "builtin:demo_train", 96).input_ids
-    assert held.input_ids == ChatDataset.from_jsonl(smol_tokenizer, "builtin:demo_eval", 96).input_ids
-    assert train.row_len == 0 and train.segments is None
+def test_datasets_from_config_hold_every_demo_chat_with_labels_on_the_replies_only(tiny_tokenizer):
+    train, held = datasets_from_config(_cfg(), tiny_tokenizer)
+    for ds, name in ((train, "builtin:demo_train"), (held, "builtin:demo_eval")):
+        chats = read_chat_jsonl(name)
+        assert len(ds) + ds.dropped == len(chats) and ds.dropped == 0  # every demo chat fits train.max_len 96
+        for ids, labels, chat in zip(ds.input_ids, ds.labels, chats):
+            assert len(ids) == len(labels) <= 96
+            assert all(y == IGNORE or y == t for t, y in zip(ids, labels))
+            reply = chat[-1]["content"]
+            assert tiny_tokenizer.decode([t for t, y in zip(ids, labels) if y != IGNORE]) == reply + END
+            assert chat[0]["content"] in tiny_tokenizer.decode(ids)  # the prompt is there, untrained
 
-    path = _write(tmp_path / "mixed.jsonl", _mixed_lines())
-    cfg = _cfg(train=str(path), eval=None, eval_fraction=0.25)
-    cfg["train"].update(max_len=64, seed=3)
-    train, held = datasets_from_config(cfg, smol_tokenizer)
-    want = ChatDataset.from_jsonl(smol_tokenizer, path, 64).split(0.25, seed=3)
-    assert (train.input_ids, held.input_ids) == (want[0].input_ids, want[1].input_ids)
-    assert (train.labels, held.labels) == (want[0].labels, want[1].labels)
 
-    old = copy.deepcopy(cfg)
+def test_eval_fraction_holds_out_that_share_disjointly_and_by_seed(tmp_path, tiny_tokenizer):
+    rows = [json.dumps({"messages": [{"role": "user", "content": f"Say {i}."},
+                                      {"role": "assistant", "content": f"ANSWER: {i}"}]}) for i in range(20)]
+    path = _write(tmp_path / "chats.jsonl", rows)
+    splits = {}
+    for seed in (3, 3, 4):
+        cfg = _cfg(train=str(path), eval=None, eval_fraction=0.25)
+        cfg["train"].update(max_len=64, seed=seed)
+        train, held = datasets_from_config(cfg, tiny_tokenizer)
+        assert (len(train), len(held)) == (15, 5)
+        as_rows = lambda ds: sorted(map(tuple, ds.input_ids))  # noqa: E731
+        assert not set(as_rows(train)) & set(as_rows(held))
+        assert sorted(as_rows(train) + as_rows(held)) == sorted(as_rows(ChatDataset.from_jsonl(tiny_tokenizer,
+                                                                                                  path, 64)))
+        splits.setdefault(seed, []).append(as_rows(held))
+    assert splits[3][0] == splits[3][1] and splits[3][0] != splits[4][0]  # the seed decides, nothing else
+
+    old = _cfg(train=str(path), eval=None, eval_fraction=0.25)
+    old["train"].update(max_len=64, seed=3)
     for key in ("format", "system_prompt", "packing"):  # a config written before these keys existed
         del old["data"][key]
-    assert datasets_from_config(old, smol_tokenizer)[0].input_ids == train.input_ids
+    assert sorted(map(tuple, datasets_from_config(old, tiny_tokenizer)[1].input_ids)) == splits[3][0]
 
 
-def test_datasets_from_config_new_keys(tmp_path, smol_tokenizer):
+def test_datasets_from_config_new_keys(tmp_path, tiny_tokenizer):
     path = _write(tmp_path / "mixed.jsonl", _mixed_lines())
     cfg = load_config(None, [f"data.train={path}", f"data.eval={path}", "data.system_prompt=Be terse.",
                              "data.packing=true", "data.format=auto", "train.max_len=128"])
-    train, held = datasets_from_config(cfg, smol_tokenizer)
+    train, held = datasets_from_config(cfg, tiny_tokenizer)
     assert train.row_len == 128 and train.num_examples == 4 and len(train) < 4
     assert held.row_len == 0 and held.segments is None and len(held) == 4  # held-out is never packed
     for x, y in zip(held.input_ids, held.labels):
-        assert smol_tokenizer.decode(x).startswith("<|im_start|>system\nBe terse.")
-    assert _trained(smol_tokenizer, [t for x in held.input_ids for t in x], [t for y in held.labels for t in y]) \
-        == _trained(smol_tokenizer, [t for x in train.input_ids for t in x], [t for y in train.labels for t in y]) \
+        assert tiny_tokenizer.decode(x).startswith("<|im_start|>system\nBe terse.")
+    assert _trained(tiny_tokenizer, [t for x in held.input_ids for t in x], [t for y in held.labels for t in y]) \
+        == _trained(tiny_tokenizer, [t for x in train.input_ids for t in x], [t for y in train.labels for t in y]) \
         == "".join(MIXED_TRAINED)
     with pytest.raises(DataError, match=r"mixed.jsonl:1: data.format \"completion\" expects.*found fields: messages"):
-        datasets_from_config(load_config(None, [f"data.train={path}", "data.format=completion"]), smol_tokenizer)
+        datasets_from_config(load_config(None, [f"data.train={path}", "data.format=completion"]), tiny_tokenizer)
 
 
 def test_config_keys_validate():
@@ -320,7 +336,7 @@ def test_config_keys_validate():
         load_config(None, ["data.packing=3"])
 
 
-def test_hf_datasets_input(tmp_path, smol_tokenizer, monkeypatch):
+def test_hf_datasets_input(tmp_path, tiny_tokenizer, monkeypatch):
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     jsonl = _write(tmp_path / "mixed.jsonl", _mixed_lines())
@@ -333,8 +349,8 @@ def test_hf_datasets_input(tmp_path, smol_tokenizer, monkeypatch):
     assert chats == read_chat_jsonl(jsonl, system_prompt="S.")
     cfg = _cfg(train=f"hf:parquet:{parquet}", eval=f"hf:json:{jsonl}")
     cfg["train"]["max_len"] = 256
-    train, held = datasets_from_config(cfg, smol_tokenizer)
-    assert [_trained(smol_tokenizer, x, y) for x, y in zip(train.input_ids, train.labels)] == MIXED_TRAINED
+    train, held = datasets_from_config(cfg, tiny_tokenizer)
+    assert [_trained(tiny_tokenizer, x, y) for x, y in zip(train.input_ids, train.labels)] == MIXED_TRAINED
     assert train.input_ids == held.input_ids
     bad = tmp_path / "bad.parquet"
     datasets.Dataset.from_list([{**COMPLETION, "body": None}, {"prompt": None, "completion": None, "body": "hi"}]) \

@@ -39,11 +39,11 @@ def _masked(tok, ids, labels):
 
 
 @pytest.fixture
-def tok(smol_tokenizer):
+def tok(tiny_tokenizer):
     """The SmolLM2 tokenizer, its own chat template put back after the test (tests set others on it)."""
-    own = smol_tokenizer.chat_template
-    yield smol_tokenizer
-    smol_tokenizer.chat_template = own
+    own = tiny_tokenizer.chat_template
+    yield tiny_tokenizer
+    tiny_tokenizer.chat_template = own
 
 
 def _cfg(**data):
@@ -213,14 +213,14 @@ def test_a_base_tokenizer_without_template_trains_with_data_chat_template(tmp_pa
 
 def test_tool_calls_pass_through_a_template_that_renders_them(tok):
     set_chat_template(tok, "qwen2.5")
-    ids, labels = encode_chat(tok, TOOL_CHAT, 512, tools=TOOLS)
+    ids, labels = encode_chat(tok, TOOL_CHAT, 2048, tools=TOOLS)  # over 512 tokens of the tiny vocabulary
     trained = _trained(tok, ids, labels)
     assert trained == ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' + END
                        + "21 C in Paris." + END)
     masked = _masked(tok, ids, labels)
     assert "<tool_response>\n{\"temp_c\": 21}\n</tool_response>" in masked and '"name": "get_weather"' in masked
     set_chat_template(tok, "llama3")
-    ids, labels = encode_chat(tok, TOOL_CHAT, 512, tools=TOOLS)
+    ids, labels = encode_chat(tok, TOOL_CHAT, 2048, tools=TOOLS)
     trained = _trained(tok, ids, labels)  # SmolLM2 has no <|eot_id|> token: a token may straddle its end
     assert trained.startswith('{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>')
     assert trained.endswith("21 C in Paris.<|eot_id|>") and "ipython" not in trained

@@ -1,6 +1,6 @@
 """Packing without cross-talk: a packed row's per-token losses are each example's losses alone.
 
-A tiny random-init Llama (conftest ``tiny_config``, float32) with the real SmolLM2
+A tiny random-init Llama (``helpers.tiny_config``, float32) with the real SmolLM2
 tokenizer. Packed batches carry per-example ``position_ids`` and no 2D attention mask;
 transformers turns the position resets into a block-diagonal causal mask. Checked on the
 raw model (sdpa and eager attention), through ``qzo.CausalLMLoss`` (the labelled-logits
@@ -21,7 +21,7 @@ import qzo
 from qzo.loss import CausalLMLoss
 from qzo.data import IGNORE, Batcher, ChatDataset, Example, collate, eval_loss
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 ATOL = 1e-5
 CHATS = [
@@ -43,8 +43,8 @@ def _token_losses(logits, labels):
 
 
 @pytest.fixture(scope="module")
-def examples(smol_tokenizer):
-    flat = ChatDataset.from_chats(smol_tokenizer, [*CHATS, TEXT], max_len=128)
+def examples(tiny_tokenizer):
+    flat = ChatDataset.from_chats(tiny_tokenizer, [*CHATS, TEXT], max_len=128)
     packed = flat.pack(128)
     assert [len(s) for s in packed.segments] == [3, 2]  # rows really hold several examples
     return flat, packed
@@ -73,12 +73,12 @@ def _alone_and_packed(model, flat, packed, pad_id):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_token_losses_equal_each_example_alone(smol_tokenizer, examples, attn):
+def test_packed_token_losses_equal_each_example_alone(tiny_tokenizer, examples, attn):
     flat, packed = examples
     torch.manual_seed(0)
     model = __import__("transformers").AutoModelForCausalLM.from_config(
-        tiny_config(len(smol_tokenizer)), attn_implementation=attn).eval()
-    batch, pairs = _alone_and_packed(model, flat, packed, smol_tokenizer.pad_token_id)
+        tiny_config(len(tiny_tokenizer)), attn_implementation=attn).eval()
+    batch, pairs = _alone_and_packed(model, flat, packed, tiny_tokenizer.pad_token_id)
     for alone, in_row in pairs:
         assert torch.equal(alone.isnan(), in_row.isnan())  # the same positions are trained
         torch.testing.assert_close(in_row, alone, atol=ATOL, rtol=0, equal_nan=True)
@@ -92,8 +92,8 @@ def test_packed_token_losses_equal_each_example_alone(smol_tokenizer, examples, 
 
 
 @pytest.fixture(scope="module")
-def tiny_lora(smol_tokenizer):
-    model, _ = qzo.load(tiny_config(len(smol_tokenizer)), quant="nf4", seed=0)
+def tiny_lora(tiny_tokenizer):
+    model, _ = qzo.load(tiny_config(len(tiny_tokenizer)), quant="nf4", seed=0)
     params = qzo.lora(model, r=4, target_modules=["q_proj", "v_proj"], seed=0)
     for t in params:  # B starts at 0 in LoRA; give both factors values
         t.tensor.add_(0.05 * qzo.noise.randn(99, t.stream, t.tensor.numel()).view_as(t.tensor))
@@ -111,10 +111,10 @@ def _weighted_alone(model, flat, pad_id):
     return total / count
 
 
-def test_packed_batch_through_causal_lm_loss_pool_and_eval(smol_tokenizer, examples, tiny_lora):
+def test_packed_batch_through_causal_lm_loss_pool_and_eval(tiny_tokenizer, examples, tiny_lora):
     flat, packed = examples
     model, params = tiny_lora
-    pad = smol_tokenizer.pad_token_id
+    pad = tiny_tokenizer.pad_token_id
     batch = Batcher(packed, len(packed), seed=0, pad_id=pad).batch(1)
     want = _weighted_alone(model, flat, pad)
     # CausalLMLoss (labelled logits only, LoRA on an NF4 base): the packed batch's loss is the examples' alone
@@ -141,7 +141,7 @@ def test_a_packed_sharegpt_run_trains_end_to_end(tiny_model_dir, tmp_path):
 
     from qzo.trainer import train
 
-    from conftest import run_overrides
+    from helpers import run_overrides
 
     data = tmp_path / "sg.jsonl"
     data.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": f"Code {i}?"},

@@ -50,7 +50,7 @@ def _answers(examples):
     return [e.messages[-1]["content"] for e in examples]
 
 
-def test_a_hub_layout_folder_by_name_split_and_config(hub_folder, smol_tokenizer):
+def test_a_hub_layout_folder_by_name_split_and_config(hub_folder, tiny_tokenizer):
     assert _answers(read_examples(f"hf:{hub_folder}")) == [f"CODE {i}" for i in range(6)]  # split train
     assert _answers(read_examples(f"hf:{hub_folder}:test")) == ["CODE 6", "CODE 7"]
     assert _answers(read_examples(f"hf:{hub_folder}:train[:2]")) == ["CODE 0", "CODE 1"]  # a slice, colon and all
@@ -59,9 +59,9 @@ def test_a_hub_layout_folder_by_name_split_and_config(hub_folder, smol_tokenizer
     assert examples[1].where == f"hf:{hub_folder}:test row 1"
     cfg = {"data": {"train": f"hf:{hub_folder}", "eval": f"hf:{hub_folder}:test", "eval_fraction": 0.1},
            "train": {"max_len": 64, "seed": 0}}
-    train, held = datasets_from_config(cfg, smol_tokenizer)
+    train, held = datasets_from_config(cfg, tiny_tokenizer)
     assert (len(train), len(held)) == (6, 2)
-    assert held.input_ids == ChatDataset.from_chats(smol_tokenizer, [_chat(i)["messages"] for i in (6, 7)],
+    assert held.input_ids == ChatDataset.from_chats(tiny_tokenizer, [_chat(i)["messages"] for i in (6, 7)],
                                                     64).input_ids
     with pytest.raises(DataError, match=r"could not load .*split 'validation'.* as the local folder: .*validation"):
         read_examples(f"hf:{hub_folder}:validation")

@@ -25,7 +25,7 @@ from qzo import checkpoint, run_writer
 from qzo.checkpoint import RunDirError, list_checkpoints, verify_checkpoint
 from qzo.trainer import train
 
-from conftest import run_overrides, write_code_chats
+from helpers import run_overrides, write_code_chats
 
 
 def _mount(path, *options) -> bool:

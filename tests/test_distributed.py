@@ -27,7 +27,7 @@ from qzo.checkpoint import list_checkpoints, verify_checkpoint
 from qzo.distributed import Distributed, DistributedError, shard_rows, trainables_checksum
 from qzo.trainer import train
 
-from conftest import run_overrides
+from helpers import run_overrides
 
 STEPS = 4
 
@@ -78,7 +78,7 @@ TWO_RANK = {"spsa-candidates": ("spsa", 2), "fzoo-candidates": ("fzoo", 2), "sps
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
     """The single-process reference runs, then every 2-rank run and a 2-rank resume in one torchrun job."""
-    from conftest import write_code_chats
+    from helpers import write_code_chats
 
     root = tmp_path_factory.mktemp("dist")
     data = write_code_chats(root)

@@ -17,7 +17,7 @@ from qzo.guard import DivergenceGuard
 from qzo.replay import read_step_log, replay_sgd
 from qzo.trainer import train
 
-from conftest import run_overrides, write_code_chats
+from helpers import run_overrides, write_code_chats
 
 
 def _toy(rule):

@@ -1,6 +1,6 @@
 """qzo export --gguf: a llama.cpp GGUF that reads back (transformers ``gguf_file=``) as the merged model.
 
-The model is the tiny Llama of conftest with a tiny byte-level BPE tokenizer trained here
+The model is the tiny Llama of ``helpers.tiny_config`` with a tiny byte-level BPE tokenizer trained here
 (400 tokens, SmolLM2's chat template): a GGUF's tokenizer metadata is parsed in Python on
 every read, and SmolLM2's 49,152 tokens and 48,900 merges take 10-30 s a read on this CPU.
 Tolerances, logits of the read-back model against the trained model's (relative L2 error),
@@ -28,7 +28,7 @@ from qzo.export import export, merged_state_dict
 from qzo.export_gguf import modelfile, permute_for_llama_cpp, write_gguf
 from qzo.trainer import load_run_model, train
 
-from conftest import TINY, run_overrides, write_code_chats
+from helpers import TINY, run_overrides, write_code_chats
 
 PROMPT = [[1, 50, 3, 17, 190, 42, 7, 7, 2]]
 TEXTS = ["Code 12? CODE\n\n  spaced  out ünï", "<|im_start|>user\nCode 3?<|im_end|>\n"]
@@ -61,13 +61,13 @@ def _tiny_bpe(chat_template: str, corpus: list[str]):
 
 
 @pytest.fixture(scope="module")
-def gguf_run(smol_tokenizer, tmp_path_factory):
+def gguf_run(tiny_tokenizer, tmp_path_factory):
     """A trained run (LoRA + NF4 scales of q_proj) of a tiny Llama with a tiny tokenizer, and its logits."""
     root = tmp_path_factory.mktemp("gguf")
     data = write_code_chats(root)
     chats = [json.loads(line)["messages"] for line in data.read_text().splitlines()]
-    corpus = [smol_tokenizer.apply_chat_template(c, tokenize=False) for c in chats] * 4 + TEXTS
-    tok = _tiny_bpe(smol_tokenizer.chat_template, corpus)
+    corpus = [tiny_tokenizer.apply_chat_template(c, tokenize=False) for c in chats] * 4 + TEXTS
+    tok = _tiny_bpe(tiny_tokenizer.chat_template, corpus)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=len(tok), **TINY))
     model.save_pretrained(root / "tiny")
@@ -110,7 +110,7 @@ def test_gguf_reads_back_as_the_merged_model(gguf_run, kind, logit_tol, weight_t
     assert note["type"] == kind and note["tokenizer"] == "built from the Hugging Face tokenizer"
 
 
-def test_modelfile_has_the_template_system_prompt_and_stops(gguf_run, smol_tokenizer):
+def test_modelfile_has_the_template_system_prompt_and_stops(gguf_run, tiny_tokenizer):
     _, tok, _, _ = gguf_run
     text = modelfile("model-f16.gguf", tok)
     lines = text.splitlines()

@@ -12,7 +12,7 @@ import torch
 import qzo
 from qzo.streaming import StreamPlan, streamed_layers
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -42,13 +42,13 @@ def _ordinary_folder(model, cfg, folder, tokenizer, seed):
 
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_a_model_built_in_4bit_computes_what_quantizing_the_same_weights_on_load_computes(double_quant, tmp_path,
-                                                                                           smol_tokenizer):
+                                                                                           tiny_tokenizer):
     cfg = tiny_config(vocab_size=256)
     cfg.tie_word_embeddings = False
     model = build_4bit(cfg, double_quant=double_quant, seed=5)
     assert sixteen_bit_linears(model) == [] and model.is_loaded_in_4bit
     assert model.lm_head.weight.dtype == torch.float32  # bitsandbytes leaves the head unquantized
-    reference, _ = qzo.load(_ordinary_folder(model, cfg, tmp_path, smol_tokenizer, 5), "nf4", double_quant=double_quant)
+    reference, _ = qzo.load(_ordinary_folder(model, cfg, tmp_path, tiny_tokenizer, 5), "nf4", double_quant=double_quant)
     weights = sum(i * o for i, o in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)])
     assert packed_bytes(model) == packed_bytes(reference) == cfg.num_hidden_layers * weights // 2
     a = model.model.layers[1].mlp.down_proj.weight

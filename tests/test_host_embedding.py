@@ -10,7 +10,7 @@ from qzo.errors import QzoError
 from qzo.host_embedding import execution_device, keep_input_embedding_on_host
 from qzo.plan import plan
 
-from conftest import TINY
+from helpers import TINY
 
 
 def _untied_model_dir(tmp_path, tok):
@@ -27,8 +27,8 @@ def _loss(model, batch):
         return model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).logits
 
 
-def test_routed_lookup_gives_the_same_logits(tmp_path, smol_tokenizer, tiny_batch):
-    folder = _untied_model_dir(tmp_path, smol_tokenizer)
+def test_routed_lookup_gives_the_same_logits(tmp_path, tiny_tokenizer, tiny_batch):
+    folder = _untied_model_dir(tmp_path, tiny_tokenizer)
     model, _ = qzo.load(str(folder), "nf4")
     before = _loss(model, tiny_batch)
     calls = []
@@ -43,8 +43,8 @@ def test_routed_lookup_gives_the_same_logits(tmp_path, smol_tokenizer, tiny_batc
     assert "model.embed_tokens.weight" in names  # same module, same name: exports and state_dict are unchanged
 
 
-def test_a_model_on_the_cpu_is_left_alone(tmp_path, smol_tokenizer, tiny_batch, capsys):
-    folder = _untied_model_dir(tmp_path, smol_tokenizer)
+def test_a_model_on_the_cpu_is_left_alone(tmp_path, tiny_tokenizer, tiny_batch, capsys):
+    folder = _untied_model_dir(tmp_path, tiny_tokenizer)
     model, _ = qzo.load(str(folder), "nf4", embedding_on_cpu=True)
     assert execution_device(model).type == "cpu"
     assert getattr(model, "qzo_input_device", None) is None  # nothing to move: the lookup is on the CPU already

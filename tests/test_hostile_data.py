@@ -20,7 +20,7 @@ from qzo.data_sources import MAX_LINE_BYTES
 from qzo.errors import DataError
 from qzo.trainer import train
 
-from conftest import run_overrides, write_code_chats
+from helpers import run_overrides, write_code_chats
 
 CHAT = {"messages": [{"role": "user", "content": "Code?"}, {"role": "assistant", "content": "CODE"}]}
 
@@ -69,27 +69,27 @@ def test_deeply_nested_json_names_the_line(tmp_path, depth):
         read_examples(_file(tmp_path, _line(CHAT) + line.encode()))
 
 
-def test_messages_far_beyond_max_len_are_truncated_or_dropped_quickly(tmp_path, smol_tokenizer):
+def test_messages_far_beyond_max_len_are_truncated_or_dropped_quickly(tmp_path, tiny_tokenizer):
     long = " ".join(f"word{i % 97}" for i in range(600_000))  # 4.6 MB of text
     records = [CHAT,
                {"messages": [{"role": "user", "content": long}, {"role": "assistant", "content": "A"}]},
                {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": long}]}]
     path = _file(tmp_path, b"".join(_line(r) for r in records))
     start = time.perf_counter()
-    ds = ChatDataset.from_source(smol_tokenizer, path, max_len=64)
+    ds = ChatDataset.from_source(tiny_tokenizer, path, max_len=64)
     assert time.perf_counter() - start < 10  # tokenizing the whole 4.6 MB twice took ~30 s here
     assert ds.dropped == 1 and len(ds) == 2  # the reply after the long prompt is past max_len
     assert len(ds.input_ids[1]) == 64 and sum(label != -100 for label in ds.labels[1]) > 20  # the long reply, cut
     only_long = _file(tmp_path, _line(records[1]), "long.jsonl")
     with pytest.raises(DataError, match="every example lost all trained tokens .* raise train.max_len"):
-        ChatDataset.from_source(smol_tokenizer, only_long, max_len=64)
+        ChatDataset.from_source(tiny_tokenizer, only_long, max_len=64)
 
 
 @pytest.mark.parametrize("text", ["word " * 5000, "a" * 20000, "<|im_start|>x " * 3000, "é😀 \n\n  x" * 2000])
 @pytest.mark.parametrize("max_len", [2, 63, 700])
-def test_the_first_tokens_of_a_long_text_are_those_of_the_whole_text(smol_tokenizer, text, max_len):
-    whole = smol_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = _first_tokens(smol_tokenizer, text, max_len)
+def test_the_first_tokens_of_a_long_text_are_those_of_the_whole_text(tiny_tokenizer, text, max_len):
+    whole = tiny_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = _first_tokens(tiny_tokenizer, text, max_len)
     assert ids == whole["input_ids"][:max_len] and offsets == whole["offset_mapping"][:max_len]
 
 

@@ -8,7 +8,7 @@ import torch
 import qzo
 from qzo.errors import ModelSourceError, QzoError
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 
 @pytest.mark.parametrize("quant,layer", [("nf4", "Linear4bit"), ("fp4", "Linear4bit"), ("int8", "Linear8bitLt"),

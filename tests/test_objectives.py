@@ -10,7 +10,7 @@ from qzo.config import load_config
 from qzo.errors import ConfigError, QzoError
 from qzo.objectives import RewardLoss, check_rewards, exact_match, load_reward, split_chat, token_f1
 
-from conftest import run_overrides
+from helpers import run_overrides
 
 
 def test_exact_match_normalizes_case_and_whitespace():
@@ -254,29 +254,33 @@ def test_train_with_a_bad_reward_fails_before_loading_the_model(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_batcher_indices_name_the_rows_of_each_batch():
-    from qzo.data import Batcher, ChatDataset, collate
+def test_batches_cover_each_row_once_per_epoch_and_are_a_function_of_the_step():
+    from qzo.data import Batcher, ChatDataset
 
-    ds = ChatDataset([[i, i] for i in range(10)], [[i, i] for i in range(10)])
+    ds = ChatDataset([[i, i + 1] for i in range(12)], [[i, i + 1] for i in range(12)])
     b = Batcher(ds, 4, seed=1, pad_id=0)
-    for step in (1, 2, 3, 7):
-        idx = b.indices(step)
-        assert len(idx) == 4
-        want = collate([ds.input_ids[i] for i in idx], [ds.labels[i] for i in idx], 0)
-        assert all(torch.equal(b.batch(step)[k], want[k]) for k in want)
+    for epoch in range(3):  # 3 batches an epoch: every row exactly once, in an order of its own
+        rows = [b.batch(epoch * 3 + k)["input_ids"][:, 0].tolist() for k in (1, 2, 3)]
+        assert sorted(r for batch in rows for r in batch) == list(range(12))
+        assert [r for batch in rows for r in batch] == [i for k in (1, 2, 3) for i in b.indices(epoch * 3 + k)]
+    assert b.indices(1) != b.indices(4)  # epochs reshuffle
+    again = Batcher(ds, 4, seed=1, pad_id=0)
+    assert [again.indices(s) for s in (7, 2, 5)] == [b.indices(s) for s in (7, 2, 5)]  # any order, same batches
+    assert Batcher(ds, 4, seed=2, pad_id=0).indices(1) != b.indices(1)
+    assert torch.equal(b.batch(5)["labels"], b.batch(5)["input_ids"])  # rows keep their own labels
 
 
-def test_chat_datasets_keep_their_chats_through_split(smol_tokenizer):
+def test_chat_datasets_keep_their_chats_through_split(tiny_tokenizer):
     from qzo.data import ChatDataset
 
     long = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "x"}]
     chats = [CHATS[0], long, CHATS[1], CHATS[2]] * 3
-    ds = ChatDataset.from_chats(smol_tokenizer, chats, max_len=48)
+    ds = ChatDataset.from_chats(tiny_tokenizer, chats, max_len=48)
     assert ds.dropped == 3 and len(ds.chats) == len(ds) == 9 and long not in ds.chats
     train, held = ds.split(0.25, seed=0)
     for part in (train, held):
         for ids, chat in zip(part.input_ids, part.chats):
-            assert ChatDataset.from_chats(smol_tokenizer, [chat], 48).input_ids == [ids]
+            assert ChatDataset.from_chats(tiny_tokenizer, [chat], 48).input_ids == [ids]
     assert ds.pack(96).chats is None
 
 

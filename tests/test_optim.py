@@ -9,7 +9,7 @@ import qzo
 from qzo import noise
 from qzo.optim import step_seed
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 
 def plain_spsa(named, closure, steps, lr, eps, seed, weight_decay=0.0):
@@ -72,9 +72,9 @@ def test_spsa_lowers_least_squares_loss():
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
-def test_spsa_equals_plain_on_tiny_quantized_llama(quant, smol_tokenizer, tiny_batch):
+def test_spsa_equals_plain_on_tiny_quantized_llama(quant, tiny_tokenizer, tiny_batch):
     def build():
-        model, _ = qzo.load(tiny_config(len(smol_tokenizer)), quant=quant, seed=0)
+        model, _ = qzo.load(tiny_config(len(tiny_tokenizer)), quant=quant, seed=0)
         return model, qzo.lora(model, r=4, target_modules=["q_proj", "v_proj"], seed=0)
 
     model_a, params_a = build()

@@ -8,7 +8,7 @@ from qzo.cli import main
 from qzo.errors import QzoError
 from qzo.plan import GiB, parse_size, plan
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 
 def _measured_weight_bytes(model) -> int:
@@ -41,16 +41,47 @@ def test_weight_estimate_matches_a_real_quantized_model(quant, double_quant):
     assert estimate == pytest.approx(measured, rel=0.02), (estimate, measured)
 
 
-def test_state_and_pool_scale_the_parts():
-    base = plan("llama-2-7b", batch=8, seq=512)
-    adam = plan("llama-2-7b", rule="adam")
-    ldsd = plan("llama-2-7b", strategy="ldsd", rule="momentum")
-    assert base.state == 0 and adam.state == 2 * adam.trainables and ldsd.state == 2 * ldsd.trainables
-    assert base.trainables == 4 * 8 * (4096 + 4096) * 2 * 32  # r 8 on q and v, float32, 32 layers
-    # a stacked pool multiplies the layer activations and the mask; the loss still takes one chunk of logits
-    rows, h, i = 8 * 512, 4096, 11008
-    assert plan("llama-2-7b", pool=4).activations - base.activations == 3 * (rows * (6 * h + 3 * i) * 2 + rows * 512)
-    assert base.weights == plan("llama-2-7b", rule="adam").weights
+@pytest.mark.parametrize("rule,strategy", [("sgd", "spsa"), ("adam", "spsa"), ("momentum", "ldsd"), ("sign", "conmezo")])
+def test_planned_trainables_and_state_are_what_peft_and_the_rules_build(rule, strategy):
+    """The plan's LoRA bytes against the adapter peft puts on a Llama-2-7B (meta device: no memory), and its
+    optimizer-state bytes against the state the rule and strategy allocate for those trainables."""
+    from accelerate import init_empty_weights
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from qzo.plan import PRESETS
+    from qzo.rules import RULES
+    from qzo.strategies import STRATEGIES
+
+    h, i, layers, heads, kv, vocab, tied = PRESETS["llama-2-7b"]
+    config = LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=tied)
+    with init_empty_weights():
+        model = get_peft_model(AutoModelForCausalLM.from_config(config),
+                               LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    lora = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
+    p = plan("llama-2-7b", rule=rule, strategy=strategy, batch=8, seq=512)
+    assert p.trainables == 4 * sum(t.numel() for _, t in lora)  # float32 values
+
+    # the state for a small stand-in of the same layout: copies per trained value
+    params = [(n, torch.zeros(2, 3)) for n, _ in lora[:4]]
+    built = [RULES[rule](lr=1e-3), STRATEGIES[strategy]()]
+    copies = 0
+    for part in built:
+        part.bind(qzo.params.ParamSet(params))
+        tensors = []
+        torch.utils._pytree.tree_map(lambda x: tensors.append(x) if isinstance(x, torch.Tensor) else None,
+                                     part.state_dict())
+        copies += sum(t.numel() for t in tensors) / sum(t.numel() for _, t in params)
+    assert p.state == copies * p.trainables
+
+
+def test_activations_grow_linearly_in_the_stacked_pool_and_the_rows():
+    acts = {k: plan("llama-2-7b", batch=8, seq=512, pool=k).activations for k in (1, 2, 4)}
+    assert acts[4] - acts[1] == 3 * (acts[2] - acts[1]) > 0
+    rows = {b: plan("llama-2-7b", batch=b, seq=512).activations for b in (2, 4, 8)}
+    assert rows[8] - rows[2] == 3 * (rows[4] - rows[2]) > 0
+    assert plan("llama-2-7b", pool=4).weights == plan("llama-2-7b", rule="adam").weights  # neither moves the weights
 
 
 def test_gpus_say_what_more_ranks_buy_and_leave_memory_per_gpu_alone():

@@ -12,7 +12,7 @@ from qzo.metrics import TensorBoardScalars, tensorboard_available
 from qzo.plot import moving_average, plot_runs, write_run_plot
 from qzo.trainer import train
 
-from conftest import run_overrides
+from helpers import run_overrides
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import qzo
-from conftest import tiny_config
+from helpers import tiny_config
 from qzo.replay import RecordingLoss, ReplayedLoss, ReplayMismatch, state_digest
 
 # every strategy family with a rule or normalizer that carries state across steps
@@ -93,10 +93,10 @@ def test_digest_tells_one_ulp_apart():
 
 
 @pytest.mark.parametrize("strategy", ["per_example", "gv_batched"])
-def test_replay_of_row_and_pool_evaluations_on_a_lora_model(strategy, smol_tokenizer, tiny_batch):
+def test_replay_of_row_and_pool_evaluations_on_a_lora_model(strategy, tiny_tokenizer, tiny_batch):
     """Per-example rows and pool-batched candidates come back as the tensors the probe reads."""
     def build():
-        model, _ = qzo.load(tiny_config(len(smol_tokenizer)), quant="nf4", seed=0)
+        model, _ = qzo.load(tiny_config(len(tiny_tokenizer)), quant="nf4", seed=0)
         return model, qzo.lora(model, r=4, target_modules=["q_proj", "v_proj"], seed=0)
 
     make = {"per_example": lambda: qzo.PerExample(), "gv_batched": lambda: qzo.GV(pool=4, batched=True)}[strategy]

@@ -20,7 +20,7 @@ from qzo.errors import ConfigError, QzoError
 from qzo.metrics import Reporter, Reporters, open_reporters, step_values, tensorboard_available
 from qzo.trainer import train
 
-from conftest import run_overrides, write_code_chats
+from helpers import run_overrides, write_code_chats
 
 needs_wandb = pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed "
                                  "(pip install wandb)")

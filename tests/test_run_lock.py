@@ -10,7 +10,7 @@ import pytest
 from qzo.run_lock import RunInUseError, RunLock
 from qzo.trainer import train
 
-from conftest import run_overrides, write_code_chats
+from helpers import run_overrides, write_code_chats
 
 HOLD = """
 import sys, time

@@ -12,7 +12,7 @@ import pytest
 from qzo.stop_signals import GracefulStop
 from qzo.trainer import train
 
-from conftest import run_overrides
+from helpers import run_overrides
 
 
 @pytest.fixture

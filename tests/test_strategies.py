@@ -7,7 +7,7 @@ import qzo
 from qzo import noise
 from qzo.strategies.ldsd import leave_one_out
 
-from conftest import tiny_config
+from helpers import tiny_config
 from zo_reference import PlainZO
 
 STRATEGIES = {
@@ -61,9 +61,9 @@ def _assert_moved_alike_and_reset(params_a, params_b, init, rel):
 
 
 @pytest.fixture(scope="module")
-def tiny_llama_pair(smol_tokenizer):
+def tiny_llama_pair(tiny_tokenizer):
     def build():
-        model, _ = qzo.load(tiny_config(len(smol_tokenizer)), quant="nf4", seed=0)
+        model, _ = qzo.load(tiny_config(len(tiny_tokenizer)), quant="nf4", seed=0)
         params = qzo.lora(model, r=4, target_modules=["q_proj", "v_proj"], seed=0)
         for t in params:  # B starts at 0 in LoRA; give both factors values
             t.tensor.add_(0.05 * noise.randn(99, t.stream, t.tensor.numel()).view_as(t.tensor))
@@ -214,8 +214,8 @@ def test_each_strategy_lowers_least_squares(strategy):
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_each_strategy_lowers_tiny_llama_loss(strategy, smol_tokenizer, tiny_batch):
-    model, _ = qzo.load(tiny_config(len(smol_tokenizer)), quant="nf4", seed=0)
+def test_each_strategy_lowers_tiny_llama_loss(strategy, tiny_tokenizer, tiny_batch):
+    model, _ = qzo.load(tiny_config(len(tiny_tokenizer)), quant="nf4", seed=0)
     params = qzo.lora(model, r=4, target_modules=["q_proj", "v_proj"], seed=0)
     f = lambda: model(**tiny_batch).loss
     with torch.no_grad():
@@ -259,9 +259,9 @@ def test_strategy_argument_errors():
         qzo.Momentum(lr=1e-3, beta=1.0)
 
 
-def test_b_only_lora_draws_no_noise_on_a_and_lowers_the_loss(smol_tokenizer, tiny_batch):
+def test_b_only_lora_draws_no_noise_on_a_and_lowers_the_loss(tiny_tokenizer, tiny_batch):
     # LoRA-aware directions: only the B factors are perturbed and moved (A keeps its init)
-    model, _ = qzo.load(tiny_config(len(smol_tokenizer)), quant="nf4", seed=0)
+    model, _ = qzo.load(tiny_config(len(tiny_tokenizer)), quant="nf4", seed=0)
     params = qzo.lora(model, r=4, target_modules=["q_proj", "v_proj"], seed=0)
     b_only = params.select("*lora_B*")
     assert len(b_only) == len(params) // 2 and all("lora_B" in t.name for t in b_only)
@@ -338,8 +338,8 @@ def test_per_example_equals_plain_reference(normalize, tiny_llama_pair, tiny_bat
     _assert_moved_alike_and_reset(params_a, params_b, init, rel=3e-2)
 
 
-def test_per_example_lowers_tiny_llama_loss_and_needs_a_row_closure(smol_tokenizer, tiny_batch):
-    model, _ = qzo.load(tiny_config(len(smol_tokenizer)), quant="nf4", seed=0)
+def test_per_example_lowers_tiny_llama_loss_and_needs_a_row_closure(tiny_tokenizer, tiny_batch):
+    model, _ = qzo.load(tiny_config(len(tiny_tokenizer)), quant="nf4", seed=0)
     params = qzo.lora(model, r=4, target_modules=["q_proj", "v_proj"], seed=0)
     loss = qzo.CausalLMLoss(model, tiny_batch)
     with torch.no_grad():

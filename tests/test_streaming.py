@@ -69,7 +69,8 @@ def test_streamed_layers_keep_no_codes_in_memory_between_forwards(tiny_model_dir
 
 
 def test_auto_with_a_cpu_budget_streams_the_layers_that_do_not_fit(tiny_model_dir, tmp_path):
-    model, _ = qzo.load(tiny_model_dir, "nf4", device_map="auto", max_memory={"cpu": "1MB"},
+    # 10 KB: less than any decoder layer of the tiny model (its whole 4-bit model is under 1 MB)
+    model, _ = qzo.load(tiny_model_dir, "nf4", device_map="auto", max_memory={"cpu": "10KB"},
                         offload_folder=str(tmp_path))
     streamed = streamed_layers(model)
     assert streamed is not None and set(streamed.plan.layers.values()) == {"disk"}
@@ -88,7 +89,7 @@ def test_disk_streaming_without_a_folder_and_int8_on_cpu_are_clear_errors(tiny_m
 def test_an_odd_number_of_streamed_layers_reads_right_forward_after_forward(tmp_path):
     # reads alternate between two host buffers; with 3 streamed layers the read ahead wraps from the
     # last layer to the first of the next forward, in the buffer the layer before it used
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     cfg = tiny_config(vocab_size=256)
     cfg.num_hidden_layers = 3

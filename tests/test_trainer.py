@@ -10,7 +10,7 @@ from qzo.cli import main
 from qzo.errors import ConfigError, QzoError
 from qzo.trainer import load_run_model, train
 
-from conftest import run_overrides as _sets
+from helpers import run_overrides as _sets
 
 
 @pytest.fixture
