@@ -224,3 +224,20 @@ def test_the_loss_moved_to_qzo_loss_and_the_old_import_still_works():
     assert qzo.batched.stack_batch is qzo.loss.stack_batch
     with pytest.raises(AttributeError):
         qzo.batched.no_such_name
+
+
+def test_batching_is_the_optimizers_option_and_the_strategys_flag_still_works(tiny_lora, tiny_batch):
+    """ZO(batched=True) batches any pool strategy; GV(batched=True), the older spelling, runs the same step."""
+    model, params = tiny_lora
+    theta = params.state_dict()
+    runs = []
+    for opt_flag, strategy_flag in ((True, False), (False, True)):
+        params.load_state_dict(theta)
+        opt = qzo.ZO(params, strategy=qzo.GV(pool=3, batched=strategy_flag), rule=qzo.SGD(lr=1e-2), eps=1e-2,
+                     seed=2, batched=opt_flag)
+        opt.step(CausalLMLoss(model, tiny_batch))
+        assert opt.batched and opt.forward_calls == 3 and opt.forwards == 5  # the pool in one forward, then +-v
+        runs.append((opt.last_record.losses, params.state_dict()))
+    params.load_state_dict(theta)
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in theta)

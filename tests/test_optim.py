@@ -158,3 +158,42 @@ def test_component_repr_shows_settings_and_counts_state_tensors():
     opt.step(lambda: (w - 1).square().sum())
     text = repr(opt.rule)
     assert text.startswith("Adam(") and "lr=0.01" in text and "<2 tensors>" in text and "tensor([" not in text
+
+
+def test_the_probe_keeps_the_record_and_a_strategy_that_misstates_it_is_stopped():
+    """A strategy returns what it decided; what was applied comes from the probe, and a wrong claim is refused
+    with the trainables put back."""
+
+    class Misstating(qzo.Strategy):
+        forwards_per_step = 2
+
+        def estimate(self, probe, draw_seeds):
+            (seed,) = draw_seeds(1)
+            f_plus, f_minus = probe.evaluate_group([([(seed, probe.eps)], 0.0), ([(seed, -probe.eps)], 0.0)])
+            return qzo.Estimate(direction=[(seed, 1.0)], grad=(f_plus - f_minus) / (2 * probe.eps), loss=f_plus,
+                                applied=[(seed, probe.eps)])  # it is -eps that is still on the trainables
+
+    w = torch.ones(6)
+    f = lambda: (w ** 2).sum()  # noqa: E731
+    with pytest.raises(qzo.QzoError, match="says it left"):
+        qzo.ZO([("w", w)], strategy=Misstating(), lr=1e-2, eps=1e-2).step(f)
+    torch.testing.assert_close(w, torch.ones(6), rtol=0, atol=1e-6)  # restored in place: to float rounding
+    opt = qzo.ZO([("w", w)], strategy=qzo.SPSA(), lr=1e-2, eps=1e-2, seed=4)
+    opt.step(f)
+    record = opt.last_record
+    assert record.seeds == [step_seed(4, 1, 0)] and len(record.losses) == 2 and opt.forwards == 2
+
+
+def test_evaluations_of_a_failed_step_are_counted():
+    calls = []
+    w = torch.ones(3)
+
+    def f():
+        calls.append(1)
+        return float("nan") if len(calls) == 2 else float((w ** 2).sum())
+
+    opt = qzo.ZO([("w", w)], lr=1e-2, eps=1e-2)
+    with pytest.raises(qzo.NonFiniteLossError):
+        opt.step(f)
+    assert opt.forwards == opt.forward_calls == 2 and opt.steps == 0
+    torch.testing.assert_close(w, torch.ones(3), rtol=0, atol=1e-6)
