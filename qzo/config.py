@@ -24,6 +24,7 @@ from .errors import ConfigError, DataError
 from .lora import ALL_LINEAR
 from .metrics import REPORTERS
 from .normalize import NORMALIZATIONS
+from .recipes import DEMO_MODEL
 from .rules import RULES
 from .strategies import STRATEGIES
 from .strategies.fzoo import BASELINES
@@ -34,7 +35,7 @@ __all__ = ["DEFAULTS", "load_config", "config_file", "merge_config", "apply_over
 
 DEFAULTS: dict = {
     "model": {
-        "source": "smollm2-135m",  # folder, .gguf, built-in name or hub id
+        "source": DEMO_MODEL,  # folder, .gguf, built-in name or hub id
         "quant": "nf4",  # nf4 | fp4 | int8 | none
         "double_quant": False,
         "dtype": None,  # compute dtype; null: float32 on CPU, bfloat16 on CUDA

@@ -34,15 +34,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from .bnb import dequantized_weight
 from .checkpoint import find_checkpoint, load_checkpoint
 from .errors import ModelSourceError, QzoError, check_choice
+from .merge import merged_state_dict, merged_tensors  # noqa: F401 - public here since export had them
 from .streaming import streamed_layers
-from .targets import clean_path, is_quantized, unwrap_peft
+from .targets import unwrap_peft
 
 __all__ = ["export", "FORMATS", "merged_state_dict", "merged_tensors"]
 
@@ -178,65 +177,6 @@ def _write_adapter(folder: Path, cfg: dict, trainables: dict, base_reference: st
     _lora_config(cfg, base_reference).save_pretrained(str(folder))
     lora = {k: v.contiguous() for k, v in trainables.items() if ".lora_A." in k or ".lora_B." in k}
     save_file(lora, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-
-
-def merged_tensors(model) -> Iterator[tuple[str, torch.Tensor | str]]:
-    """Each tensor of the plain model ``model`` stands for, one at a time, trained values folded in.
-
-    Yields ``(name, value)`` with the names a model without qzo has (peft's ``base_layer`` and
-    ``lora_*`` segments gone) and floating-point values in float32: a quantized weight
-    dequantized with its (trained) scales, plus its LoRA delta ``B @ A * alpha / r``. A weight
-    tied to one yielded before (the output head of a tied model) yields ``(name, that name)``.
-    One tensor at a time, so a writer can convert and drop each (a whole float32 model is 4
-    bytes a weight).
-    """
-    model = unwrap_peft(model)
-    deltas = {}
-    for raw, module in model.named_modules():
-        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
-        if isinstance(lora_a, torch.nn.ModuleDict) and isinstance(lora_b, torch.nn.ModuleDict):
-            delta = None
-            for adapter in lora_a:
-                a, b = lora_a[adapter].weight.float(), lora_b[adapter].weight.float()
-                part = (b @ a) * float(module.scaling[adapter])
-                delta = part if delta is None else delta + part
-            deltas[clean_path(raw)] = delta
-    seen = {}
-    for raw, module in model.named_modules():
-        if any(part.startswith("lora_") for part in raw.split(".")):
-            continue
-        path = clean_path(raw)
-        tensors = list(module.named_parameters(recurse=False))
-        tensors += [(n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]
-        for pname, tensor in tensors:
-            name = f"{path}.{pname}" if path else pname
-            if pname == "weight" and is_quantized(module):
-                value = dequantized_weight(module)
-            elif id(tensor) in seen and pname == "weight" and path not in deltas:
-                yield name, seen[id(tensor)]  # tied: one tensor under both names
-                continue
-            else:
-                value = tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
-            if pname == "weight" and path in deltas:
-                value = value + deltas[path].to(value.device)
-            seen.setdefault(id(tensor), name)
-            yield name, value.cpu()
-
-
-def merged_state_dict(model, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """The plain-model state dict of ``model`` with trained scales, dense slices and LoRA folded in.
-
-    Keys are the names a model without qzo has (peft's ``base_layer`` and ``lora_*``
-    segments gone); values are computed in float32 and cast to ``dtype`` once
-    (:func:`merged_tensors`); tied weights are one tensor under both names.
-    """
-    state = {}
-    for name, value in merged_tensors(model):
-        if isinstance(value, str):
-            state[name] = state[value]
-        else:
-            state[name] = (value.to(dtype) if value.is_floating_point() else value).contiguous()
-    return state
 
 
 def _plain_config(model, dtype: torch.dtype):

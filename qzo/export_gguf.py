@@ -1,6 +1,6 @@
 """``qzo export RUN --gguf [--type f16|q8_0]``: the trained model as one GGUF file for llama.cpp and Ollama.
 
-What is written is the merged model (:func:`qzo.export.merged_tensors`: every quantized
+What is written is the merged model (:func:`qzo.merge.merged_tensors`: every quantized
 weight dequantized with its trained scales, dense slices as trained, LoRA folded in), laid
 out the way llama.cpp's own converter lays out a Hugging Face Llama:
 
@@ -84,7 +84,7 @@ def write_gguf(path, model, tok, gguf_type: str = "f16", source_gguf=None, name:
     """
     import gguf
 
-    from .export import merged_tensors
+    from .merge import merged_tensors
 
     check_choice("GGUF type", gguf_type, GGUF_TYPES)
     config = unwrap_peft(model).config

@@ -1,7 +1,7 @@
 """The causal-LM loss every run uses (:class:`CausalLMLoss`), with logits computed only where a label is.
 
 :class:`CausalLMLoss` is the ``opt.step`` closure of a batch; it also evaluates a pool of
-LoRA candidates in one stacked forward (the candidate machinery is :mod:`qzo.batched`) and
+LoRA candidates in one stacked forward (the candidate machinery is :mod:`qzo.candidates`) and
 one loss per row (per-example directions). Underneath it:
 
 ``model(**batch).loss`` runs the LM head on every position and keeps the whole
@@ -28,7 +28,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from .batched import Candidate, lora_candidates
+from .candidates import Candidate, lora_candidates
 from .errors import QzoError
 from .params import ParamSet
 

@@ -288,7 +288,7 @@ class ZO:
         noise_scale_steps: apply ``noise_scale`` for the first this many steps only, then
             plain noise everywhere (e.g. B only until B has moved off zero); ``None``: always.
         batched: evaluate a strategy's pool in one stacked forward (LoRA trainables and a
-            :class:`qzo.CausalLMLoss` closure; see ``qzo.batched``). How the probe evaluates,
+            :class:`qzo.CausalLMLoss` closure; see ``qzo.candidates``). How the probe evaluates,
             not what the strategy decides, so it is the optimizer's; a strategy built with
             ``batched=True`` (the older spelling) turns it on too.
         distributed: a :class:`qzo.distributed.Distributed`: spread each step's evaluations

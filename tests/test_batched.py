@@ -1,11 +1,11 @@
-"""Pool-batched candidate evaluation (qzo.batched): one stacked forward equals K one-by-one forwards."""
+"""Pool-batched candidate evaluation (qzo.candidates): one stacked forward equals K one-by-one forwards."""
 
 import pytest
 import torch
 
 import qzo
 from qzo import noise
-from qzo.batched import Candidate
+from qzo.candidates import Candidate
 from qzo.loss import CausalLMLoss
 from qzo.errors import QzoError
 from qzo.perturb import perturb_params_

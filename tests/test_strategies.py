@@ -304,7 +304,7 @@ def test_row_losses_weight_back_to_the_batch_loss(tiny_llama_pair, tiny_batch):
 
 def test_per_example_rows_equal_their_one_by_one_evaluation(tiny_llama_pair, tiny_batch):
     (model, params), _ = tiny_llama_pair
-    from qzo.batched import Candidate
+    from qzo.candidates import Candidate
     from qzo.perturb import perturb_params_
 
     seeds, eps = [11, 12], 1e-2

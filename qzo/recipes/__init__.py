@@ -26,6 +26,9 @@ import yaml
 
 from ..errors import ConfigError
 
+#: the model a recipe without ``model.source`` runs (``qzo.config.DEFAULTS`` takes it from here)
+DEMO_MODEL = "smollm2-135m"
+
 if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11+
     from importlib.abc import Traversable
 
@@ -93,9 +96,7 @@ def recipe(name: str) -> Recipe:
     data = yaml.safe_load(text) or {}
     model = (data.get("model") or {}).get("source")
     if model is None:
-        from ..config import DEFAULTS
-
-        model = DEFAULTS["model"]["source"]
+        model = DEMO_MODEL
     return Recipe(name=str(name).removesuffix(SUFFIX), path=path, model=model, card=_card(text))
 
 

@@ -63,7 +63,7 @@ class Probe(Protocol):
     def evaluate_batch(self, candidates: list[tuple[list[tuple[int, float]], float]]) -> list[float]:
         """The loss at each ``(terms, mu_coef)`` target, all in one stacked forward; the trainables stay put.
 
-        Needs a closure that can batch (``qzo.CausalLMLoss``) and LoRA trainables; see ``qzo.batched``.
+        Needs a closure that can batch (``qzo.CausalLMLoss``) and LoRA trainables; see ``qzo.candidates``.
         """
 
 
@@ -151,7 +151,7 @@ class Strategy(Component):
 
     #: loss evaluations per step (what ``opt.forwards`` counts; a batched pool of K counts K).
     forwards_per_step: int = 0
-    #: evaluate the pool in one stacked forward (pool strategies; see ``qzo.batched``).
+    #: evaluate the pool in one stacked forward (pool strategies; see ``qzo.candidates``).
     batched: bool = False
     #: float32 tensors the size of the trainables the strategy keeps (LDSD's mean, ConMeZO's momentum)
     dense_state_copies: int = 0

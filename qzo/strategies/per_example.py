@@ -9,7 +9,7 @@ The idea of GRZO (arXiv 2606.02857, github LiyanTan111/GRZO-public): a two-point
 
 g_hat estimates the gradient of the batch's token-mean loss (each g_i z_i is an unbiased
 estimate of row i's), with B directions for the two forwards MeZO spends on one. On LoRA the
-rows' perturbations live inside the adapter matmuls (``qzo.batched``, one candidate per row),
+rows' perturbations live inside the adapter matmuls (``qzo.candidates``, one candidate per row),
 so a step costs about two ordinary forwards.
 
 How this differs from GRZO's code: GRZO shares one noise tensor per factor and gives each

@@ -4,7 +4,7 @@ Both draw a pool of K seeds and evaluate f(theta + eps z_i) one-sidedly, as the 
 code does. One by one, the trainables walk from one candidate to the next in a single pass
 each (``-eps z_i + eps z_{i+1}`` merged), never back through theta. With ``batched=True``
 (LoRA trainables, ``qzo.CausalLMLoss`` closure) the whole pool is one stacked forward and
-the trainables stay at theta (``qzo.batched``). The strategies then move on with
+the trainables stay at theta (``qzo.candidates``). The strategies then move on with
 ``probe.move_to``, which starts from whatever the pool left applied, so one code path
 serves both and gives the same seeds, losses and update (to float rounding).
 """
