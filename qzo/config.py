@@ -148,31 +148,18 @@ _AT_LEAST_ONE = {("lora", "r"), ("train", "steps"), ("train", "batch_size"), ("t
                  ("train", "candidate_parallel"), ("train", "check_every"),
                  ("train", "eval_batch_size"), ("train", "save_every"), ("train", "keep_checkpoints"),
                  ("train", "divergence_limit")}
-# Keys that may be null, and the types they take otherwise.
-_NULLABLE_TYPES = {
-    ("model", "dtype"): (str,),
-    ("model", "device_map"): (str, dict),
-    ("model", "max_memory"): (dict,),
-    ("model", "offload_folder"): (str,),
-    ("data", "eval"): (str,),
-    ("data", "system_prompt"): (str,),
-    ("data", "fields"): (dict,),
-    ("data", "chat_template"): (str,),
-    ("lora", "init_from"): (str,),
-    ("out_dir",): (str,),
-    ("optim", "clip"): (float, int),
-    ("optim", "normalize"): (str,),
-    ("optim", "noise_scale"): (dict,),
-    ("optim", "noise_scale_steps"): (int,),
-    ("train", "forwards"): (int,),
-    ("train", "eval_every_forwards"): (int,),
-    ("train", "early_stop_patience"): (int,),
-    ("train", "early_stop_factor"): (float, int),
-    ("train", "divergence_factor"): (float, int),
-    ("targets", "scales"): (str, list),
-    ("targets", "dense"): (list,),
-    ("objective", "reward"): (str,),
+# Keys that may be null, by the types they take otherwise.
+_NULLABLE_BY_TYPE = {
+    (str,): ("model.dtype", "model.offload_folder", "data.eval", "data.system_prompt", "data.chat_template",
+             "lora.init_from", "out_dir", "optim.normalize", "objective.reward"),
+    (str, dict): ("model.device_map",),
+    (dict,): ("model.max_memory", "data.fields", "optim.noise_scale"),
+    (float, int): ("optim.clip", "train.early_stop_factor", "train.divergence_factor"),
+    (int,): ("optim.noise_scale_steps", "train.forwards", "train.eval_every_forwards", "train.early_stop_patience"),
+    (str, list): ("targets.scales",),
+    (list,): ("targets.dense",),
 }
+_NULLABLE_TYPES = {tuple(key.split(".")): types for types, keys in _NULLABLE_BY_TYPE.items() for key in keys}
 
 
 def flat_keys(tree: dict = DEFAULTS, prefix: str = "") -> list[str]:
