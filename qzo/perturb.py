@@ -23,7 +23,7 @@ import torch
 from . import noise
 from .backend import use_triton
 
-__all__ = ["Candidate", "perturb_", "perturb_params_", "split_by_backend", "combine", "noise_combo", "chunks", "NoiseCache", "noise_cache"]
+__all__ = ["Candidate", "perturb_", "perturb_params_", "run_pass", "split_by_backend", "combine", "noise_combo", "chunks", "NoiseCache", "noise_cache"]
 
 
 @dataclass(frozen=True)
@@ -199,6 +199,21 @@ def split_by_backend(params, mu_for=None) -> tuple[dict[tuple, list], list]:
     return groups, rest
 
 
+def run_pass(params, mu_for, reference, kernel) -> None:
+    """The one backend seam of the in-place passes (the perturbation and the dense rules' update).
+
+    ``kernel(members, has_mean)`` runs once per Triton group (:func:`split_by_backend`: device,
+    dtype, mean, noise scale), ``reference(trainable, mean)`` for every other trainable. Each
+    pass supplies both, side by side, so where a pass runs is decided here alone and its two
+    implementations are read together (tests compare them).
+    """
+    groups, rest = split_by_backend(params, mu_for)
+    for t, mu in rest:
+        reference(t, mu)
+    for (_, _, has_mu, _), members in groups.items():
+        kernel(members, has_mu)
+
+
 @torch.no_grad()
 def perturb_params_(
     params,
@@ -215,13 +230,14 @@ def perturb_params_(
     backend (``qzo.backend``) the tensors are grouped by device, dtype and whether they have a
     mean, and each group is one multi-tensor launch.
     """
-    groups, rest = split_by_backend(params, mu_for)
-    for t, mu in rest:
+    def reference(t, mu):
         perturb_(t.tensor, t.stream, seeds, t.coefs(coefs), mu=mu, mu_coef=mu_coef, scale=scale)
-    if groups:
+
+    def kernel(members, has_mu):
         from qzo_kernels.perturb import perturb_many
 
-        for (_, _, has_mu, _), members in groups.items():
-            keys = noise.derive_seeds(seeds, [t.stream for t, _ in members])
-            perturb_many([t.tensor for t, _ in members], keys, members[0][0].coefs(coefs),
-                         mus=[m for _, m in members] if has_mu else None, mu_coef=mu_coef, scale=scale)
+        keys = noise.derive_seeds(seeds, [t.stream for t, _ in members])
+        perturb_many([t.tensor for t, _ in members], keys, members[0][0].coefs(coefs),
+                     mus=[m for _, m in members] if has_mu else None, mu_coef=mu_coef, scale=scale)
+
+    run_pass(params, mu_for, reference, kernel)

@@ -15,7 +15,7 @@ import torch
 
 from ..noise import derive_seeds
 from ..params import ParamSet
-from ..perturb import chunks, combine, noise_combo, split_by_backend
+from ..perturb import chunks, combine, noise_combo, run_pass
 from ..strategies.base import Estimate
 from .base import Rule, mu_of
 
@@ -53,28 +53,30 @@ class DenseRule(Rule):
     @torch.no_grad()
     def apply(self, params: ParamSet, est: Estimate, lr: float) -> None:
         self.t += 1
+        run_pass(params, lambda name: mu_of(est, name), lambda t, mu: self._apply_reference(t, mu, est, lr),
+                 lambda members, has_mu: self._apply_kernel(members, has_mu, est, lr))
+
+    def _apply_reference(self, t, mu, est: Estimate, lr: float) -> None:
+        """The torch reference of the fused update, one trainable chunk by chunk."""
         undo_seeds, undo_coefs = [s for s, _ in est.applied], [c for _, c in est.applied]
         dir_seeds, dir_coefs = [s for s, _ in est.direction], [c for _, c in est.direction]
-        groups, rest = split_by_backend(params, lambda name: mu_of(est, name))
-        if groups:
-            self._apply_kernel(groups, est, lr)
-        for t, mu in rest:
-            flat = t.tensor.view(-1)
-            mu_flat = mu.reshape(-1) if mu is not None else None
-            views = {k: self.state[k][t.name].view(-1) for k in self.state_names}
-            for start, end in chunks(flat.numel()):
-                mu_chunk = mu_flat[start:end] if mu_flat is not None else None
-                leftover = noise_combo(t.stream, undo_seeds, t.coefs(undo_coefs), start, end - start,
-                                       t.tensor.device, mu_chunk, est.applied_mu)
-                d = noise_combo(t.stream, dir_seeds, t.coefs(dir_coefs), start, end - start, t.tensor.device,
-                                mu_chunk, est.direction_mu)
-                theta = flat[start:end].to(torch.float32) - leftover
-                if self.weight_decay:
-                    theta = theta * (1.0 - lr * self.weight_decay)
-                chunk_state = {k: v[start:end] for k, v in views.items()}
-                flat[start:end] = self.chunk_update(theta, d.mul_(est.grad), chunk_state, lr).to(t.tensor.dtype)
+        flat = t.tensor.view(-1)
+        mu_flat = mu.reshape(-1) if mu is not None else None
+        views = {k: self.state[k][t.name].view(-1) for k in self.state_names}
+        for start, end in chunks(flat.numel()):
+            mu_chunk = mu_flat[start:end] if mu_flat is not None else None
+            leftover = noise_combo(t.stream, undo_seeds, t.coefs(undo_coefs), start, end - start,
+                                   t.tensor.device, mu_chunk, est.applied_mu)
+            d = noise_combo(t.stream, dir_seeds, t.coefs(dir_coefs), start, end - start, t.tensor.device,
+                            mu_chunk, est.direction_mu)
+            theta = flat[start:end].to(torch.float32) - leftover
+            if self.weight_decay:
+                theta = theta * (1.0 - lr * self.weight_decay)
+            chunk_state = {k: v[start:end] for k, v in views.items()}
+            flat[start:end] = self.chunk_update(theta, d.mul_(est.grad), chunk_state, lr).to(t.tensor.dtype)
 
-    def _apply_kernel(self, groups: dict[tuple, list], est: Estimate, lr: float) -> None:
+    def _apply_kernel(self, members: list, has_mu: bool, est: Estimate, lr: float) -> None:
+        """The fused Triton update of one group of trainables (one multi-tensor launch)."""
         from qzo_kernels.update import RULES, dense_update_many
 
         roles = RULES[self.kernel_rule][1]  # the kernel's names for this rule's state tensors, in order
@@ -83,15 +85,14 @@ class DenseRule(Rule):
         seeds, _ = combine([(s, 1.0) for s, _ in est.applied], [(s, 1.0) for s, _ in est.direction])
         undo = dict(est.applied)
         direction = dict(est.direction)
-        for (_, _, has_mu, _), members in groups.items():
-            noisy = members[0][0]  # the group's noise scale
-            dense_update_many(
-                self.kernel_rule, [t.tensor for t, _ in members], derive_seeds(seeds, [t.stream for t, _ in members]),
-                noisy.coefs([undo.get(s, 0.0) for s in seeds]), noisy.coefs([direction.get(s, 0.0) for s in seeds]),
-                {role: [self.state[k][t.name] for t, _ in members] for role, k in zip(roles, self.state_names)},
-                grad=est.grad, lr=lr, decay=1.0 - lr * self.weight_decay,
-                mus=[m for _, m in members] if has_mu else None, undo_mu=est.applied_mu, dir_mu=est.direction_mu,
-                **self.kernel_constants(lr))
+        noisy = members[0][0]  # the group's noise scale
+        dense_update_many(
+            self.kernel_rule, [t.tensor for t, _ in members], derive_seeds(seeds, [t.stream for t, _ in members]),
+            noisy.coefs([undo.get(s, 0.0) for s in seeds]), noisy.coefs([direction.get(s, 0.0) for s in seeds]),
+            {role: [self.state[k][t.name] for t, _ in members] for role, k in zip(roles, self.state_names)},
+            grad=est.grad, lr=lr, decay=1.0 - lr * self.weight_decay,
+            mus=[m for _, m in members] if has_mu else None, undo_mu=est.applied_mu, dir_mu=est.direction_mu,
+            **self.kernel_constants(lr))
 
     def state_dict(self) -> dict:
         return {"t": self.t, **{k: {n: v.detach().clone() for n, v in self.state[k].items()} for k in self.state_names}}
