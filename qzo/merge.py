@@ -43,7 +43,8 @@ def merged_tensors(model) -> Iterator[tuple[str, torch.Tensor | str]]:
             continue
         path = clean_path(raw)
         tensors = list(module.named_parameters(recurse=False))
-        tensors += [(n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]
+        tensors += [(n, b) for n, b in module.named_buffers(recurse=False)
+                    if n not in module._non_persistent_buffers_set]
         for pname, tensor in tensors:
             name = f"{path}.{pname}" if path else pname
             if pname == "weight" and is_quantized(module):

@@ -23,7 +23,8 @@ import torch
 from . import noise
 from .backend import use_triton
 
-__all__ = ["Candidate", "perturb_", "perturb_params_", "run_pass", "split_by_backend", "combine", "noise_combo", "chunks", "NoiseCache", "noise_cache"]
+__all__ = ["Candidate", "perturb_", "perturb_params_", "run_pass", "split_by_backend", "combine", "noise_combo", "chunks",
+           "NoiseCache", "noise_cache"]
 
 
 @dataclass(frozen=True)
