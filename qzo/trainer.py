@@ -53,6 +53,7 @@ from .stop_signals import GracefulStop
 __all__ = ["train", "Session", "build_optimizer", "build_strategy", "build_targets", "load_model_and_targets",
            "total_steps", "load_run_model", "load_run_config", "is_run_dir", "RESUMABLE_KEYS", "write_final_values"]
 
+
 @dataclass
 class Session:
     """Everything a training run holds while it runs."""
