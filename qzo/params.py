@@ -9,7 +9,6 @@ passed without names are named by position (``"0"``, ``"1"``, ...), as torch opt
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
