@@ -74,5 +74,6 @@ def test_noise_scale_keys_reach_the_optimizer():
     assert [t.name for t in opt.params_at(5)] == ["x.lora_B.weight"]
     assert [t.name for t in opt.params_at(6)] == ["x.lora_A.weight", "x.lora_B.weight"]
     typo = load_config(None, ['optim.noise_scale={"*lora_a*": 0}'])
-    with pytest.raises(ConfigError, match=r"'optim.noise_scale': noise scale pattern '\*lora_a\*' matches no trainable"):
+    with pytest.raises(ConfigError, match=r"'optim.noise_scale': noise scale pattern '\*lora_a\*' matches no "
+                                          "trainable"):
         build_optimizer(typo, params)
