@@ -42,8 +42,12 @@ rebuilt state is bit-identical. Outputs under benchmarks/results/:
     convergence.json  device, budget_forwards, seeds, seconds_per_forward, the sweep, and per
                       method final_eval_loss, fraction_of_spsa_forwards, fraction_of_spsa_wall
                       (to reach MeZO's final loss; null where never reached), stable_lr_range
+    convergence_timing.json  --calibrate: each method's seconds per forward, its steps timed back to
+                      back on one machine; the wall fractions are forwards-to-reach x that cost
+                      (a run's own wall time mixes sessions, machines and whatever else ran)
 
     python benchmarks/convergence.py [--budget 2000] [--seeds 0 1 2] [--methods spsa fzoo4 ...]
+    python benchmarks/convergence.py --calibrate --summarize-only   # time the steps (quiet machine)
     python benchmarks/convergence.py --quick     # smoke run (CI): budget 8, one lr, one seed, results
                                                  # to a temporary folder unless QZO_BENCH_RESULTS is set
 
@@ -389,14 +393,65 @@ def mean_curve(rows, method, lr, seeds, budget) -> list[dict]:
     return out
 
 
-def stable_lr_range(rows, method, sweep_budget) -> list[float] | None:
-    """[lowest, highest] swept lr whose seed-0 run did not blow up (None: every lr blew up)."""
+def stable_lr_range(rows, method, sweep_budget, budget) -> list[float] | None:
+    """[lowest, highest] swept lr whose seed-0 run did not blow up, in its sweep nor, where the lr
+    also ran the full budget, there (None: every lr blew up)."""
     grid = METHODS[method].grid if METHODS[method] is not None else FO_GRID
-    stable = [lr for lr in grid if (c := curve(rows, method, lr, 0, "sweep", sweep_budget)) and not blew_up(c)]
-    return [min(stable), max(stable)] if stable else None
+
+    def stable(lr) -> bool:
+        swept, full = curve(rows, method, lr, 0, "sweep", sweep_budget), curve(rows, method, lr, 0, "main", budget)
+        return bool(swept) and not blew_up(swept) and not (full and blew_up(full))
+
+    kept = [lr for lr in grid if stable(lr)]
+    return [min(kept), max(kept)] if kept else None
 
 
-def summarize(rows, budget, seeds, sweep, best_lr, sweep_budget) -> dict:
+TIMING_PATH_NAME = "convergence_timing.json"
+
+
+def calibrate(methods: dict[str, float], steps: int = 6, warmup: int = 2, rounds: int = 3) -> dict:
+    """Seconds per forward of each method's training step, measured back to back in one process.
+
+    Why: a run's own wall time is summed over whatever the machine did meanwhile, and once a
+    run resumes it mixes sessions and machines, so fractions of MeZO's wall time read from
+    the runs compare unlike things. Here every method's step (the same ``opt.step`` on the
+    same batches as its runs, held-out evaluation excluded: every method evaluates at the
+    same forward counts) is timed in ``rounds`` interleaved rounds on one machine, after
+    ``warmup`` untimed steps; the median over all timed steps is the method's cost. Wall time
+    to a loss is then the forwards to reach it times that cost.
+    """
+    per_step: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(rounds):
+        for m, lr in methods.items():
+            model, tok = qzo.load("smollm2-135m", quant="nf4", cpu_fused_4bit=False)
+            if METHODS[m] is None:
+                lora_params = qzo.lora(model, r=8, alpha=16, target_modules=["q_proj", "v_proj"], seed=0)
+                trainable = [p.requires_grad_(True) for n, p in lora_params.peft_model.named_parameters()
+                             if "lora_" in n]
+                adam = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+            else:
+                opt = METHODS[m].optimizer(qzo.lora(model, r=8, alpha=16, target_modules=["q_proj", "v_proj"],
+                                                    seed=0), lr, 0, 10**9)
+            batches = Batcher(ChatDataset.from_jsonl(tok, "builtin:demo_train", MAX_LEN), BATCH, 0, tok.pad_token_id)
+            for step in range(1, warmup + steps + 1):
+                batch = batches.batch(step)
+                t0 = time.perf_counter()
+                if METHODS[m] is None:
+                    adam.zero_grad(set_to_none=True)
+                    model(**batch).loss.backward()
+                    adam.step()
+                    forwards = FO_FORWARDS_PER_STEP
+                else:
+                    opt.step(RecordingLoss(qzo.CausalLMLoss(model, batch)))
+                    forwards = opt.strategy.forwards_per_step
+                if step > warmup:
+                    per_step[m].append((time.perf_counter() - t0) / forwards)
+            del model
+    return {"device": device_name(), "date": time.strftime("%Y-%m-%d %H:%M"), "steps_timed": steps * rounds,
+            "seconds_per_forward": {m: round(statistics.median(v), 4) for m, v in per_step.items()}}
+
+
+def summarize(rows, budget, seeds, sweep, best_lr, sweep_budget, timing=None) -> dict:
     methods, finals = {}, {}
     for m in METHODS:
         curves = [c for c in (curve(rows, m, best_lr.get(m), s, "main", budget) for s in seeds) if c]
@@ -407,7 +462,7 @@ def summarize(rows, budget, seeds, sweep, best_lr, sweep_budget) -> dict:
                       "final_eval_loss_per_seed": [round(c[-1]["eval_loss"], 4) for c in curves],
                       "blew_up_seeds": sum(blew_up(c) for c in curves),
                       "wall_s_mean": round(statistics.mean(c[-1]["wall_s"] for c in curves), 1),
-                      "stable_lr_range": stable_lr_range(rows, m, sweep_budget)}
+                      "stable_lr_range": stable_lr_range(rows, m, sweep_budget, budget)}
     per_forward = None
     if "spsa" in methods:
         # fractions: where a method's seed-mean curve first reaches MeZO's final seed-mean
@@ -417,13 +472,26 @@ def summarize(rows, budget, seeds, sweep, best_lr, sweep_budget) -> dict:
         per_forward = round(spsa["wall_s"] / spsa["forwards"], 3)
         for m, info in methods.items():
             mean = mean_curve(rows, m, best_lr[m], seeds, budget)
-            reach, wall = forwards_to_reach(mean, target), forwards_to_reach(mean, target, "wall_s")
+            reach = forwards_to_reach(mean, target)
             info["fraction_of_spsa_forwards"] = None if reach is None else round(reach / spsa["forwards"], 3)
-            info["fraction_of_spsa_wall"] = None if wall is None else round(wall / spsa["wall_s"], 3)
+            # wall: the forwards to reach MeZO's loss at the method's calibrated cost (calibrate()), over
+            # MeZO's; without a calibration for both, the runs' own summed wall times (mixed sessions)
+            cost = (timing or {}).get("seconds_per_forward", {})
+            if m in cost and "spsa" in cost:
+                info["seconds_per_forward"] = cost[m]
+                info["fraction_of_spsa_wall"] = None if reach is None else round(
+                    reach * cost[m] / (spsa["forwards"] * cost["spsa"]), 3)
+            else:
+                wall = forwards_to_reach(mean, target, "wall_s")
+                info["fraction_of_spsa_wall"] = None if wall is None else round(wall / spsa["wall_s"], 3)
+            info["wall_from"] = "calibration" if m in cost and "spsa" in cost else "runs"
     zo = {m: i for m, i in methods.items() if m not in ("spsa", "first_order") and not i["blew_up_seeds"]}
     ranked = lambda names: min(names, key=lambda m: methods[m]["final_eval_loss"]) if names else None  # noqa: E731
     return {"device": device_name(), "budget_forwards": budget, "seeds": list(seeds), "eps": EPS,
-            "batch": BATCH, "max_len": MAX_LEN, "seconds_per_forward": per_forward,
+            "batch": BATCH, "max_len": MAX_LEN,
+            "seconds_per_forward": (timing or {}).get("seconds_per_forward", {}).get("spsa", per_forward),
+            "seconds_per_forward_from": "calibration" if (timing or {}).get("seconds_per_forward", {}).get("spsa")
+            else "MeZO's runs (summed wall over forwards)", "timing": timing,
             "first_order_forwards_per_step": FO_FORWARDS_PER_STEP, "sweep_budget": sweep_budget,
             "blow_up_rule": f"a held-out loss above {BLOW_UP} x the run's start, or not finite",
             "best_zo": ranked(list(zo)), "best_steered": ranked([m for m in zo if m in STEERED]),
@@ -476,6 +544,9 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                     help="stop after the step that passes this many seconds (e.g. before a session ends); the "
                          "same command later goes on from the unfinished run's replay log")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="time each tabulated method's step back to back (on a quiet machine: a few minutes) into "
+                         f"results/{TIMING_PATH_NAME}; the JSON's wall fractions use it")
     ap.add_argument("--summarize-only", action="store_true",
                     help="only tabulate the runs already in the CSV (e.g. of an interrupted benchmark)")
     ap.add_argument("--quick", action="store_true",
@@ -560,7 +631,13 @@ def main() -> None:
     if seeds_done != args.seeds:
         print(f"complete seeds: {seeds_done} (of {args.seeds}); the table uses what each method has")
 
-    summary = summarize(rows, args.budget, args.seeds, sweep, best_lr, sweep_budget)
+    timing_path = RESULTS / TIMING_PATH_NAME
+    if args.calibrate and best_lr:
+        print(f"calibrating the cost of a step: {', '.join(best_lr)}", flush=True)
+        timing_path.write_text(json.dumps(calibrate(best_lr, **({"steps": 1, "warmup": 0, "rounds": 1}
+                                                                 if args.quick else {})), indent=1) + "\n")
+    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else None
+    summary = summarize(rows, args.budget, args.seeds, sweep, best_lr, sweep_budget, timing)
     if args.note:
         summary["note"] = args.note
     if running := in_progress():

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from .dense import dense
 from .distributed import Distributed
-from .errors import ConfigError, QzoError
+from .errors import ConfigError, QzoError, TargetError
 from .load import load
 from .lora import lora
 from .normalize import Normalize
 from .optim import ZO
-from .params import ParamSet, as_param_set
+from .params import ParamSet
 from .rules import RULES
 from .scales import scales
 from .schedule import Schedule
@@ -50,14 +50,12 @@ def build_optimizer(cfg: dict, params, distributed: Distributed | None = None) -
     schedule = Schedule(o["schedule"], total_steps=total_steps(cfg), warmup_steps=o["warmup_steps"],
                         min_ratio=o["min_lr_ratio"])
     normalize = Normalize(o["normalize"], beta=o["normalize_beta"]) if o["normalize"] else None
-    if o["noise_scale"]:  # its patterns are checked against the trainables, which the config alone does not know
-        try:
-            as_param_set(params).with_noise(o["noise_scale"])
-        except ValueError as exc:
-            raise ConfigError(f"config key 'optim.noise_scale': {exc}") from None
-    return ZO(params, strategy=build_strategy(cfg), rule=RULES[o["rule"]].from_config(o), eps=o["eps"],
-              seed=cfg["train"]["seed"], schedule=schedule, clip=o["clip"], normalize=normalize,
-              distributed=distributed, noise_scale=o["noise_scale"], noise_scale_steps=o["noise_scale_steps"])
+    try:  # noise_scale's patterns are checked against the trainables, which the config alone does not know
+        return ZO(params, strategy=build_strategy(cfg), rule=RULES[o["rule"]].from_config(o), eps=o["eps"],
+                  seed=cfg["train"]["seed"], schedule=schedule, clip=o["clip"], normalize=normalize,
+                  distributed=distributed, noise_scale=o["noise_scale"], noise_scale_steps=o["noise_scale_steps"])
+    except TargetError as exc:  # only ParamSet.with_noise raises it while building ZO
+        raise ConfigError(f"config key 'optim.noise_scale': {exc}") from None
 
 
 def build_targets(model, cfg: dict) -> tuple[ParamSet, dict[str, ParamSet]]:

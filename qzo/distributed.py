@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import QzoError
+from .params import digest_tensors
 
 __all__ = ["Distributed", "DistributedError", "init_from_env", "shard_rows", "trainables_checksum"]
 
@@ -225,11 +226,7 @@ class Distributed:
 
 def trainables_checksum(tensors: dict[str, torch.Tensor]) -> int:
     """A 63-bit hash of the trainables' bytes, in name order (equal only when every bit is)."""
-    h = hashlib.blake2b(digest_size=8)
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(name.encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h = digest_tensors(sorted(tensors.items()), hashlib.blake2b(digest_size=8))
     return int.from_bytes(h.digest(), "little") & 0x7FFFFFFFFFFFFFFF
 
 

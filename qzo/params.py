@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from .errors import TargetError
 from .noise import stream_id
 
 __all__ = ["Trainable", "ParamSet"]
@@ -106,16 +107,17 @@ class ParamSet:
         group is that group's eps times s with its slope's contribution times s (its step
         times s squared), so ``{"*lora_A*": 0.5}`` explores A at half of B's scale. A scale
         of 0 leaves the tensor out (it keeps its values and draws no noise, as :meth:`select`):
-        ``{"*lora_A*": 0}`` is "B only". Nothing new is stored.
+        ``{"*lora_A*": 0}`` is "B only". Nothing new is stored. A bad scale or a pattern that
+        matches nothing is a :class:`qzo.TargetError` (a ``ValueError``).
         """
         import dataclasses
         import fnmatch
 
         for pattern, scale in scales.items():
             if not (isinstance(scale, (int, float)) and scale >= 0 and math.isfinite(scale)):
-                raise ValueError(f"noise scale for {pattern!r} must be a finite number >= 0, got {scale!r}")
+                raise TargetError(f"noise scale for {pattern!r} must be a finite number >= 0, got {scale!r}")
             if not any(fnmatch.fnmatchcase(t.name, pattern) for t in self.items):
-                raise ValueError(f"noise scale pattern {pattern!r} matches no trainable; names look like "
+                raise TargetError(f"noise scale pattern {pattern!r} matches no trainable; names look like "
                                  f"{self.items[0].name!r}")
         scaled = []
         for t in self.items:
@@ -123,7 +125,7 @@ class ParamSet:
             if scale:
                 scaled.append(dataclasses.replace(t, noise=scale))
         if not scaled:
-            raise ValueError(f"noise scales {scales} leave no trainable with noise: nothing would train")
+            raise TargetError(f"noise scales {scales} leave no trainable with noise: nothing would train")
         return ParamSet(scaled)
 
     @property
@@ -152,3 +154,16 @@ class ParamSet:
 def as_param_set(params: "ParamSet | Iterable") -> ParamSet:
     """``params`` as a :class:`ParamSet` (no copy when it already is one)."""
     return params if isinstance(params, ParamSet) else ParamSet(params)
+
+
+def digest_tensors(named: Iterable[tuple[str, torch.Tensor]], hasher):
+    """Feed each ``(name, tensor)``'s name and raw bytes to ``hasher`` (a ``hashlib`` object), in the order given.
+
+    The one byte-level fingerprint of trainables: :func:`qzo.replay.state_digest` (SHA-256 in
+    set order) and the ranks' agreement check (:func:`qzo.distributed.trainables_checksum`)
+    both read it, so equal hashes mean bit-identical values and names. Returns ``hasher``.
+    """
+    for name, t in named:
+        hasher.update(name.encode())
+        hasher.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    return hasher

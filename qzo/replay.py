@@ -29,7 +29,7 @@ from typing import Iterable
 
 import torch
 
-from .params import ParamSet, as_param_set
+from .params import ParamSet, as_param_set, digest_tensors
 from .perturb import combine, noise_cache, perturb_
 
 __all__ = ["read_step_log", "replay_sgd", "RecordingLoss", "ReplayedLoss", "ReplayMismatch", "state_digest"]
@@ -71,6 +71,12 @@ def replay_sgd(params, records: Iterable, weight_decay: float = 0.0) -> ParamSet
     return params
 
 
+# What the probe may read off a closure besides calling it: the batch's sizes, and the
+# group evaluations of pool-batched and per-example strategies. Both wrappers answer exactly these.
+BATCH_SIZES = ("rows", "tokens")
+GROUP_EVALUATIONS = ("evaluate_candidates", "evaluate_rows")
+
+
 class RecordingLoss:
     """An ``opt.step`` closure that keeps every value it hands the optimizer: the step's exact replay record.
 
@@ -92,7 +98,7 @@ class RecordingLoss:
     def __init__(self, closure):
         self.closure = closure
         self.record: dict = {"values": []}
-        for name in ("rows", "tokens"):  # what the probe may read besides the losses
+        for name in BATCH_SIZES:
             value = getattr(closure, name, None)
             if value is not None:
                 self.record[name] = int(value)
@@ -103,9 +109,9 @@ class RecordingLoss:
         return value
 
     def __getattr__(self, name):
-        if name not in ("evaluate_candidates", "evaluate_rows", "rows", "tokens"):
+        if name not in GROUP_EVALUATIONS + BATCH_SIZES:
             raise AttributeError(name)
-        if name in ("rows", "tokens"):
+        if name in BATCH_SIZES:
             return getattr(self.closure, name)
         inner = getattr(self.closure, name)  # AttributeError when the wrapped closure lacks it, as the probe expects
 
@@ -166,7 +172,7 @@ class ReplayedLoss:
         return torch.tensor(losses, dtype=torch.float64), torch.tensor(counts, dtype=torch.float64)
 
     def __getattr__(self, name):
-        if name in ("rows", "tokens") and name in self._record:
+        if name in BATCH_SIZES and name in self._record:
             return self._record[name]
         raise AttributeError(name)
 
@@ -178,8 +184,4 @@ class ReplayedLoss:
 
 def state_digest(params) -> str:
     """SHA-256 of the trainables' bytes, in order: equal digests mean bit-identical values."""
-    digest = hashlib.sha256()
-    for t in as_param_set(params):
-        digest.update(t.name.encode())
-        digest.update(t.tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return digest_tensors(((t.name, t.tensor) for t in as_param_set(params)), hashlib.sha256()).hexdigest()

@@ -29,7 +29,7 @@ def _losses(folder, method):
 def quick_table(tmp_path_factory, smol_folder):
     """One uninterrupted --quick benchmark of MeZO and a per-example, scale-free method (the slow part, shared)."""
     folder = tmp_path_factory.mktemp("quick")
-    return folder, _quick(folder, methods=("spsa", "per_example_spread_cos"))
+    return folder, _quick(folder, "--calibrate", methods=("spsa", "per_example_spread_cos"))
 
 
 @pytest.mark.slow
@@ -45,6 +45,12 @@ def test_convergence_quick_writes_its_table(quick_table):
         assert 0 < info["final_eval_loss"] < 20
     assert (folder / "convergence.csv").is_file() and "in_progress" not in summary
     assert "final held-out" in stdout
+    # the wall fractions come from the step costs timed back to back (--calibrate), not the runs' sums
+    timing = json.loads((folder / "convergence_timing.json").read_text())
+    assert set(timing["seconds_per_forward"]) == {"spsa", "per_example_spread_cos"}
+    assert all(v > 0 for v in timing["seconds_per_forward"].values()) and summary["timing"] == timing
+    assert {info["wall_from"] for info in summary["methods"].values()} == {"calibration"}
+    assert summary["seconds_per_forward"] == timing["seconds_per_forward"]["spsa"]
 
 
 @pytest.mark.slow
