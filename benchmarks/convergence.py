@@ -465,6 +465,8 @@ def summarize(rows, budget, seeds, sweep, best_lr, sweep_budget, timing=None) ->
                       "wall_s_mean": round(statistics.mean(c[-1]["wall_s"] for c in curves), 1),
                       "stable_lr_range": stable_lr_range(rows, m, sweep_budget, budget)}
     per_forward = None
+    cost = (timing or {}).get("seconds_per_forward", {})  # calibrate()'s, when MeZO has one
+    cost = cost if "spsa" in cost else {}
     if "spsa" in methods:
         # fractions: where a method's seed-mean curve first reaches MeZO's final seed-mean
         # loss, in forwards and in wall seconds, over MeZO's (interpolated between evaluations)
@@ -477,22 +479,21 @@ def summarize(rows, budget, seeds, sweep, best_lr, sweep_budget, timing=None) ->
             info["fraction_of_spsa_forwards"] = None if reach is None else round(reach / spsa["forwards"], 3)
             # wall: the forwards to reach MeZO's loss at the method's calibrated cost (calibrate()), over
             # MeZO's; without a calibration for both, the runs' own summed wall times (mixed sessions)
-            cost = (timing or {}).get("seconds_per_forward", {})
-            if m in cost and "spsa" in cost:
+            if m in cost:
                 info["seconds_per_forward"] = cost[m]
                 info["fraction_of_spsa_wall"] = None if reach is None else round(
                     reach * cost[m] / (spsa["forwards"] * cost["spsa"]), 3)
             else:
                 wall = forwards_to_reach(mean, target, "wall_s")
                 info["fraction_of_spsa_wall"] = None if wall is None else round(wall / spsa["wall_s"], 3)
-            info["wall_from"] = "calibration" if m in cost and "spsa" in cost else "runs"
+            info["wall_from"] = "calibration" if m in cost else "runs"
     zo = {m: i for m, i in methods.items() if m not in ("spsa", "first_order") and not i["blew_up_seeds"]}
     ranked = lambda names: min(names, key=lambda m: methods[m]["final_eval_loss"]) if names else None  # noqa: E731
     return {"device": device_name(), "budget_forwards": budget, "seeds": list(seeds), "eps": EPS,
             "batch": BATCH, "max_len": MAX_LEN,
-            "seconds_per_forward": (timing or {}).get("seconds_per_forward", {}).get("spsa", per_forward),
-            "seconds_per_forward_from": "calibration" if (timing or {}).get("seconds_per_forward", {}).get("spsa")
-            else "MeZO's runs (summed wall over forwards)", "timing": timing,
+            "seconds_per_forward": cost.get("spsa", per_forward),
+            "seconds_per_forward_from": "calibration" if cost else "MeZO's runs (summed wall over forwards)",
+            "timing": timing,
             "first_order_forwards_per_step": FO_FORWARDS_PER_STEP, "sweep_budget": sweep_budget,
             "blow_up_rule": f"a held-out loss above {BLOW_UP} x the run's start, or not finite",
             "best_zo": ranked(list(zo)), "best_steered": ranked([m for m in zo if m in STEERED]),
