@@ -1,12 +1,14 @@
 """Resume a run: train part of the way, stop, continue from the last checkpoint, bit-exactly.
 
-    python examples/resume_run.py [--steps 20] [--out runs/resume-example]
+    python examples/resume_run.py [--steps 20] [--out runs/resume-example] [--set KEY=VALUE ...]
 
 Trains the CPU demo recipe for half the steps into a run directory, then resumes it to the
 full count, as ``qzo train --set train.steps=N`` followed by ``qzo train --resume RUN --set
 train.steps=2N`` would. A resumed run replays the same seeds and batches, so its step log
 and trained values are the bytes an uninterrupted run would have written; the example
-checks that against a second, uninterrupted run and prints what it found.
+checks that against a second, uninterrupted run and prints what it found. ``--set`` passes
+config overrides to the two fresh runs (another model or data, as ``qzo train --set`` does; the
+resumed run reads them from its run directory).
 """
 
 import argparse
@@ -27,11 +29,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20, help="total steps (even); the first half runs, then resumes")
     ap.add_argument("--out", default="runs/resume-example")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every run (repeatable), e.g. model.source=PATH")
     args = ap.parse_args()
     half = args.steps // 2
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
-    common = [f"train.eval_every={half}", f"train.save_every={half}"]
+    common = [*args.set, f"train.eval_every={half}", f"train.save_every={half}"]
 
     first = train(None, [f"train.steps={half}", f"out_dir={out / 'resumed'}", *common], progress=False)
     print(f"stopped after {first['steps']} steps: held-out loss {first['final_eval_loss']:.4f}")

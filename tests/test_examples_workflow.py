@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import run_overrides, write_code_chats
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -15,9 +17,13 @@ def _run(script, *args, cwd):
                           timeout=900, cwd=cwd)
 
 
-@pytest.mark.slow
-def test_resume_example_matches_an_uninterrupted_run(tmp_path, smol_folder):
-    out = _run("resume_run.py", "--steps", "4", "--out", str(tmp_path / "runs"), cwd=tmp_path)
+def test_resume_example_matches_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    """The example's stop / resume / compare on the tiny model (resuming is not about the demo model;
+    ``test_cli_e2e`` trains the demo recipe itself)."""
+    data = write_code_chats(tmp_path)
+    overrides = run_overrides(tiny_model_dir, data, tmp_path / "unused")
+    sets = [arg for o in overrides if not o.startswith(("train.", "out_dir")) for arg in ("--set", o)]
+    out = _run("resume_run.py", "--steps", "4", "--out", str(tmp_path / "runs"), *sets, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "step logs identical: True; trained values identical: True" in out.stdout
 
