@@ -15,7 +15,7 @@ budget (a crash, an out-of-memory or a hang costs that stage only), under one de
                  streamed layers' codes built straight into pinned host RAM):
                  peak, s/step, bytes streamed and their PCIe time
   pool-batched   benchmarks/pool_batched.py GPU mode (7B shape, K = 2, 4, 8)          75 s   25-40 s
-  kernels        benchmarks/kernels.py (perturb vs copy bandwidth and MeZO, LoRA)     75 s   30-50 s
+  kernels        benchmarks/kernel_throughput.py (perturb vs copy bandwidth and MeZO, LoRA)     75 s   30-50 s
   levers         memory rows again with double quantization + the embedding on the  120 s   40-60 s
                  CPU (model.double_quant, model.embedding_on_cpu), inference + SPSA
 
@@ -57,7 +57,7 @@ transformers, accelerate, peft, psutil, pyyaml, safetensors; no bitsandbytes, no
 Rehearsal, on any machine (what CI runs, ``tests/test_gpu_check.py``): ``--rehearse`` runs
 every stage that has a CPU form at tiny sizes, the same scripts with the same code paths:
 the kernel tests' command (one test; the compiled-kernel test skips without CUDA),
-kernels.py ``--quick``, memory.py on ``tiny-4bit`` (a small Llama built by the same 4-bit
+kernel_throughput.py ``--quick``, memory.py on ``tiny-4bit`` (a small Llama built by the same 4-bit
 builder, on the CPU), the streaming stage with ``--budget half`` (half the layers stream,
 from disk on a CPU), pool_batched.py ``--tiny`` and the levers. Its results go to a
 temporary folder and are marked ``"rehearsal": true``::
@@ -121,7 +121,7 @@ def gpu_stages() -> list[Stage]:
               150, 75, "70B shape at a 20 GiB budget through qzo.streaming: peak, s/step vs PCIe time"),
         Stage("pool-batched", [str(HERE / "pool_batched.py"), "--repeats", "3"], 75, 40,
               "a pool of K candidates in one stacked forward vs K forwards (7B shape)"),
-        Stage("kernels", [str(HERE / "kernels.py")], 75, 30, "perturb throughput vs copy bandwidth and MeZO"),
+        Stage("kernels", [str(HERE / "kernel_throughput.py")], 75, 30, "perturb throughput vs copy bandwidth and MeZO"),
         Stage("levers", [mem, "--models", GPU_MODELS, "--methods", "inference,qzo_spsa", *_levers()], 120, 45,
               "7B/8B/13B with double quant + embedding on the CPU"),
     ]
@@ -144,8 +144,8 @@ def rehearsal_stages() -> list[Stage]:
         Stage("pool-batched", [str(HERE / "pool_batched.py"), "--tiny", "--gpu-layers", "2", "--gpu-batch", "2",
                                "--gpu-seq", "16", "--ks", "2", "--repeats", "1"], 120, 0,
               "the GPU mode's code path at a tiny shape", in_process=True),
-        Stage("kernels", [str(HERE / "kernels.py"), "--max-numel", "1e5", "--repeats", "1", "--quick"], 120, 0,
-              "kernels.py at tiny sizes (torch reference on CPU)", in_process=True),
+        Stage("kernels", [str(HERE / "kernel_throughput.py"), "--max-numel", "1e5", "--repeats", "1", "--quick"], 120, 0,
+              "kernel_throughput.py at tiny sizes (torch reference on CPU)", in_process=True),
     ]
     stages.append(Stage("levers", [mem, *tiny, "--methods", "inference,qzo_spsa", *_levers()], 120, 0,
                         "tiny-4bit with the levers", in_process=True))

@@ -23,7 +23,7 @@ a pool of 4; the 7B LoRA launch under 1 ms. On a machine without CUDA the same r
 measure the torch reference (the CPU path; the kernels only run there through Triton's
 interpreter, which says nothing about speed), so the GPU rows stay owed until a GPU run.
 
-    python benchmarks/kernels.py [--max-numel 1e9] [--repeats 5]
+    python benchmarks/kernel_throughput.py [--max-numel 1e9] [--repeats 5]
 
 Prints the table and writes benchmarks/results/kernels.json.
 """
