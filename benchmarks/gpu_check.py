@@ -49,9 +49,8 @@ transformers, accelerate, peft, psutil, pyyaml, safetensors; no bitsandbytes, no
        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
        && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --copy-to $OUT
 
-   qzo itself is not installed there: this script links ``qzo`` and ``qzo_kernels`` (the
-   ``kernels/`` folder's installed name) into a temporary folder on every stage's
-   PYTHONPATH. The files come back under the call's files_at; copy them to
+   qzo itself is not installed there: this script links ``qzo`` and ``qzo_kernels`` into a
+   temporary folder on every stage's PYTHONPATH. The files come back under the call's files_at; copy them to
    benchmarks/results/gpu/ and commit them.
 
 Rehearsal, on any machine (what CI runs, ``tests/test_gpu_check.py``): ``--rehearse`` runs
@@ -163,15 +162,15 @@ def _has_host_embedding() -> bool:
 
 
 def import_shim() -> Path:
-    """A folder holding links ``qzo`` -> qzo/ and ``qzo_kernels`` -> kernels/ of this checkout, for PYTHONPATH.
+    """A folder holding links ``qzo`` and ``qzo_kernels`` to this checkout's packages, for PYTHONPATH.
 
     The lent machine has no network and qzo is not installed there; this makes both import
-    names resolve to this checkout without putting the repo root on the path (where its
-    ``kernels/`` folder would shadow Hugging Face's ``kernels`` package).
+    names resolve to this checkout without putting the whole repo root (benchmarks, tests)
+    on the path.
     """
     shim = Path(tempfile.mkdtemp(prefix="qzo-shim-"))
     (shim / "qzo").symlink_to(ROOT / "qzo", target_is_directory=True)
-    (shim / "qzo_kernels").symlink_to(ROOT / "kernels", target_is_directory=True)
+    (shim / "qzo_kernels").symlink_to(ROOT / "qzo_kernels", target_is_directory=True)
     return shim
 
 

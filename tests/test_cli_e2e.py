@@ -12,8 +12,7 @@ import pytest
 
 
 def _qzo(*args, cwd, timeout=600):
-    # cwd outside the repo: `python -m` puts cwd on sys.path, and the repo's kernels/ folder
-    # would shadow Hugging Face's `kernels` package there (it is installed as qzo_kernels).
+    # cwd outside the repo: what a user's shell has (`python -m` puts cwd first on sys.path)
     return subprocess.run([sys.executable, "-m", "qzo", *args], capture_output=True, text=True, timeout=timeout,
                           cwd=cwd)
 

@@ -144,7 +144,7 @@ def test_readme_and_examples_use_only_names_that_exist(tmp_path):
     assert {"qzo.replay.replay_sgd", "qzo.LDSD", "qzo.objectives.RewardLoss"} <= set(uses["README.md"]["chains"])
     assert "qzo.plan" in uses["examples/offload_7b.py"]["chains"]
     assert sum(len(u["chains"]) for u in uses.values()) > 40
-    # cwd outside the checkout: run there, `python -c` would put the root (and its kernels/) on sys.path
+    # cwd outside the checkout: the names must resolve in the installed package, not in the source tree
     out = subprocess.run([sys.executable, "-c", RESOLVE], input=json.dumps(uses), capture_output=True, text=True,
                          cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

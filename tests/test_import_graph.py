@@ -87,7 +87,7 @@ def test_the_optimizer_core_imports_no_model_code():
 
 
 def test_the_kernels_import_nothing_of_qzo():
-    mods = _modules(ROOT / "kernels", "qzo_kernels")
+    mods = _modules(ROOT / "qzo_kernels", "qzo_kernels")
     assert "qzo_kernels.perturb" in mods
     reaching = {m: sorted(t for t in targets if t.split(".")[0] == "qzo") for m, targets in _imports(mods).items()}
     assert {m: t for m, t in reaching.items() if t} == {}

@@ -44,7 +44,7 @@ def test_kernels_import_nothing_of_qzo():
     import ast
     from pathlib import Path
 
-    for path in sorted((Path(__file__).parents[1] / "kernels").glob("*.py")):
+    for path in sorted((Path(__file__).parents[1] / "qzo_kernels").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])

@@ -1,7 +1,6 @@
 """What a wheel carries, checked from pyproject.toml without building one (CI builds it too).
 
-``packages`` lists every package by name (``packages.find`` would name kernels/ ``kernels``,
-see pyproject.toml), so a new subpackage of qzo/ must be added there: these tests fail
+``packages`` lists every package by name, so a new subpackage of qzo/ must be added there: these tests fail
 until it is, and until every data file under qzo/ is matched by a ``package-data`` glob.
 The shipped recipes are then found through the package, not through the checkout.
 """
@@ -46,11 +45,27 @@ def test_every_subpackage_is_in_packages():
         assert _package_dir(package).is_dir(), f"{package}: no folder {_package_dir(package)}"
 
 
-def test_kernels_install_as_qzo_kernels_not_kernels():
-    assert SETUPTOOLS["package-dir"]["qzo_kernels"] == "kernels"
+def test_nothing_is_named_kernels():
+    """A ``kernels`` package, or a ``kernels`` file or folder at the root or beside a script (each is first on
+    ``sys.path`` for ``python -m`` / ``python benchmarks/X.py``), shadows Hugging Face's ``kernels``, which
+    transformers imports while reading a Llama config: the GGUF conversion then fails."""
     assert "qzo_kernels" in SETUPTOOLS["packages"]
     assert not any(p == "kernels" or p.startswith("kernels.") for p in SETUPTOOLS["packages"]), \
         "a top-level `kernels` would shadow Hugging Face's kernels package"
+    for folder in (ROOT, ROOT / "benchmarks", ROOT / "examples", ROOT / "scripts", ROOT / "tests"):
+        clashes = [p.name for p in folder.iterdir() if p.name in ("kernels", "kernels.py")]
+        assert not clashes, f"{folder}/{clashes[0]} shadows Hugging Face's kernels package for scripts run from there"
+
+
+def test_the_repo_root_on_sys_path_does_not_break_transformers():
+    """``python -c`` from the root (the root first on sys.path) reads a Llama config: nothing here shadows a package
+    transformers needs."""
+    import subprocess
+    import sys
+
+    code = "from transformers import LlamaConfig; LlamaConfig(); import qzo_kernels, qzo; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_every_data_file_under_qzo_is_package_data():
