@@ -82,7 +82,7 @@ def build_4bit(config, quant: str = "nf4", *, double_quant: bool = False, dtype:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from qzo.bnb import choose_cpu_path
+    from qzo.targets.bnb import choose_cpu_path
 
     if quant not in ("nf4", "fp4"):
         raise ValueError(f"build_4bit makes nf4 or fp4 models, not {quant!r}")

@@ -33,7 +33,7 @@ def main() -> None:
         if step % 10 == 0:
             print(f"step {step}: train loss {loss:.4f} ({opt.forwards} forwards)")
     print(f"held-out loss after:  {eval_loss(model, held_out, 16, tok.pad_token_id):.4f}")
-    params.save_adapter(args.out)
+    params.save(args.out)
     print(f"adapter saved to {args.out} (load it with peft.PeftModel.from_pretrained)")
 
 

@@ -10,6 +10,7 @@ A pool strategy over LoRA can evaluate its pool in one stacked forward:
 """
 
 import logging
+import sys
 
 __version__ = "0.1.0"
 
@@ -19,7 +20,7 @@ logging.getLogger("bitsandbytes.autograd._functions").addFilter(
     lambda record: "inputs will be cast" not in record.getMessage()
 )
 
-from .bnb import quiet_hub_kernel_warning  # noqa: E402
+from .targets.bnb import quiet_hub_kernel_warning  # noqa: E402
 
 quiet_hub_kernel_warning()  # before anything imports bitsandbytes, which logs it at import
 
@@ -27,12 +28,19 @@ from . import noise  # noqa: E402
 from .backend import get_backend, set_backend  # noqa: E402
 from .loss import CausalLMLoss  # noqa: E402
 from . import targets  # noqa: E402
-from .dense import DenseParams, dense, load_dense  # noqa: E402
-from .scales import ScaleParams, clip_grad, load_scales, scales  # noqa: E402
+from .targets.dense import DenseParams, dense, load_dense  # noqa: E402
+from .targets.scales import ScaleParams, clip_grad, load_scales, scales  # noqa: E402
 from .targets import TargetError, combine  # noqa: E402
 from .errors import ConfigError, DataError, ModelSourceError, NonFiniteLossError, QzoError  # noqa: E402
 from .load import load  # noqa: E402
-from .lora import lora  # noqa: E402
+from .targets.lora import lora  # noqa: E402
+
+# The modules' paths before qzo/targets/ gathered them: `from qzo.scales import ScaleParams` and
+# `from qzo.bnb import choose_cpu_path` go on working (the same module objects, not copies). As
+# before, the attributes qzo.lora / qzo.scales / qzo.dense are the builder functions.
+for _old in ("bnb", "lora", "scales", "dense"):
+    sys.modules[f"{__name__}.{_old}"] = sys.modules[f"{__name__}.targets.{_old}"]
+del _old
 from .optim import ZO, StepRecord  # noqa: E402
 from . import distributed  # noqa: E402  (qzo.distributed.init_from_env: a ZO run over torchrun ranks)
 from .distributed import Distributed  # noqa: E402

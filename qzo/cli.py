@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .bnb import QUANTS
+from .targets.bnb import QUANTS
 from .checkpoint import CHOICES_HELP
 from .errors import NonFiniteLossError, QzoError
 from .rules import RULES

@@ -8,16 +8,16 @@ pure function of the config (and the model), so a run and its resume build the s
 
 from __future__ import annotations
 
-from .dense import dense
+from .targets.dense import dense
 from .distributed import Distributed
 from .errors import ConfigError, QzoError, TargetError
 from .load import load
-from .lora import lora
+from .targets.lora import lora
 from .normalize import Normalize
 from .optim import ZO
 from .params import ParamSet
 from .rules import RULES
-from .scales import scales
+from .targets.scales import scales
 from .schedule import Schedule
 from .strategies import STRATEGIES
 from .targets import combine

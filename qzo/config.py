@@ -17,11 +17,11 @@ from pathlib import Path
 
 import yaml
 
-from .bnb import QUANTS
+from .targets.bnb import QUANTS
 from .data_formats import FORMATS, check_fields
 from .data_sources import parse_hf
 from .errors import ConfigError, DataError
-from .lora import ALL_LINEAR
+from .targets.lora import ALL_LINEAR
 from .metrics import REPORTERS
 from .normalize import NORMALIZATIONS
 from .recipes import DEMO_MODEL

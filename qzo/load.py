@@ -37,7 +37,7 @@ import torch
 
 from .host_embedding import keep_input_embedding_on_host
 from .streaming import attach_streaming, plan_streaming
-from .bnb import QUANTS, choose_cpu_path, is_quantized_tensor
+from .targets.bnb import QUANTS, choose_cpu_path, is_quantized_tensor
 from .cache import cache_dir
 from .errors import ModelSourceError, QzoError, check_choice
 

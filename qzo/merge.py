@@ -10,7 +10,7 @@ from typing import Iterator
 
 import torch
 
-from .bnb import dequantized_weight
+from .targets.bnb import dequantized_weight
 from .targets import clean_path, is_quantized, unwrap_peft
 
 __all__ = ["merged_tensors", "merged_state_dict"]

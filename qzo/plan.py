@@ -35,9 +35,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .bnb import QUANTS
+from .targets.bnb import QUANTS
 from .errors import QzoError, check_choice
-from .lora import ALL_LINEAR
+from .targets.lora import ALL_LINEAR
 from .loss import chunk_tokens
 from .rules import RULES
 from .rules import state_copies as rule_state_copies  # not to shadow the local of plan()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .bnb import four_bit_linears, packed_codes, set_packed_codes
+from .targets.bnb import four_bit_linears, packed_codes, set_packed_codes
 from .errors import QzoError
 
 __all__ = ["StreamPlan", "plan_streaming", "attach_streaming", "StreamedLayers", "streamed_layers"]

@@ -23,7 +23,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from qzo.bnb import plain_path_forced  # noqa: E402
+from qzo.targets.bnb import plain_path_forced  # noqa: E402
 
 from helpers import TINY_TOKENIZER, tiny_config, write_code_chats  # noqa: E402
 

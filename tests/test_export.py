@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import qzo
 
-from qzo.bnb import choose_cpu_path
+from qzo.targets.bnb import choose_cpu_path
 from qzo.cli import main
 from qzo.errors import QzoError
 from qzo.export import export

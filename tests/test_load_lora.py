@@ -135,7 +135,7 @@ def test_all_linear_adapts_what_peft_s_all_linear_adapts(tiny_model_dir):
     """lora.target_modules all-linear: every decoder linear, not the LM head, exactly the modules peft picks."""
     import peft
 
-    from qzo.lora import all_linear_names
+    from qzo.targets.lora import all_linear_names
 
     model, _ = qzo.load(tiny_model_dir, quant="nf4")
     assert all_linear_names(model) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",

@@ -15,7 +15,7 @@ from qzo.checkpoint import find_checkpoint, load_checkpoint
 from qzo.config import load_config
 from qzo.data import eval_loss
 from qzo.errors import ConfigError, QzoError
-from qzo.lora import load_initial_values
+from qzo.targets.lora import load_initial_values
 from qzo.trainer import setup, train
 
 from helpers import TINY, run_overrides

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import qzo
-from qzo.dense import dense, load_dense
-from qzo.scales import clip_grad, load_scales, scales
+from qzo.targets.dense import dense, load_dense
+from qzo.targets.scales import clip_grad, load_scales, scales
 from qzo.targets import TargetError, combine
 
 from helpers import tiny_config

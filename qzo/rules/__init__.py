@@ -1,7 +1,7 @@
 """Update rules: SGD (fused, state-free), Momentum, Adam (ZO-Adam), Sign. Any works with any strategy."""
 
 from .base import Rule
-from .dense import Adam, DenseRule, Momentum, Sign
+from .dense_grad import Adam, DenseRule, Momentum, Sign
 from .sgd import SGD
 
 __all__ = ["Rule", "DenseRule", "SGD", "Momentum", "Adam", "Sign", "RULES", "state_copies"]

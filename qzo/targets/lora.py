@@ -35,9 +35,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import QzoError
-from .params import ParamSet, Trainable
-from .noise import stream_id
+from ..errors import QzoError
+from ..params import ParamSet, Trainable
+from ..noise import stream_id
 
 __all__ = ["lora", "LoraParams", "linear_module_names", "all_linear_names", "ALL_LINEAR", "load_initial_values"]
 
@@ -111,13 +111,23 @@ class LoraParams(ParamSet):
         model: the original model, now with LoRA layers injected in place.
     """
 
+    #: the kind's name in saved files (:mod:`qzo.targets.files`)
+    kind = "lora"
+
     def __init__(self, items, peft_model, model):
         super().__init__(items)
         self.peft_model = peft_model
         self.model = model
 
     def save_adapter(self, folder) -> None:
+        """The former name of :meth:`save` (kept: the same folder)."""
+        self.save(folder)
+
+    def save(self, folder) -> Path:
         """Write a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+        :func:`qzo.targets.load` (or ``lora(model, init_from=folder)`` with the same settings)
+        reads it back.
 
         Written from the trainables directly, not through ``peft_model.save_pretrained``:
         that calls ``model.state_dict()``, and on CPUs with AVX512-BF16 bitsandbytes 0.50
@@ -126,8 +136,6 @@ class LoraParams(ParamSet):
         on the demo model), so the live model must never go through it. The key names are
         peft's saved-adapter keys, so ``PeftModel.from_pretrained`` loads the folder.
         """
-        from pathlib import Path
-
         from safetensors.torch import save_file
 
         folder = Path(folder)
@@ -136,6 +144,7 @@ class LoraParams(ParamSet):
         config.task_type = config.task_type or "CAUSAL_LM"  # AutoPeftModelForCausalLM picks its model class from it
         config.save_pretrained(str(folder))
         save_file(self.state_dict(), str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        return folder
 
 
 def lora(
@@ -285,7 +294,7 @@ def _read_adapter(path: Path) -> _Found:
 
 def _read_qzo_values(path: Path) -> _Found:
     """The LoRA tensors of a qzo run's last checkpoint, or of one checkpoint folder, with the run's settings."""
-    from .checkpoint import find_checkpoint, load_checkpoint
+    from ..checkpoint import find_checkpoint, load_checkpoint
 
     if (path / "config.yaml").is_file() and (path / "steps.jsonl").exists():
         ckpt, run_dir = find_checkpoint(path, "last"), path

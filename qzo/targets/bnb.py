@@ -38,7 +38,7 @@ import os
 
 import torch
 
-from .errors import TargetError
+from ..errors import TargetError
 
 __all__ = ["QUANTS", "is_quantized", "is_4bit", "is_quantized_tensor", "four_bit_linears", "packed_codes",
            "set_packed_codes", "float32_absmax", "int8_row_scales", "dequantized_weight", "PLAIN_ENV",

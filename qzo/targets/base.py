@@ -1,10 +1,9 @@
-"""What ZO trains besides LoRA, and how kinds of trainables combine.
+"""What the kinds of trainables share, and how they combine.
 
-``qzo.scales`` (the quantization scales of 4/8-bit layers, see ``qzo.scales``) and
-``qzo.dense`` (chosen modules as float32 masters, see ``qzo.dense``) share what lives
-here: picking modules by name or pattern, telling quantized layers apart, undoing
-bitsandbytes' CPU repacking, the :class:`ModuleTargets` base (save, re-apply on a fresh
-base model), and :func:`combine`, which merges several trainable sets into one
+``qzo.scales`` (the quantization scales of 4/8-bit layers) and ``qzo.dense`` (chosen
+modules as float32 masters) are built from modules picked by name or pattern
+(:func:`select_modules`) and share the :class:`ModuleTargets` base (save, re-apply on a
+fresh base model); :func:`combine` merges several trainable sets, LoRA included, into one
 ``ParamSet`` for ``qzo.ZO``.
 
 Module paths are *clean* paths: peft's ``base_layer`` wrapper segment is dropped, so a
@@ -23,11 +22,11 @@ from typing import Callable, Iterable
 import torch
 
 from .bnb import is_quantized
-from .errors import TargetError  # noqa: F401 - defined here first: importable from here as before
-from .params import ParamSet, Trainable
+from ..errors import TargetError  # noqa: F401 - defined here first: importable from here as before
+from ..params import ParamSet, Trainable
 
 __all__ = ["TargetError", "ModuleTargets", "Targets", "combine", "is_quantized", "clean_path", "unwrap_peft",
-           "select_modules", "read_checkpoint"]
+           "select_modules", "read_checkpoint", "FILE_NAMES", "kind_of"]
 
 
 def clean_path(path: str) -> str:
@@ -176,6 +175,36 @@ class Targets(ParamSet):
         super().__init__(items)
         self.parts = list(parts)
         self.clip = clip
+
+    def save(self, folder) -> Path:
+        """Write each part in its own format into ``folder``, under its kind's name (:data:`FILE_NAMES`).
+
+        A saved folder holds each kind once (a run builds at most one of each);
+        :func:`qzo.targets.load` reads it back.
+        """
+        kinds = [kind_of(part) for part in self.parts]
+        twice = sorted({k for k in kinds if kinds.count(k) > 1})
+        if twice:
+            raise TargetError(f"save: this combined set has more than one {twice[0]} part; a saved folder holds each "
+                              "kind once, so save each part on its own")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for kind, part in zip(kinds, self.parts):
+            part.save(folder / FILE_NAMES[kind])
+        return folder
+
+
+#: the file or folder each kind is saved as inside a combined set's folder (and a run's)
+FILE_NAMES = {"lora": "adapter", "scales": "scales.safetensors", "dense": "dense.safetensors"}
+
+
+def kind_of(params: ParamSet) -> str:
+    """``"lora"``, ``"scales"`` or ``"dense"``: what ``params`` is (a :class:`TargetError` for any other set)."""
+    kind = getattr(params, "kind", None)
+    if kind not in FILE_NAMES:
+        raise TargetError(f"{type(params).__name__} is not a kind qzo can save (made by qzo.lora, qzo.scales or "
+                          "qzo.dense); save a plain ParamSet's state_dict() with safetensors yourself")
+    return kind
 
 
 def _storage_span(t: torch.Tensor) -> tuple[int, int, int]:

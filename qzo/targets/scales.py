@@ -30,11 +30,11 @@ depend on which other tensors are trained or whether LoRA wraps the layer.
 from __future__ import annotations
 
 from .bnb import float32_absmax, int8_row_scales, is_4bit
-from .errors import QzoError
-from .noise import stream_id
-from .normalize import clip_grad  # the clip is the optimizer's (qzo.ZO(clip=)); importable here as before
-from .params import Trainable
-from .targets import ModuleTargets, TargetError, is_quantized, read_checkpoint, select_modules, unwrap_peft
+from ..errors import QzoError
+from ..noise import stream_id
+from ..normalize import clip_grad  # the clip is the optimizer's (qzo.ZO(clip=)); importable here as before
+from ..params import Trainable
+from .base import ModuleTargets, TargetError, is_quantized, read_checkpoint, select_modules, unwrap_peft
 
 __all__ = ["scales", "ScaleParams", "load_scales", "clip_grad"]
 

@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 
 from .bnb import dequantized_weight
-from .noise import stream_id
-from .params import Trainable
-from .targets import (ModuleTargets, TargetError, _parent, clean_path, is_quantized, read_checkpoint,
+from ..noise import stream_id
+from ..params import Trainable
+from .base import (ModuleTargets, TargetError, _parent, clean_path, is_quantized, read_checkpoint,
                       select_modules, unwrap_peft)
 
 __all__ = ["dense", "DenseParams", "load_dense"]
