@@ -160,13 +160,29 @@ def _convert_gguf(path: Path) -> Path:
             model.to(dtype)
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        _publish(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Move a finished conversion into place, unless another process published the same one first.
+
+    Two processes may convert the same GGUF at once (two runs started on a fresh cache, test
+    workers): the first rename wins and the later one keeps it. Removing a finished folder
+    here would pull the files from under the process already loading from it.
+    """
+    if (target / "config.json").is_file():
+        return
+    if target.exists():  # a folder without config.json: left by an older qzo, nobody can load from it
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").is_file():  # not a lost race: a real failure to write the cache
+            raise
 
 
 def _cache_dtype(model) -> torch.dtype:

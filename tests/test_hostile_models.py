@@ -92,3 +92,24 @@ def test_gguf_with_a_corrupt_tensor_table_or_cut_data(damage, tmp_path, monkeypa
     with pytest.raises(ModelSourceError, match=f"could not read GGUF '{bad}'"):
         qzo.load(bad, "nf4")
     assert not any((tmp_path / "cache").rglob("config.json"))
+
+
+def test_a_conversion_that_loses_the_race_keeps_the_folder_already_published(tmp_path):
+    """Two processes converting the same GGUF at once (two runs on a fresh cache, parallel test workers): the later
+    one must not remove the folder the first one published, which a process may already be loading from."""
+    from qzo.load import _publish
+
+    target, late = tmp_path / "model", tmp_path / ".tmp-late"
+    for folder, tag in ((tmp_path / ".tmp-first", "first"), (late, "late")):
+        folder.mkdir()
+        (folder / "config.json").write_text(tag)
+    _publish(tmp_path / ".tmp-first", target)
+    opened = open(target / "config.json")  # a reader in the middle of loading
+    _publish(late, target)
+    assert (target / "config.json").read_text() == "first" and opened.read() == "first"
+    opened.close()
+    stale = tmp_path / "stale"  # a folder without config.json (an older qzo's leftover) is replaced
+    stale.mkdir()
+    (stale / "junk").write_text("x")
+    _publish(late, stale)
+    assert (stale / "config.json").read_text() == "late" and not (stale / "junk").exists()
