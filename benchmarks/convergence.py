@@ -135,6 +135,7 @@ BATCH, MAX_LEN, EVAL_BATCH = 4, 96, 16
 FIELDS = ["method", "lr", "seed", "phase", "budget", "forwards", "wall_s", "eval_loss"]
 CSV_PATH = RESULTS / "convergence.csv"
 HELD_OUT_LIMIT: int | None = None  # --quick evaluates on the first chats only
+SOURCE = "smollm2-135m"  # --source: the model every run loads (the tests' smoke run: a tiny folder)
 DEADLINE: float | None = None  # --time-limit: time.monotonic() after which the benchmark stops at a step's end
 BLOW_UP = 1.1  # a run blew up when a held-out loss exceeds its starting loss by 10% (or is not finite)
 
@@ -253,7 +254,7 @@ def run_one(method: str, lr: float, seed: int, budget: int, eval_every: int, pha
     first_order = METHODS[method] is None
     # every method on bitsandbytes' plain CPU 4-bit path (qzo's default; the fused kernel has no
     # backward, and measured slower here: benchmarks/cpu_4bit_paths.py)
-    model, tok = qzo.load("smollm2-135m", quant="nf4", cpu_fused_4bit=False)
+    model, tok = qzo.load(SOURCE, quant="nf4", cpu_fused_4bit=False)
     params = qzo.lora(model, r=8, alpha=16, target_modules=["q_proj", "v_proj"], seed=seed)
     train = ChatDataset.from_jsonl(tok, "builtin:demo_train", MAX_LEN)
     held = ChatDataset.from_jsonl(tok, "builtin:demo_eval", MAX_LEN)
@@ -424,7 +425,7 @@ def calibrate(methods: dict[str, float], steps: int = 6, warmup: int = 2, rounds
     per_step: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(rounds):
         for m, lr in methods.items():
-            model, tok = qzo.load("smollm2-135m", quant="nf4", cpu_fused_4bit=False)
+            model, tok = qzo.load(SOURCE, quant="nf4", cpu_fused_4bit=False)
             if METHODS[m] is None:
                 lora_params = qzo.lora(model, r=8, alpha=16, target_modules=["q_proj", "v_proj"], seed=0)
                 trainable = [p.requires_grad_(True) for n, p in lora_params.peft_model.named_parameters()
@@ -551,11 +552,16 @@ def main() -> None:
                          f"results/{TIMING_PATH_NAME}; the JSON's wall fractions use it")
     ap.add_argument("--summarize-only", action="store_true",
                     help="only tabulate the runs already in the CSV (e.g. of an interrupted benchmark)")
+    ap.add_argument("--source", default="smollm2-135m",
+                    help="the model every run loads (a built-in name, .gguf, folder or hub id); the table's protocol "
+                         "and its replay logs are for the default, the demo model: another source is for smoke "
+                         "runs into another results folder (its logs' headers do not name the model)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run (budget 8, one lr per method, seed 0, 16 held-out chats) into a temporary "
                          "results folder")
     args = ap.parse_args()
-    global FO_GRID, HELD_OUT_LIMIT, DEADLINE
+    global FO_GRID, HELD_OUT_LIMIT, DEADLINE, SOURCE
+    SOURCE = args.source
     if args.time_limit is not None:
         DEADLINE = time.monotonic() + args.time_limit
     if args.quick:

@@ -31,11 +31,14 @@ torch runtime (``runtime_gib``, measured before the model is loaded), which the 
 allocated bytes do not; ``planner_gib`` is still the GPU-side estimate for the same shape.
 ``tiny-4bit`` is a small Llama built by the same builder as the GPU models, on whatever
 device there is (``benchmarks/gpu_check.py --rehearse`` runs the GPU code path with it,
-``--budget`` included, which on a CPU streams from disk).
+``--budget`` included, which on a CPU streams from disk). A model folder is loaded as the demo
+model is (``qzo.load``, its planner row from the folder's config): the tests' smoke run of the
+CPU rows uses a tiny random-init one.
 
     python benchmarks/memory.py [--cpu] [--models llama-2-7b,...] [--batch 8 --seq 512]
     python benchmarks/memory.py --models llama-3.1-70b --budget 20GiB --methods inference,qzo_spsa
     python benchmarks/memory.py --planner-only     # the GPU models' planner rows, anywhere
+    python benchmarks/memory.py --models PATH/TO/MODEL-FOLDER --batch 1 --seq 16   # a loaded model's CPU rows
 
 Prints the table and writes benchmarks/results/memory.json (one row per model, lever and
 method: device, model, lever, method, peak_gib, inference_peak_gib, planner_gib,
@@ -193,16 +196,22 @@ def build_model(name: str, batch: int, seq: int, budget, double_quant: bool, emb
     return model, config.vocab_size, info
 
 
+def is_folder(name: str) -> bool:
+    """Whether ``name`` is a model folder (loaded like the demo model) rather than a benchmark model's name."""
+    return name not in PRESETS and name not in ("tiny-4bit", "smollm2-135m", "1b-shaped") and Path(name).is_dir()
+
+
 def load_model(name: str):
-    """``(model, tokens of the batch vocabulary size)`` for a loaded (CPU) benchmark model."""
-    if name == "smollm2-135m":
+    """``(model, tokens of the batch vocabulary size)`` for a loaded (CPU) benchmark model (or a model folder)."""
+    if name == "smollm2-135m" or is_folder(name):
         model, tok = qzo.load(name, "nf4", cpu_fused_4bit=False)  # the fused CPU kernel has no backward
         return model, len(tok)
     if name == "1b-shaped":
         config = llama_config(ONE_B)
         model, _ = qzo.load(config, "nf4", cpu_fused_4bit=False)
         return model, config.vocab_size
-    raise SystemExit(f"unknown model {name!r}: a preset ({', '.join(PRESETS)}), tiny-4bit, smollm2-135m or 1b-shaped")
+    raise SystemExit(f"unknown model {name!r}: a preset ({', '.join(PRESETS)}), tiny-4bit, smollm2-135m, "
+                     "1b-shaped or a model folder")
 
 
 def _batch(vocab: int, batch: int, seq: int, device) -> dict:
@@ -315,7 +324,7 @@ def planner_gib(name: str, batch: int, seq: int, method: str, gpu=None, dtype: s
     source = built_config(name) if name == "tiny-4bit" else name
     if name == "1b-shaped":
         source = llama_config(ONE_B)
-    if name == "smollm2-135m":
+    if name == "smollm2-135m" or is_folder(name):
         source = hf_model_path(name)
     if method not in PLANNED:
         return None

@@ -17,7 +17,8 @@ Without a GPU (what CI runs)::
 
 does the same with a tiny random Llama whose second half lives on *disk* (a CPU cannot
 host 4-bit offload, so it runs unquantized), and trains it twice, offloaded and in memory,
-to show that offloading changes where weights live and not a single loss.
+to show that offloading changes where weights live and not a single loss. It uses the demo
+model's tokenizer; ``--tokenizer`` names another (a built-in name, hub id or a tokenizer's folder).
 """
 
 import argparse
@@ -74,7 +75,8 @@ def on_gpu(args) -> None:
 def on_cpu(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    tok = AutoTokenizer.from_pretrained(hf_model_path("smollm2-135m"))  # the demo's tokenizer
+    source = args.tokenizer if Path(args.tokenizer).is_dir() else hf_model_path(args.tokenizer)
+    tok = AutoTokenizer.from_pretrained(source)  # the demo's by default
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     folder = Path(tempfile.mkdtemp(prefix="qzo-tiny-"))
@@ -98,6 +100,8 @@ def main() -> None:
     ap.add_argument("--model", default="meta-llama/Llama-2-7b-chat-hf")
     ap.add_argument("--gpu", default="4GiB", help="GPU budget for the plan")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--tokenizer", default="smollm2-135m",
+                    help="the CPU run's tokenizer (a built-in name, hub id or folder; default: the demo model's)")
     ap.add_argument("--plan-only", action="store_true",
                     help="the GPU run's plan and placement, then stop before loading (no GPU needed)")
     args = ap.parse_args()

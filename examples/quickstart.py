@@ -1,9 +1,10 @@
 """Quick start with the Python API: fine-tune the demo model's LoRA with ZO steps.
 
-    python examples/quickstart.py [--steps 30]
+    python examples/quickstart.py [--steps 30] [--model smollm2-135m]
 
 Loads SmolLM2-135M (NF4), trains LoRA on the built-in chat data with SPSA (MeZO), prints
 the held-out loss before and after, and saves a PEFT adapter to runs/quickstart-adapter.
+``--model`` loads another model instead (a built-in name, .gguf, folder or hub id).
 """
 
 import argparse
@@ -16,9 +17,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--out", default="runs/quickstart-adapter")
+    ap.add_argument("--model", default="smollm2-135m", help="what qzo.load loads (default: the demo model)")
     args = ap.parse_args()
 
-    model, tok = qzo.load("smollm2-135m", quant="nf4")
+    model, tok = qzo.load(args.model, quant="nf4")
     params = qzo.lora(model, r=8, alpha=16, target_modules=["q_proj", "v_proj"])
     opt = qzo.ZO(params, strategy=qzo.SPSA(), rule=qzo.SGD(lr=1e-3), eps=1e-2, seed=0)
 

@@ -2,6 +2,7 @@
 
     python examples/short_replies.py                       # the full run: about 6 minutes on 2 cores
     python examples/short_replies.py --quick               # 1 step, 4-token replies: about a minute
+    python examples/short_replies.py --model PATH          # another model (a built-in name, folder, hub id)
 
 The reward is a property of generated text, not a likelihood: a reply of at most N
 characters scores 1, a longer one N / (its length), one without a letter or digit 0. There
@@ -84,6 +85,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--eps", type=float, default=2e-2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default="smollm2-135m", help="what qzo.load loads (default: the demo model)")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: --steps 1 --batch-size 2 --max-new-tokens 4 --eval-prompts 2 --chars 8")
     args = ap.parse_args()
@@ -91,7 +93,7 @@ def main() -> None:
         args.steps, args.batch_size, args.max_new_tokens, args.eval_prompts, args.chars = 1, 2, 4, 2, 8
         args.eval_every = 0
 
-    model, tok = qzo.load("smollm2-135m", "nf4")
+    model, tok = qzo.load(args.model, "nf4")
     params = qzo.lora(model, r=8, alpha=16, target_modules=["q_proj", "v_proj"], seed=args.seed)
     opt = qzo.ZO(params, strategy=qzo.SPSA(), rule=qzo.SGD(lr=args.lr), eps=args.eps, seed=args.seed)
     reward = short_reply(args.chars)

@@ -2,6 +2,7 @@
 
     python examples/use_exported_adapter.py RUN            # a run directory from `qzo train`
     python examples/use_exported_adapter.py --train 4      # no run yet: train the demo for 4 steps first
+    python examples/use_exported_adapter.py --train 4 --set model.source=PATH ...   # that run with overrides
 
 Exports the run twice (``qzo export RUN --peft`` and ``--merged``), then loads each with
 transformers (+ peft for the adapter) only, as someone without qzo would, and answers one
@@ -29,14 +30,16 @@ def main() -> None:
     ap.add_argument("run", nargs="?", help="a run directory; omitted: --train N steps of the demo first")
     ap.add_argument("--train", type=int, default=4, help="steps to train when no RUN is given")
     ap.add_argument("--prompt", default="What is 7 plus 5?")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override of the --train run (repeatable), e.g. model.source=PATH")
     args = ap.parse_args()
 
     from qzo.export import export
     from qzo.load import hf_model_path
     from qzo.trainer import load_run_config, train
 
-    run = Path(args.run) if args.run else Path(train(None, [f"train.steps={args.train}", "train.eval_every=1000"],
-                                                     progress=False)["run_dir"])
+    run = Path(args.run) if args.run else Path(train(None, [f"train.steps={args.train}", "train.eval_every=1000",
+                                                            *args.set], progress=False)["run_dir"])
     adapter = export(run, "peft", out=run / "example-peft")
     merged = export(run, "merged", out=run / "example-merged")
     base_folder = hf_model_path(load_run_config(run)["model"]["source"])  # qzo's cache for the built-in demo

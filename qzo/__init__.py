@@ -41,6 +41,7 @@ from .targets.lora import lora  # noqa: E402
 for _old in ("bnb", "lora", "scales", "dense"):
     sys.modules[f"{__name__}.{_old}"] = sys.modules[f"{__name__}.targets.{_old}"]
 del _old
+from .targets import bnb  # noqa: E402,F401  (qzo.bnb.choose_cpu_path, as before)
 from .optim import ZO, StepRecord  # noqa: E402
 from . import distributed  # noqa: E402  (qzo.distributed.init_from_env: a ZO run over torchrun ranks)
 from .distributed import Distributed  # noqa: E402

@@ -20,7 +20,8 @@ At the end of a round the final trainables must be the bytes of an uninterrupted
 Counts go to ``benchmarks/results/kill_campaign.json`` (or ``--out``).
 
     python scripts/kill_campaign.py                       # 20 kills in 4 rounds (~5 min on 2 cores)
-    python scripts/kill_campaign.py --kills 3 --out /tmp  # the short form CI runs (tests/test_kill_campaign.py)
+    python scripts/kill_campaign.py --kills 3 --out /tmp  # the short form (tests/test_kill_campaign.py: --model)
+    python scripts/kill_campaign.py --model PATH          # train a model folder of yours instead (same config)
 """
 
 from __future__ import annotations
@@ -219,11 +220,14 @@ def main() -> None:
                     help="seconds after a start at which the kill may land; default: 0.5 s to the uninterrupted "
                          "run's own time, so kills land in the load, steps, evaluations, checkpoints and final writes")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="a model folder (with its tokenizer and chat template) to train instead of the tiny random "
+                         "Llama with the demo's tokenizer, e.g. the tests' tiny one (no converted demo model needed)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "benchmarks"))
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="qzo-kill-"))
-    model, data = make_model(work / "model"), write_data(work)
+    model, data = args.model.resolve() if args.model else make_model(work / "model"), write_data(work)
     reference = work / "reference"
     reference.mkdir()
     began = time.perf_counter()

@@ -17,8 +17,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# The suite's thread count, set once here for this process and, through the environment, for every process a
+# test starts (CLI runs, examples, benchmarks' smoke runs, torch.distributed ranks): one. Its models are tiny,
+# where OpenMP's spinning threads cost more than they give on a shared 2-core machine (a tiny-model step took
+# 0.5 s with two threads and 0.005 s with one, measured under load), and the README's `pytest -n 2` runs two
+# test processes, one a core. A value set outside (OMP_NUM_THREADS=2 pytest ...) is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -70,6 +79,23 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(len(tiny_tokenizer)))
     model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def untied_tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """``tiny_model_dir``'s Llama with an output head of its own. Tied to the input embedding, a random-init model's
+    greedy reply repeats the prompt's last token (the chat template's newline: a reply with no letter in it), so
+    tests that read replies (exported answers, reply-length rewards) use this one."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from helpers import TINY
+
+    folder = tmp_path_factory.mktemp("tiny-llama-untied")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), **{**TINY, "tie_word_embeddings": False})
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     return folder
 

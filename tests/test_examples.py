@@ -1,5 +1,10 @@
-"""The examples run as a user would run them (cwd outside the repo, see test_cli_e2e)."""
+"""The examples run as a user would run them (cwd outside the repo, see test_cli_e2e).
 
+Those that train run on a tiny random-init Llama (``--model``): what they check is the example's
+workflow, not the demo model (``test_cli_e2e`` trains the demo recipe itself).
+"""
+
+import os
 import re
 import subprocess
 import sys
@@ -34,17 +39,23 @@ def test_any_objective_fits_and_classifies(tmp_path):
     assert errors[1] < errors[0] - 0.2
 
 
+
+
 @pytest.mark.slow
-def test_quickstart_runs_and_saves_an_adapter(tmp_path, smol_folder):
-    out = _run("quickstart.py", "--steps", "2", "--out", str(tmp_path / "adapter"), cwd=tmp_path)
+def test_quickstart_runs_and_saves_an_adapter(tmp_path, tiny_model_dir):
+    out = _run("quickstart.py", "--steps", "2", "--out", str(tmp_path / "adapter"), "--model", str(tiny_model_dir),
+               cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "held-out loss before" in out.stdout and "held-out loss after" in out.stdout
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow
-def test_short_replies_quick_mode_trains_on_a_reward(tmp_path, smol_folder):
-    out = _run("short_replies.py", "--quick", cwd=tmp_path)
+def test_short_replies_quick_mode_trains_on_a_reward(tmp_path, untied_tiny_model_dir):
+    # seed 3: the tiny model's 4-token replies are short (a few characters a token), so most score the full 1 and
+    # both perturbed rewards are often equal; at this seed they differ (0.76 and 0.70), which makes the check that
+    # the step's train reward is their mean a real one (any seed passes)
+    out = _run("short_replies.py", "--quick", "--seed", "3", "--model", str(untied_tiny_model_dir), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     before, after = (float(re.search(rf"mean reward {w}: ([\d.]+)", out.stdout).group(1)) for w in ("before", "after"))
     assert 0 <= before <= 1 and 0 <= after <= 1
@@ -67,7 +78,6 @@ def test_offload_7b_gpu_branch_plans_its_placement_without_a_gpu(tmp_path):
     """The GPU branch up to qzo.load, the first step that needs CUDA: the plan of the documented
     command (a hub id, read from the local cache) and the placement it hands to qzo.load."""
     import ast
-    import os
 
     from qzo.plan import GiB, model_config, plan
 

@@ -28,15 +28,6 @@ LAYERS = [("self_attn.q_proj", 64, 64), ("self_attn.k_proj", 32, 64), ("self_att
 IDS = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These matmuls are tiny: a second thread saves nothing, and on a shared 2-core machine
-    # it made each forward ~6x slower (measured), which is most of this file's runtime.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _load(quant, double_quant=False, vocab=1000, **kw):
     kw.setdefault("cpu_fused_4bit", False)
