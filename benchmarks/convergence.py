@@ -127,7 +127,9 @@ METHODS = {
                              grid=NORMALIZED_GRID),  # steering + a scale-free step
     "first_order": None,
 }
-STEERED = ("gv4", "greedy", "ldsd", "gv4_spread_cos")  # the family that ranks a pool or learns a direction
+# the steered family: methods that rank a pool (GV, Greedy) or learn the direction they sample around (LDSD's
+# mean; ConMeZO's momentum, which is what LDSD's learned mean tries to be)
+STEERED = ("gv4", "greedy", "ldsd", "gv4_spread_cos", "conmezo")
 FO_GRID = (3e-4, 1e-3)
 EPS = 1e-2
 FO_FORWARDS_PER_STEP = 3  # forward + backward, in forward-equivalents

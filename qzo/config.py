@@ -1,10 +1,13 @@
 """Run configuration: defaults, YAML loading, ``--set key=value`` overrides and validation.
 
-The defaults are the CPU demo recipe (the shipped recipe ``smollm2-135m/demo``,
-``qzo/recipes/smollm2-135m/demo.yaml``, spells them out with comments; a test keeps the two
-equal), so ``qzo train`` with no file runs the demo; being the defaults, it needs no file
-to be found at run time. ``load_config`` takes a YAML file or a shipped recipe's name
-(:mod:`qzo.recipes`). A config is a nested dict with the fixed sections below. Every key must exist in
+``DEFAULTS`` are what every key is when a config does not set it: plain MeZO (SPSA on every
+trainable, lr 1e-3) on the demo model and data. ``qzo train`` with no config runs the shipped
+recipe ``smollm2-135m/demo`` (:data:`DEMO_RECIPE`, package data, so a wheel has it), which
+spells out every key with comments and differs from the defaults only where a measurement
+says the demo should (B-only directions and their lr, batch, steps; a test holds that list).
+The defaults stay MeZO because a default like ``noise_scale: {"*lora_A*": 0}`` names LoRA
+tensors, which a config training scales or dense slices does not have. ``load_config``
+takes a YAML file or a shipped recipe's name (:mod:`qzo.recipes`). A config is a nested dict with the fixed sections below. Every key must exist in
 ``DEFAULTS`` (a typo is an error that lists the valid keys), values are checked against the
 default's type, and impossible values are rejected with the valid range.
 """
@@ -219,18 +222,21 @@ def config_file(config: str | Path):
                           f"model and card)") from None
 
 
+#: what ``qzo train`` runs with no config (the CPU demo)
+DEMO_RECIPE = "smollm2-135m/demo"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
-    """Defaults, then the YAML file or shipped recipe (if any), then ``key=value`` overrides; validated."""
+    """Defaults, then the YAML file or shipped recipe (``None``: the demo's), then ``key=value`` overrides; validated."""
     cfg = copy.deepcopy(DEFAULTS)
-    if path is not None:
-        path = config_file(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        merge_config(cfg, data)
+    path = config_file(DEMO_RECIPE if path is None else path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    merge_config(cfg, data)
     apply_overrides(cfg, overrides or [])
     validate(cfg)
     return cfg

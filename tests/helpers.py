@@ -47,10 +47,12 @@ def write_code_chats(folder) -> Path:
 def run_overrides(model_dir, data, out_dir, **extra) -> list[str]:
     """``--set`` overrides of a short run of the tiny model on ``data``; ``extra`` (dotted keys) wins.
 
-    Shared by the trainer, eval, plot and objective tests, which pass what they vary.
+    Shared by the trainer, eval, plot and objective tests, which pass what they vary. It starts from the
+    demo recipe (what ``train(None, ...)`` and ``qzo train --set ...`` start from), with plain MeZO noise
+    on every trainable (the demo's B-only noise scale names LoRA tensors a scales or dense run lacks).
     """
     base = {
-        "model.source": str(model_dir), "model.quant": "nf4", "lora.r": 4,
+        "model.source": str(model_dir), "model.quant": "nf4", "lora.r": 4, "optim.noise_scale": "null",
         "data.train": str(data), "data.eval": str(data), "optim.lr": 5e-2, "optim.eps": 1e-2,
         "train.steps": 6, "train.batch_size": 4, "train.max_len": 48, "train.eval_every": 3,
         "train.save_every": 3, "train.seed": 1, "out_dir": str(out_dir),
