@@ -5,6 +5,7 @@ entry points, the real GGUF conversion cache and the real chat template.
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,9 +13,11 @@ import pytest
 
 
 def _qzo(*args, cwd, timeout=600):
-    # cwd outside the repo: what a user's shell has (`python -m` puts cwd first on sys.path)
+    # cwd outside the repo: what a user's shell has (`python -m` puts cwd first on sys.path). Two threads: the one
+    # test of the suite whose forwards are big enough to gain from them (135M parameters, 48 held-out chats twice);
+    # it is the suite's longest, and its second thread mostly overlaps other tests' process start-ups
     return subprocess.run([sys.executable, "-m", "qzo", *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=cwd)
+                          cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "2"})
 
 
 @pytest.mark.slow

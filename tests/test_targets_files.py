@@ -112,3 +112,6 @@ def test_the_former_module_paths_are_the_same_modules():
                                                       qzo.targets.dense.DenseParams)
     assert (qzo.lora, qzo.scales, qzo.dense) == (qzo.targets.lora.lora, qzo.targets.scales.scales,
                                                  qzo.targets.dense.dense)
+    from qzo.rules.dense import DenseRule  # the rules' module before it became rules/dense_grad.py
+
+    assert DenseRule is qzo.rules.DenseRule
