@@ -162,7 +162,7 @@ def check_renders(tok, messages: list[dict], tools: list[dict] | None, full: str
     ``full`` is the rendered chat. A part counts as dropped when rendering without it gives
     the same text (tool calls, tools) or its content is nowhere in the text (tool messages).
     """
-    fix = (f"set data.chat_template to one that renders them (built-in: qwen2.5 or llama3, or a jinja file), or "
+    fix = ("set data.chat_template to one that renders them (built-in: qwen2.5 or llama3, or a jinja file), or "
            "drop them from the data")
     if tools and render(tok, messages, False, None, where) == full:
         raise DataError(f"{where}: the chat template ignores the record's \"tools\" list, so the model would "

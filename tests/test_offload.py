@@ -7,7 +7,6 @@ import torch
 from safetensors.torch import load_file
 
 import qzo
-from qzo.errors import QzoError
 from qzo.load import quantized_device_map
 from qzo.trainer import train
 
