@@ -13,7 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_three_random_kills_leave_no_corrupt_checkpoint_and_a_bit_exact_run(tmp_path, tiny_model_dir):
-    # one OpenMP thread: a tiny model on a shared CPU runs faster without spin-waiting threads
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "kill_campaign.py"), "--kills", "3",
                              "--per-round", "3", "--steps", "8", "--out", str(tmp_path), "--model",
                              str(tiny_model_dir)],
