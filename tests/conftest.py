@@ -100,6 +100,24 @@ def untied_tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_lora_run(tiny_model_dir, tmp_path_factory):
+    """One short LoRA run of the tiny Llama (:data:`helpers.SHORT_RUN` on :func:`helpers.numbered_code_chats`),
+    shared by the tests that only read a finished run (eval, export): they evaluate or export it and write
+    beside it (``eval.json``, ``export-*``), and none trains it further."""
+    import json
+
+    from qzo.trainer import train
+
+    from helpers import SHORT_RUN, numbered_code_chats, run_overrides
+
+    root = tmp_path_factory.mktemp("tiny-lora-run")
+    data = root / "chats.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in numbered_code_chats()))
+    train(None, run_overrides(tiny_model_dir, data, root / "run", **SHORT_RUN), log=lambda *_: None, progress=False)
+    return root / "run"
+
+
 @pytest.fixture
 def tiny_batch(tiny_tokenizer):
     from qzo.data import ChatDataset, collate

@@ -44,6 +44,16 @@ def write_code_chats(folder) -> Path:
     return path
 
 
+def numbered_code_chats(n: int = 8) -> list[dict]:
+    """``n`` chats "Say the code i." -> "CODE i CODE": a task four steps of the tiny model learn a little of."""
+    return [{"messages": [{"role": "user", "content": f"Say the code {i}."},
+                          {"role": "assistant", "content": f"CODE {i} CODE"}]} for i in range(n)]
+
+
+#: a short LoRA run of the tiny model whose held-out loss falls (lr 0.1: 5e-2 raised it by 0.01), checkpoints at 2, 4
+SHORT_RUN = {"train.steps": 4, "train.eval_every": 2, "train.save_every": 2, "optim.lr": 0.1}
+
+
 def run_overrides(model_dir, data, out_dir, **extra) -> list[str]:
     """``--set`` overrides of a short run of the tiny model on ``data``; ``extra`` (dotted keys) wins.
 

@@ -10,12 +10,11 @@ from qzo.errors import QzoError
 from qzo.evaluate import evaluate_run
 from qzo.trainer import train
 
-from helpers import run_overrides
+from helpers import SHORT_RUN, numbered_code_chats, run_overrides
 
 
 def _chats(n=8):
-    return [{"messages": [{"role": "user", "content": f"Say the code {i}."},
-                          {"role": "assistant", "content": f"CODE {i} CODE"}]} for i in range(n)]
+    return numbered_code_chats(n)
 
 
 def _write(path, records):
@@ -24,21 +23,16 @@ def _write(path, records):
 
 
 def _sets(model_dir, data, out_dir, **extra):
-    # lr 0.1: four steps of the tiny model (512-token vocabulary) lower the held-out loss; 5e-2 raised it by 0.01
-    short = {"train.steps": 4, "train.eval_every": 2, "train.save_every": 2, "optim.lr": 0.1}
-    return run_overrides(model_dir, data, out_dir, **{**short, **extra})
+    return run_overrides(model_dir, data, out_dir, **{**SHORT_RUN, **extra})
 
 
 def _metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def lora_run(tiny_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval-lora")
-    data = _write(root / "chats.jsonl", _chats())
-    train(None, _sets(tiny_model_dir, data, root / "run"), log=lambda *_: None, progress=False)
-    return root / "run"
+@pytest.fixture
+def lora_run(tiny_lora_run):
+    return tiny_lora_run  # the suite's shared run (conftest)
 
 
 def test_eval_compares_base_and_tuned_on_the_held_out_set(lora_run):

@@ -85,12 +85,12 @@ def test_quantized_folder_has_the_trained_scales_and_adapter(mixed_run, tmp_path
     torch.testing.assert_close(_logits(model), expected, rtol=0, atol=1e-6)
 
 
-def test_peft_export_of_a_lora_run_loads_with_peft(tiny_model_dir, tmp_path):
+def test_peft_export_of_a_lora_run_loads_with_peft(tiny_model_dir, tiny_lora_run):
     import peft
 
     import qzo
 
-    run = _train(tiny_model_dir, tmp_path, "lora")
+    run = tiny_lora_run  # the suite's shared run (conftest)
     model, _, params, _ = load_run_model(run)
     out = export(run, "peft", log=lambda *_: None)
     assert out == run / "export-peft"
