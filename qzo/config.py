@@ -3,11 +3,12 @@
 ``DEFAULTS`` are what every key is when a config does not set it: plain MeZO (SPSA on every
 trainable, lr 1e-3) on the demo model and data. ``qzo train`` with no config runs the shipped
 recipe ``smollm2-135m/demo`` (:data:`DEMO_RECIPE`, package data, so a wheel has it), which
-spells out every key with comments and differs from the defaults only where a measurement
-says the demo should (B-only directions and their lr, batch, steps; a test holds that list).
-The defaults stay MeZO because a default like ``noise_scale: {"*lora_A*": 0}`` names LoRA
-tensors, which a config training scales or dense slices does not have. ``load_config``
-takes a YAML file or a shipped recipe's name (:mod:`qzo.recipes`). A config is a nested dict with the fixed sections below. Every key must exist in
+spells out the keys a user tunes, with comments, and differs from the defaults only where a
+measurement says the demo should (B-only directions and their lr, batch, steps; a test holds
+that list). The defaults stay MeZO because a default like ``noise_scale: {"*lora_A*": 0}``
+names LoRA tensors, which a config training scales or dense slices does not have.
+``load_config`` takes a YAML file or a shipped recipe's name (:mod:`qzo.recipes`). A config
+is a nested dict with the fixed sections below. Every key must exist in
 ``DEFAULTS`` (a typo is an error that lists the valid keys), values are checked against the
 default's type, and impossible values are rejected with the valid range.
 """
