@@ -26,7 +26,7 @@ from .checkpoint import (RunDirError, atomic_write_text, best_step, latest_check
                          save_checkpoint, write_error)
 from .errors import QzoError
 from .params import ParamSet
-from .targets.base import FILE_NAMES
+from .targets.base import save_parts
 
 __all__ = ["RunWriter", "new_run_dir", "write_final_values", "append_jsonl", "truncate_jsonl", "write_into",
            "swap_in", "disk_full"]
@@ -92,8 +92,7 @@ def swap_in(src: Path, dest: Path) -> None:
 def write_final_values(parts: dict[str, ParamSet], run_dir: Path) -> None:
     """The trained values in their users' formats (``adapter/`` PEFT, ``scales/dense.safetensors``), which
     :func:`qzo.targets.load` reads back from ``run_dir``."""
-    for kind, part in parts.items():
-        part.save(run_dir / FILE_NAMES[kind])
+    save_parts(parts.values(), run_dir)
 
 
 def _unstarted(run_dir: Path) -> bool:

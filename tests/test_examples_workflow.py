@@ -12,9 +12,9 @@ from helpers import TINY_TOKENIZER, run_overrides, write_code_chats
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def _run(script, *args, cwd, env=None):
+def _run(script, *args, cwd):
     return subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
-                          timeout=900, cwd=cwd, env=env)
+                          timeout=900, cwd=cwd)
 
 
 

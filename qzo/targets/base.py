@@ -26,7 +26,7 @@ from ..errors import TargetError  # noqa: F401 - defined here first: importable 
 from ..params import ParamSet, Trainable
 
 __all__ = ["TargetError", "ModuleTargets", "Targets", "combine", "is_quantized", "clean_path", "unwrap_peft",
-           "select_modules", "read_checkpoint", "FILE_NAMES", "kind_of"]
+           "select_modules", "read_checkpoint", "FILE_NAMES", "kind_of", "save_parts"]
 
 
 def clean_path(path: str) -> str:
@@ -177,25 +177,29 @@ class Targets(ParamSet):
         self.clip = clip
 
     def save(self, folder) -> Path:
-        """Write each part in its own format into ``folder``, under its kind's name (:data:`FILE_NAMES`).
-
-        A saved folder holds each kind once (a run builds at most one of each);
-        :func:`qzo.targets.load` reads it back.
-        """
-        kinds = [kind_of(part) for part in self.parts]
-        twice = sorted({k for k in kinds if kinds.count(k) > 1})
-        if twice:
-            raise TargetError(f"save: this combined set has more than one {twice[0]} part; a saved folder holds each "
-                              "kind once, so save each part on its own")
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        for kind, part in zip(kinds, self.parts):
-            part.save(folder / FILE_NAMES[kind])
-        return folder
+        """Write each part in its own format into ``folder`` (:func:`save_parts`)."""
+        return save_parts(self.parts, folder)
 
 
 #: the file or folder each kind is saved as inside a combined set's folder (and a run's)
 FILE_NAMES = {"lora": "adapter", "scales": "scales.safetensors", "dense": "dense.safetensors"}
+
+
+def save_parts(parts: Iterable[ParamSet], folder) -> Path:
+    """Write each part in its own format into ``folder``, under its kind's name (:data:`FILE_NAMES`): the layout
+    of a combined set and of a run's final values, which :func:`qzo.targets.load` reads back. A folder holds
+    each kind once (a run builds at most one of each)."""
+    parts = list(parts)
+    kinds = [kind_of(part) for part in parts]
+    twice = sorted({k for k in kinds if kinds.count(k) > 1})
+    if twice:
+        raise TargetError(f"save: this combined set has more than one {twice[0]} part; a saved folder holds each "
+                          "kind once, so save each part on its own")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind, part in zip(kinds, parts):
+        part.save(folder / FILE_NAMES[kind])
+    return folder
 
 
 def kind_of(params: ParamSet) -> str:
