@@ -22,6 +22,8 @@ same data order and eps. A first-order step (forward + backward) counts as 3 for
     conmezo           ConMeZO: MeZO in a cone of half-angle 1.35 around the momentum, beta 0.99
     per_example       a two-point probe per row, all rows in one forward each way (2 a step, B directions)
     gv4_spread_cos    steering + a scale-free step
+    gv4_b_only_spread_cos  steering + a scale-free step + B only
+    conmezo_b_only    ConMeZO on LoRA's B factors only
     first_order       LoRA + AdamW with backprop through the same NF4 model (the QLoRA way)
 
 Fair tuning: per method an lr sweep on seed 0 at a third of the budget over a grid of 4
@@ -129,11 +131,16 @@ METHODS = {
                                      grid=NORMALIZED_GRID),
     "gv4_spread_cos": Method(lambda: qzo.GV(pool=4, split=0.5), normalize="spread", schedule="cosine",
                              grid=NORMALIZED_GRID),  # steering + a scale-free step
+    # steering + a scale-free step + B only (issue 13's combined row); B only's grid is one step higher
+    "gv4_b_only_spread_cos": Method(lambda: qzo.GV(pool=4, split=0.5), normalize="spread", schedule="cosine",
+                                    select=("*lora_B*",), grid=(5e-3, 1e-2, 2e-2, 4e-2)),
+    "conmezo_b_only": Method(lambda: qzo.ConMeZO(theta=1.35, beta=0.99), select=("*lora_B*",),
+                             grid=(4e-3, 8e-3, 1.6e-2, 3.2e-2)),  # the steered family's best on B only
     "first_order": None,
 }
 # the steered family: methods that rank a pool (GV, Greedy) or learn the direction they sample around (LDSD's
 # mean; ConMeZO's momentum, which is what LDSD's learned mean tries to be)
-STEERED = ("gv4", "greedy", "ldsd", "gv4_spread_cos", "conmezo")
+STEERED = ("gv4", "greedy", "ldsd", "gv4_spread_cos", "gv4_b_only_spread_cos", "conmezo", "conmezo_b_only")
 FO_GRID = (3e-4, 1e-3)
 EPS = 1e-2
 FO_FORWARDS_PER_STEP = 3  # forward + backward, in forward-equivalents

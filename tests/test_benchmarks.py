@@ -98,3 +98,33 @@ def test_memory_benchmark_cpu_rows(tmp_path, tiny_model_dir):
         assert r["peak_gib"] >= r["runtime_gib"] > 0 and r["s_per_step"] > 0
     assert rows[0]["planner_gib"] > 0 and rows[-1]["planner_gib"] is None  # no planner for first-order
     assert "peak GiB" in result.stdout
+
+
+def test_format_threshold_counts_only_the_taught_layout():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from format_threshold import in_format
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    taught = "ANSWER: 12\nWHY: 7 plus 5 equals 12.\n#qzo"
+    assert in_format(taught, strict=True) and in_format(taught, strict=False)
+    assert in_format("ANSWER: B\nWHY: B is before C.\n#smolLM", strict=False)
+    assert not in_format("ANSWER: B\nWHY: B is before C.\n#smolLM", strict=True)
+    assert not in_format("A: B\nWHY: x\n#qzo", strict=False)  # the first line must be the answer
+    assert not in_format("ANSWER: 8\n\nThe answer is 8", strict=False)  # no WHY line
+    assert not in_format("", strict=False)
+
+
+@pytest.mark.slow
+def test_format_threshold_writes_its_table(tmp_path, tiny_model_dir):
+    env = dict(os.environ, QZO_BENCH_RESULTS=str(tmp_path))
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "format_threshold.py"), "--source",
+                             str(tiny_model_dir), "--max-steps", "2", "--every", "1"], capture_output=True, text=True,
+                            env=env, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = json.loads((tmp_path / "format_threshold.json").read_text())
+    assert [r["step"] for r in table["rows"]] == [0, 1, 2]
+    assert all(0 <= r["strict"] <= r["answer_why"] <= 4 and len(r["replies"]) == 4 for r in table["rows"])
+    losses = [r["held_out_loss"] for r in table["rows"]]
+    assert losses[-1] < losses[0]  # AdamW steps on the held-out task's own format lower its loss
+    assert set(table["first_two_of_four"]) == {"answer_why", "strict"} and "replies" in result.stdout
