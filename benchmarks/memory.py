@@ -196,9 +196,12 @@ def build_model(name: str, batch: int, seq: int, budget, double_quant: bool, emb
     return model, config.vocab_size, info
 
 
+NAMED_MODELS = ("tiny-4bit", "smollm2-135m", "1b-shaped")  # the benchmark's own models besides the GPU presets
+
+
 def is_folder(name: str) -> bool:
     """Whether ``name`` is a model folder (loaded like the demo model) rather than a benchmark model's name."""
-    return name not in PRESETS and name not in ("tiny-4bit", "smollm2-135m", "1b-shaped") and Path(name).is_dir()
+    return name not in PRESETS and name not in NAMED_MODELS and Path(name).is_dir()
 
 
 def load_model(name: str):
@@ -210,8 +213,8 @@ def load_model(name: str):
         config = llama_config(ONE_B)
         model, _ = qzo.load(config, "nf4", cpu_fused_4bit=False)
         return model, config.vocab_size
-    raise SystemExit(f"unknown model {name!r}: a preset ({', '.join(PRESETS)}), tiny-4bit, smollm2-135m, "
-                     "1b-shaped or a model folder")
+    raise SystemExit(f"unknown model {name!r}: a preset ({', '.join(PRESETS)}), {', '.join(NAMED_MODELS)} "
+                     "or a model folder")
 
 
 def _batch(vocab: int, batch: int, seq: int, device) -> dict:
@@ -382,8 +385,8 @@ def main() -> None:
         gpu, args.models = True, args.models or ",".join(GPU_MODELS)
     models = args.models.split(",") if args.models else (GPU_MODELS if gpu else ["smollm2-135m", "1b-shaped"])
     if not gpu and any(name in PRESETS for name in models) and not args.planner_only:
-        raise SystemExit("the preset shapes are GPU rows (7B+ in 4-bit); on a CPU use tiny-4bit, smollm2-135m, "
-                         "1b-shaped or --planner-only")
+        raise SystemExit(f"the preset shapes are GPU rows (7B+ in 4-bit); on a CPU use {', '.join(NAMED_MODELS)} "
+                         "or --planner-only")
     methods = args.methods.split(",")
     lever = lever_name(args.double_quant, args.embedding_on_cpu)
     cuda = torch.cuda.is_available() and not args.cpu
