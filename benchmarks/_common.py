@@ -94,3 +94,10 @@ def write_result(name: str, payload: dict) -> Path:
     path = RESULTS / name
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def first_order_adam(lora_params, lr: float) -> "torch.optim.AdamW":
+    """AdamW over a ``qzo.lora`` set's factors for a first-order (QLoRA-way) baseline: ``qzo.lora`` freezes
+    them, since ZO never needs autograd, so this switches their gradients back on."""
+    trainable = [p.requires_grad_(True) for n, p in lora_params.peft_model.named_parameters() if "lora_" in n]
+    return torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)

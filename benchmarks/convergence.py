@@ -70,10 +70,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, device_name, write_result  # noqa: E402
+from _common import RESULTS, device_name, first_order_adam, write_result  # noqa: E402
 
 import qzo  # noqa: E402
 from qzo.data import Batcher, ChatDataset, eval_loss  # noqa: E402
@@ -283,10 +282,7 @@ def run_one(method: str, lr: float, seed: int, budget: int, eval_every: int, pha
                  dict(method=method, lr=lr, seed=seed, phase=phase, budget=budget, eps=EPS, batch=BATCH,
                       max_len=MAX_LEN, held_out_limit=HELD_OUT_LIMIT))
     if first_order:
-        lora_params = [p for n, p in params.peft_model.named_parameters() if "lora_" in n]
-        for p in lora_params:  # qzo.lora freezes them: ZO never needs autograd
-            p.requires_grad_(True)
-        adam = torch.optim.AdamW(lora_params, lr=lr, weight_decay=0.0)
+        adam = first_order_adam(params, lr)
         rows.append(row(0, 0.0))
     else:
         opt = METHODS[method].optimizer(params, lr, seed, budget)
@@ -441,10 +437,8 @@ def calibrate(methods: dict[str, float], steps: int = 6, warmup: int = 2, rounds
         for m, lr in methods.items():
             model, tok = qzo.load(SOURCE, quant="nf4", cpu_fused_4bit=False)
             if METHODS[m] is None:
-                lora_params = qzo.lora(model, r=8, alpha=16, target_modules=["q_proj", "v_proj"], seed=0)
-                trainable = [p.requires_grad_(True) for n, p in lora_params.peft_model.named_parameters()
-                             if "lora_" in n]
-                adam = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+                adam = first_order_adam(qzo.lora(model, r=8, alpha=16, target_modules=["q_proj", "v_proj"], seed=0),
+                                        lr)
             else:
                 opt = METHODS[m].optimizer(qzo.lora(model, r=8, alpha=16, target_modules=["q_proj", "v_proj"],
                                                     seed=0), lr, 0, 10**9)

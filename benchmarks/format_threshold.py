@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import device_name, write_result  # noqa: E402
+from _common import device_name, first_order_adam, write_result  # noqa: E402
 
 import qzo  # noqa: E402
 from qzo.chat import reply  # noqa: E402
@@ -60,8 +60,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model, tok = qzo.load(args.source, quant="nf4")
     params = qzo.lora(model, r=8, alpha=16, target_modules=["q_proj", "v_proj"])
-    trainable = [p.requires_grad_(True) for n, p in params.peft_model.named_parameters() if "lora_" in n]
-    adam = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    adam = first_order_adam(params, args.lr)
     train = ChatDataset.from_jsonl(tok, "builtin:demo_train", max_len=MAX_LEN)
     held = ChatDataset.from_jsonl(tok, "builtin:demo_eval", max_len=MAX_LEN)
     prompts = [split_chat(c)[0] for c in held.chats[:SAMPLES]]

@@ -13,10 +13,6 @@ from qzo.trainer import train
 from helpers import SHORT_RUN, numbered_code_chats, run_overrides
 
 
-def _chats(n=8):
-    return numbered_code_chats(n)
-
-
 def _write(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -64,7 +60,7 @@ def test_held_out_samples_of_a_split_are_the_examples_the_run_held_out(tiny_toke
     from qzo.data import datasets_from_config, encode_chat
 
     long = {"messages": [{"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "dropped"}]}
-    data = _write(tmp_path / "chats.jsonl", [long] + _chats(11)[:5] + [long] + _chats(11)[5:])
+    data = _write(tmp_path / "chats.jsonl", [long] + numbered_code_chats(11)[:5] + [long] + numbered_code_chats(11)[5:])
     cfg = load_config(None, ["data.train=" + str(data), "data.eval=null", "data.eval_fraction=0.3",
                              "train.max_len=64", "train.seed=3"])
     train_ds, held = datasets_from_config(cfg, tiny_tokenizer)
@@ -77,7 +73,7 @@ def test_held_out_samples_of_a_split_are_the_examples_the_run_held_out(tiny_toke
 
 
 def test_eval_of_a_scales_run_loads_the_base_again(tiny_model_dir, tmp_path):
-    data = _write(tmp_path / "chats.jsonl", _chats())
+    data = _write(tmp_path / "chats.jsonl", numbered_code_chats())
     run = tmp_path / "run"
     train(None, _sets(tiny_model_dir, data, run, **{"targets.lora": "false", "targets.scales": "all",
                                                     "optim.lr": 1e-3}), log=lambda *_: None, progress=False)
