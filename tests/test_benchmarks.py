@@ -51,6 +51,15 @@ def test_convergence_quick_writes_its_table(quick_table):
         assert 0 < info["final_eval_loss"] < 20
     assert (folder / "convergence.csv").is_file() and "in_progress" not in summary
     assert "final held-out" in stdout
+    # a scheduled method sweeps on its full run's schedule, cut: the same held-out losses up to the cut
+    by_phase = {}
+    for line in (folder / "convergence.csv").read_text().splitlines()[1:]:
+        method, _, _, phase, _, forwards, _, loss = line.split(",")
+        by_phase.setdefault((method, phase), {})[int(forwards)] = loss
+    cut, full = by_phase[("per_example_spread_cos", "sweep-cut")], by_phase[("per_example_spread_cos", "main")]
+    assert sorted(cut) == [0, 4] and all(cut[f] == full[f] for f in cut)
+    assert summary["sweep_protocol"]["per_example_spread_cos"].startswith("the full run's schedule")
+    assert summary["sweep_protocol"]["spsa"] == "the full run's first third (constant lr)"
     # the wall fractions come from the step costs timed back to back (--calibrate), not the runs' sums
     timing = json.loads((folder / "convergence_timing.json").read_text())
     assert set(timing["seconds_per_forward"]) == {"spsa", "per_example_spread_cos"}
