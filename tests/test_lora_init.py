@@ -125,6 +125,24 @@ def test_rslora_alpha_is_compared_as_the_scale_it_gives(tiny_model_dir, tmp_path
         qzo.lora(model, r=4, alpha=8, init_from=rs)
 
 
+def test_targets_load_reads_an_rslora_adapter_at_the_scale_peft_gives(tiny_model_dir, tmp_path):
+    """qzo.targets.load takes rank, alpha and modules from the folder: an rsLoRA adapter (scale alpha / sqrt(r))
+    loads with the alpha whose alpha / r is that scale, and computes what peft's own model computes."""
+    import peft
+
+    rs = _peft_adapter(tiny_model_dir, tmp_path / "rs", alpha=8, use_rslora=True)
+    base, _ = qzo.load(tiny_model_dir, "nf4")
+    expected = _logits(peft.PeftModel.from_pretrained(base, str(rs)))
+    model, _ = qzo.load(tiny_model_dir, "nf4")
+    params = qzo.targets.load(model, rs)
+    assert params.peft_model.peft_config["default"].lora_alpha == 16 and params.peft_model.peft_config["default"].r == 4
+    torch.testing.assert_close(_logits(model), expected, rtol=1e-6, atol=1e-6)
+    broken = shutil.copytree(rs, tmp_path / "broken")
+    (broken / "adapter_config.json").write_text("{not json")
+    with pytest.raises(QzoError, match=r"^load: .*adapter_config.json is not valid JSON"):
+        qzo.targets.load(qzo.load(tiny_model_dir, "nf4")[0], broken)
+
+
 def test_init_from_needs_lora_targets():
     with pytest.raises(ConfigError, match="lora.init_from"):
         load_config(None, ["lora.init_from=some/adapter", "targets.lora=false", "targets.scales=all"])

@@ -18,7 +18,6 @@ files themselves, so the caller never says what it is loading. The old per-kind 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import TargetError
@@ -53,21 +52,6 @@ def _file_kind(path: Path) -> str:
     return kind
 
 
-def _load_lora(model, folder: Path):
-    from .lora import lora
-
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text())
-    except ValueError as exc:
-        raise TargetError(f"load: {folder / 'adapter_config.json'} is not valid JSON ({exc})") from None
-    targets = config.get("target_modules")
-    if isinstance(targets, str):
-        raise TargetError(f"load: {folder} adapts the modules matching the pattern {targets!r}; qzo reads adapters "
-                          "whose target_modules is a list of names (as qzo.lora writes them)")
-    return lora(model, r=int(config.get("r") or 8), alpha=float(config.get("lora_alpha") or 8),
-                target_modules=sorted(targets or []), init_from=folder)
-
-
 def load(model, path, clip: float | None = None):
     """The trainables saved at ``path`` by :func:`save` (or by a run), put on ``model``.
 
@@ -87,7 +71,9 @@ def load(model, path, clip: float | None = None):
 
     path = Path(path).expanduser()
     if path.is_dir() and (path / "adapter_config.json").is_file():
-        return _load_lora(model, path)
+        from .lora import from_adapter
+
+        return from_adapter(model, path)
     if path.is_file():
         kind = _file_kind(path)
         return (load_scales if kind == "scales" else load_dense)(model, path, clip=clip)

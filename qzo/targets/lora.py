@@ -39,7 +39,7 @@ from ..errors import QzoError
 from ..params import ParamSet, Trainable
 from ..noise import stream_id
 
-__all__ = ["lora", "LoraParams", "linear_module_names", "all_linear_names", "ALL_LINEAR", "load_initial_values"]
+__all__ = ["lora", "LoraParams", "linear_module_names", "all_linear_names", "ALL_LINEAR", "load_initial_values", "from_adapter"]
 
 #: ``target_modules`` as peft spells "every linear layer of the decoder, not the LM head"
 ALL_LINEAR = "all-linear"
@@ -221,9 +221,9 @@ _INIT_HELP = ("give a PEFT adapter folder (adapter_config.json + adapter_model.s
 class _Found:
     """LoRA values read for ``init_from`` and what their source says about them (``None``: not recorded)."""
 
-    def __init__(self, what: str, tensors: dict, r, alpha, base, alpha_note: str = ""):
+    def __init__(self, what: str, tensors: dict, r, alpha, base, alpha_note: str = "", targets=None):
         self.what, self.tensors, self.r, self.alpha = what, tensors, r, alpha
-        self.base, self.alpha_note = base, alpha_note
+        self.base, self.alpha_note, self.targets = base, alpha_note, targets
 
 
 def load_initial_values(params: LoraParams, source, r: int, alpha: float, target_modules) -> str:
@@ -244,22 +244,48 @@ def load_initial_values(params: LoraParams, source, r: int, alpha: float, target
     if not path.exists():
         raise QzoError(f"lora.init_from {str(source)!r} does not exist; {_INIT_HELP}")
     found = _read_adapter(path) if (path / "adapter_config.json").is_file() else _read_qzo_values(path)
-    _check_fits(found, params, r, alpha, list(target_modules))
+    return _install(found, params, r, alpha, list(target_modules))
+
+
+def from_adapter(model, folder) -> LoraParams:
+    """LoRA on ``model`` with a PEFT adapter folder's rank, alpha, adapted modules and values.
+
+    What :func:`qzo.targets.load` gives for an adapter folder: the settings come from the
+    folder itself (an rsLoRA adapter's ``lora_alpha`` becomes the alpha whose alpha / r is
+    its scale), read once with the values, so they cannot disagree with the check.
+    """
+    folder = Path(str(folder)).expanduser()
+    found = _read_adapter(folder, who="load")
+    if isinstance(found.targets, str):
+        raise QzoError(f"load: {folder} adapts the modules matching the pattern {found.targets!r}; qzo reads adapters "
+                       "whose target_modules is a list of names (as qzo.lora writes them)")
+    rank = found.r or next((v.shape[0] for k, v in found.tensors.items() if ".lora_A." in k), 8)
+    alpha = found.alpha if found.alpha is not None else 8  # peft's default lora_alpha
+    targets = sorted(found.targets or {_adapted_module(k) for k in found.tensors})
+    params = lora(model, r=int(rank), alpha=float(alpha), target_modules=targets)
+    print(f"qzo: LoRA starts from {_install(found, params, int(rank), float(alpha), targets)}", flush=True)
+    return params
+
+
+def _install(found: _Found, params: LoraParams, r: int, alpha: float, targets: list[str]) -> str:
+    """Copy ``found``'s tensors into ``params`` after :func:`_check_fits`; returns where they came from."""
+    _check_fits(found, params, r, alpha, targets)
     with torch.no_grad():
         for t in params:
             t.tensor.copy_(found.tensors[t.name].to(device=t.tensor.device, dtype=t.tensor.dtype))
     return found.what
 
 
-def _read_adapter(path: Path) -> _Found:
-    """A PEFT LoRA adapter folder; refuses the variants whose extra tensors or scales qzo's LoRA does not have."""
+def _read_adapter(path: Path, who: str = "lora.init_from") -> _Found:
+    """A PEFT LoRA adapter folder; refuses the variants whose extra tensors or scales qzo's LoRA does not have.
+    ``who`` opens the error messages (the config key or the function the folder was given to)."""
     try:
         config = json.loads((path / "adapter_config.json").read_text())
     except ValueError as exc:
-        raise QzoError(f"lora.init_from: {path / 'adapter_config.json'} is not valid JSON ({exc})") from None
+        raise QzoError(f"{who}: {path / 'adapter_config.json'} is not valid JSON ({exc})") from None
     kind = str(config.get("peft_type") or "LORA").upper()
     if kind != "LORA":
-        raise QzoError(f"lora.init_from {str(path)!r} is a {kind} adapter; qzo starts LoRA adapters only "
+        raise QzoError(f"{who} {str(path)!r} is a {kind} adapter; qzo starts LoRA adapters only "
                        "(peft_type LORA)")
     unsupported = []
     if config.get("use_dora"):
@@ -271,17 +297,17 @@ def _read_adapter(path: Path) -> _Found:
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         unsupported.append("rank_pattern / alpha_pattern (per-layer ranks or alphas)")
     if unsupported:
-        raise QzoError(f"lora.init_from {str(path)!r} uses {'; '.join(unsupported)}, which qzo's LoRA (one r and "
+        raise QzoError(f"{who} {str(path)!r} uses {'; '.join(unsupported)}, which qzo's LoRA (one r and "
                        "alpha, no other trained tensors) cannot start from; train the adapter without them, or "
                        "merge it into the base (peft's merge_and_unload, then save_pretrained) and use that as "
                        "model.source")
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         if (path / "adapter_model.bin").is_file():
-            raise QzoError(f"lora.init_from {str(path)!r} holds pickled weights (adapter_model.bin), which qzo does "
+            raise QzoError(f"{who} {str(path)!r} holds pickled weights (adapter_model.bin), which qzo does "
                            "not read (unpickling can run code); load it with peft and save it again with "
                            "save_pretrained(folder, safe_serialization=True)")
-        raise QzoError(f"lora.init_from {str(path)!r} has adapter_config.json but no adapter_model.safetensors")
+        raise QzoError(f"{who} {str(path)!r} has adapter_config.json but no adapter_model.safetensors")
     from safetensors.torch import load_file
 
     r0, alpha0, note = config.get("r"), config.get("lora_alpha"), ""
@@ -289,7 +315,7 @@ def _read_adapter(path: Path) -> _Found:
         # rsLoRA scales the adapter by alpha / sqrt(r), qzo by alpha / r: the same scale is alpha * sqrt(r) here
         alpha0, note = alpha0 * math.sqrt(r0), f" (rsLoRA lora_alpha {config['lora_alpha']:g} / sqrt(r), as alpha / r)"
     return _Found(f"the PEFT adapter {path}", load_file(str(weights)), r0, alpha0,
-                  config.get("base_model_name_or_path"), note)
+                  config.get("base_model_name_or_path"), note, config.get("target_modules"))
 
 
 def _read_qzo_values(path: Path) -> _Found:
