@@ -39,7 +39,8 @@ from ..errors import QzoError
 from ..params import ParamSet, Trainable
 from ..noise import stream_id
 
-__all__ = ["lora", "LoraParams", "linear_module_names", "all_linear_names", "ALL_LINEAR", "load_initial_values", "from_adapter"]
+__all__ = ["lora", "LoraParams", "linear_module_names", "all_linear_names", "ALL_LINEAR", "load_initial_values",
+           "from_adapter"]
 
 #: ``target_modules`` as peft spells "every linear layer of the decoder, not the LM head"
 ALL_LINEAR = "all-linear"
