@@ -94,7 +94,7 @@ class Method:
         self.noise_scale, self.noise_scale_steps = noise_scale, noise_scale_steps  # LoRA-aware directions
 
     def optimizer(self, params, lr: float, seed: int, budget: int, horizon: int | None = None) -> "qzo.ZO":
-        """The optimizer of a run of ``budget`` forwards; a schedule spans ``horizon`` forwards (default: the budget)."""
+        """The optimizer of a run of ``budget`` forwards; its schedule spans ``horizon`` forwards (default: budget)."""
         strategy = self.strategy()
         if self.select:
             params = params.select(*self.select)
@@ -278,6 +278,16 @@ def replay(log: RunLog, opt: "qzo.ZO", params) -> tuple[int, float, str]:
     return step, wall, check
 
 
+def setup(seed: int):
+    """``(model, tokenizer, LoRA params, training batches)`` of a run: the demo model in NF4, LoRA r 8 on q,v."""
+    # every method on bitsandbytes' plain CPU 4-bit path (qzo's default; the fused kernel has no
+    # backward, and measured slower here: benchmarks/cpu_4bit_paths.py)
+    model, tok = qzo.load(SOURCE, quant="nf4", cpu_fused_4bit=False)
+    params = qzo.lora(model, r=8, alpha=16, target_modules=["q_proj", "v_proj"], seed=seed)
+    batches = Batcher(ChatDataset.from_jsonl(tok, "builtin:demo_train", MAX_LEN), BATCH, seed, tok.pad_token_id)
+    return model, tok, params, batches
+
+
 def run_one(method: str, lr: float, seed: int, budget: int, eval_every: int, phase: str,
             horizon: int | None = None) -> list[dict]:
     """Train one method to ``budget`` forwards; held-out loss at every multiple of eval_every.
@@ -290,15 +300,10 @@ def run_one(method: str, lr: float, seed: int, budget: int, eval_every: int, pha
     pure functions of the step, and a replay of the logged losses rebuilds the optimizer.
     """
     first_order = METHODS[method] is None
-    # every method on bitsandbytes' plain CPU 4-bit path (qzo's default; the fused kernel has no
-    # backward, and measured slower here: benchmarks/cpu_4bit_paths.py)
-    model, tok = qzo.load(SOURCE, quant="nf4", cpu_fused_4bit=False)
-    params = qzo.lora(model, r=8, alpha=16, target_modules=["q_proj", "v_proj"], seed=seed)
-    train = ChatDataset.from_jsonl(tok, "builtin:demo_train", MAX_LEN)
+    model, tok, params, batches = setup(seed)
     held = ChatDataset.from_jsonl(tok, "builtin:demo_eval", MAX_LEN)
     if HELD_OUT_LIMIT:
         held = ChatDataset(held.input_ids[:HELD_OUT_LIMIT], held.labels[:HELD_OUT_LIMIT], held.source)
-    batches = Batcher(train, BATCH, seed, tok.pad_token_id)
     rows, wall, forwards, step = [], 0.0, 0, 0
     evaluate = lambda: eval_loss(model, held, EVAL_BATCH, tok.pad_token_id)
     row = lambda f, w: dict(method=method, lr=lr, seed=seed, phase=phase, budget=budget, forwards=f,  # noqa: E731
@@ -460,14 +465,11 @@ def calibrate(methods: dict[str, float], steps: int = 6, warmup: int = 2, rounds
     per_step: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(rounds):
         for m, lr in methods.items():
-            model, tok = qzo.load(SOURCE, quant="nf4", cpu_fused_4bit=False)
+            model, _, params, batches = setup(seed=0)
             if METHODS[m] is None:
-                adam = first_order_adam(qzo.lora(model, r=8, alpha=16, target_modules=["q_proj", "v_proj"], seed=0),
-                                        lr)
+                adam = first_order_adam(params, lr)
             else:
-                opt = METHODS[m].optimizer(qzo.lora(model, r=8, alpha=16, target_modules=["q_proj", "v_proj"],
-                                                    seed=0), lr, 0, 10**9)
-            batches = Batcher(ChatDataset.from_jsonl(tok, "builtin:demo_train", MAX_LEN), BATCH, 0, tok.pad_token_id)
+                opt = METHODS[m].optimizer(params, lr, 0, 10**9)
             for step in range(1, warmup + steps + 1):
                 batch = batches.batch(step)
                 t0 = time.perf_counter()
