@@ -89,6 +89,15 @@ def test_convergence_run_stopped_mid_way_goes_on_bit_exactly_from_its_replay_log
 
 
 @pytest.mark.slow
+def test_convergence_sweep_only_runs_no_full_run(tmp_path, tiny_model_dir):
+    """--sweep-only (a grid split across processes) runs each lr's sweep and nothing at the full budget."""
+    _quick(tmp_path, tiny_model_dir, "--sweep-only", methods=("spsa", "per_example_spread_cos"))
+    phases = {tuple(line.split(",")[i] for i in (0, 3)) for line in
+              (tmp_path / "convergence.csv").read_text().splitlines()[1:]}
+    assert phases == {("spsa", "sweep"), ("per_example_spread_cos", "sweep-cut")}
+
+
+@pytest.mark.slow
 def test_memory_benchmark_cpu_rows(tmp_path, tiny_model_dir):
     """memory.py measures every method on a loaded model (qzo.load, as the demo model's CPU rows are) and writes
     one row per method with the planner's figure; on the tiny model folder, since the rows' bookkeeping is not
