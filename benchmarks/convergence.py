@@ -10,6 +10,7 @@ same data order and eps. A first-order step (forward + backward) counts as 3 for
     spsa              MeZO: qzo.SPSA, 2 a step (the baseline every fraction is relative to)
     gv4, greedy       MeZO-GV pool 4 (6 a step), MeZO-Greedy pool 4 (5 a step), as the paper defines them
     ldsd              LDSD k 4, sigma 1, lr_mu 4e-2 (5 a step)
+    gv4_cos, ldsd_cos GV pool 4 and LDSD with a cosine lr schedule
     fzoo4             qzo.FZOO: 4 one-sided probes weighted by their losses against f(theta) (5 a step)
     fzoo4_mean        the same against the probes' mean (4 a step)
     fzoo4_spread      FZOO as published: the step divided by the probes' loss spread, constant lr
@@ -114,6 +115,10 @@ METHODS = {
     "gv4": Method(lambda: qzo.GV(pool=4, split=0.5)),
     "greedy": Method(lambda: qzo.Greedy(pool=4)),
     "ldsd": Method(lambda: qzo.LDSD(candidates=4, sigma=1.0, lr_mu=4e-2)),
+    # at a constant lr GV, Greedy and LDSD led MeZO at 1e-3 until a late blow-up (1,400-1,800 forwards):
+    # does a decaying lr keep the lead?
+    "gv4_cos": Method(lambda: qzo.GV(pool=4, split=0.5), schedule="cosine"),
+    "ldsd_cos": Method(lambda: qzo.LDSD(candidates=4, sigma=1.0, lr_mu=4e-2), schedule="cosine"),
     "fzoo4": Method(lambda: qzo.FZOO(probes=4)),  # every evaluation weighted, shared f(theta)
     "fzoo4_mean": Method(lambda: qzo.FZOO(probes=4, baseline="mean")),
     "fzoo4_spread": Method(lambda: qzo.FZOO(probes=4), normalize="spread", grid=NORMALIZED_GRID),  # FZOO's own
@@ -146,7 +151,8 @@ METHODS = {
 }
 # the steered family: methods that rank a pool (GV, Greedy) or learn the direction they sample around (LDSD's
 # mean; ConMeZO's momentum, which is what LDSD's learned mean tries to be)
-STEERED = ("gv4", "greedy", "ldsd", "gv4_spread_cos", "gv4_b_only_spread_cos", "conmezo", "conmezo_b_only")
+STEERED = ("gv4", "greedy", "ldsd", "gv4_cos", "ldsd_cos", "gv4_spread_cos", "gv4_b_only_spread_cos", "conmezo",
+           "conmezo_b_only")
 FO_GRID = (3e-4, 1e-3)
 EPS = 1e-2
 FO_FORWARDS_PER_STEP = 3  # forward + backward, in forward-equivalents
