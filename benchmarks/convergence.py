@@ -198,13 +198,18 @@ def sweep_phase(method: str) -> str:
     return "sweep-cut" if m is not None and m.schedule != "constant" else "sweep"
 
 
-def sweep_curve(rows, method: str, lr: float, sweep_budget: int) -> tuple[list[dict], str]:
-    """The seed-0 sweep run of ``lr`` and its phase: a scheduled method's cut sweeps once it has any, else
+def swept_phase(rows, method: str) -> str:
+    """The phase whose sweeps a method's lr comes from: a scheduled method's cut sweeps once it has any, else
     the sweeps run before the rule (a method's lrs never mix the two protocols)."""
     phase = sweep_phase(method)
     if phase == "sweep-cut" and not any(r["method"] == method and r["phase"] == phase for r in rows):
-        phase = "sweep"
-    return curve(rows, method, lr, 0, phase, sweep_budget), phase
+        return "sweep"
+    return phase
+
+
+def sweep_curve(rows, method: str, lr: float, sweep_budget: int) -> list[dict]:
+    """The seed-0 sweep run of ``lr`` (:func:`swept_phase`)."""
+    return curve(rows, method, lr, 0, swept_phase(rows, method), sweep_budget)
 
 
 def log_path(method: str, lr: float, seed: int, phase: str, budget: int) -> Path:
@@ -447,7 +452,7 @@ def stable_lr_range(rows, method, sweep_budget, budget) -> list[float] | None:
     grid = METHODS[method].grid if METHODS[method] is not None else FO_GRID
 
     def stable(lr) -> bool:
-        swept, full = sweep_curve(rows, method, lr, sweep_budget)[0], curve(rows, method, lr, 0, "main", budget)
+        swept, full = sweep_curve(rows, method, lr, sweep_budget), curve(rows, method, lr, 0, "main", budget)
         return bool(swept) and not blew_up(swept) and not (full and blew_up(full))
 
     kept = [lr for lr in grid if stable(lr)]
@@ -668,10 +673,10 @@ def main() -> None:
         grid = FO_GRID if METHODS[m] is None else METHODS[m].grid
         for lr in grid:
             ensure(m, lr, 0, sweep_budget, sweep_phase(m))
-        curves = {lr: c for lr in grid if (c := sweep_curve(rows, m, lr, sweep_budget)[0])}
+        curves = {lr: c for lr in grid if (c := sweep_curve(rows, m, lr, sweep_budget))}
         if not curves:
             continue
-        protocol[m] = sweep_curve(rows, m, grid[0], sweep_budget)[1]
+        protocol[m] = swept_phase(rows, m)
         sweep[m] = {f"{lr:g}": round(c[-1]["eval_loss"], 4) for lr, c in curves.items()}
         # the best final loss among the runs that did not blow up (else the least bad)
         stable = {lr: c for lr, c in curves.items() if not blew_up(c)} or curves
