@@ -14,10 +14,10 @@ transformers quantizes a checkpoint): at most one linear exists in 16 bits at an
 
 Layers listed in ``host_layers`` get their 4-bit codes copied straight into host memory
 (pinned when the device is a GPU) while their quantization state stays on the device: what
-``qzo.streaming`` streams. Hand such a model to :func:`stream` with the plan those layers
+``qzo.models.streaming`` streams. Hand such a model to :func:`stream` with the plan those layers
 came from; :func:`streaming_plan` derives that plan from a ``max_memory`` exactly as
 ``qzo.load`` does for a model folder (accelerate's map sized by quantized bytes, then
-``qzo.streaming.plan_streaming``).
+``qzo.models.streaming.plan_streaming``).
 
 The weights are reproducible: :func:`random_weight` is a function of (seed, module name),
 so a test can build the same model the ordinary way and compare forwards
@@ -82,7 +82,7 @@ def build_4bit(config, quant: str = "nf4", *, double_quant: bool = False, dtype:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from qzo.targets.bnb import choose_cpu_path
+    from qzo.models.bnb import choose_cpu_path
 
     if quant not in ("nf4", "fp4"):
         raise ValueError(f"build_4bit makes nf4 or fp4 models, not {quant!r}")
@@ -187,14 +187,14 @@ def sixteen_bit_linears(model) -> list[str]:
 
 
 def streaming_plan(config, max_memory: dict, quant: str = "nf4", dtype: torch.dtype | None = None):
-    """``qzo.streaming.StreamPlan`` for ``config`` under ``max_memory``, as ``qzo.load`` would make it.
+    """``qzo.models.streaming.StreamPlan`` for ``config`` under ``max_memory``, as ``qzo.load`` would make it.
 
     accelerate's ``"auto"`` map sized by quantized bytes (``qzo.load.quantized_device_map``,
     which reads the config from a folder: a temporary one holding only ``config.json``), then
-    ``qzo.streaming.plan_streaming`` on it. ``None`` when everything fits.
+    ``qzo.models.streaming.plan_streaming`` on it. ``None`` when everything fits.
     """
-    from qzo.load import quantized_device_map
-    from qzo.streaming import plan_streaming
+    from qzo.models.load import quantized_device_map
+    from qzo.models.streaming import plan_streaming
 
     dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     with tempfile.TemporaryDirectory(prefix="qzo-config-") as folder:
@@ -205,6 +205,6 @@ def streaming_plan(config, max_memory: dict, quant: str = "nf4", dtype: torch.dt
 
 def stream(model, plan, folder=None):
     """Start streaming ``plan``'s layers of a model from :func:`build_4bit` (``host_layers=plan.layers``)."""
-    from qzo.streaming import attach_streaming
+    from qzo.models.streaming import attach_streaming
 
     return attach_streaming(model, plan, folder)

@@ -81,8 +81,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, device_name, first_order_adam, write_result  # noqa: E402
 
 import qzo  # noqa: E402
-from qzo.data import Batcher, ChatDataset, eval_loss  # noqa: E402
-from qzo.replay import RecordingLoss, ReplayedLoss, state_digest  # noqa: E402
+from qzo.data.dataset import Batcher, ChatDataset, eval_loss  # noqa: E402
+from qzo.runs.replay import RecordingLoss, ReplayedLoss, state_digest  # noqa: E402
 
 
 class Method:

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import device_name, write_result  # noqa: E402
 
 import qzo  # noqa: E402
-from qzo.targets.bnb import fused_cpu_4bit_available  # noqa: E402
-from qzo.data import Batcher, ChatDataset  # noqa: E402
+from qzo.models.bnb import fused_cpu_4bit_available  # noqa: E402
+from qzo.data.dataset import Batcher, ChatDataset  # noqa: E402
 
 BATCHES, TIMED = (4, 8), 4
 

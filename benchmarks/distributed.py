@@ -44,7 +44,7 @@ def worker(strategy: str, steps: int, candidate_parallel: int, out: Path) -> Non
 
     torch.set_num_threads(1)
     import qzo
-    from qzo.data import Batcher, ChatDataset
+    from qzo.data.dataset import Batcher, ChatDataset
 
     dist = qzo.distributed.init_from_env(candidate_parallel=candidate_parallel)
     model, tok = qzo.load("smollm2-135m", quant="nf4", cpu_fused_4bit=False)

@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import device_name, first_order_adam, write_result  # noqa: E402
 
 import qzo  # noqa: E402
-from qzo.chat import reply  # noqa: E402
-from qzo.data import Batcher, ChatDataset, eval_loss  # noqa: E402
-from qzo.objectives import split_chat  # noqa: E402
+from qzo.cli.chat import reply  # noqa: E402
+from qzo.data.dataset import Batcher, ChatDataset, eval_loss  # noqa: E402
+from qzo.data.objectives import split_chat  # noqa: E402
 
 BATCH, MAX_LEN, EVAL_BATCH, SAMPLES, NEW_TOKENS = 4, 96, 16, 4, 24
 

@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import device_name, write_result  # noqa: E402
 
 import qzo  # noqa: E402
-from qzo.targets.bnb import fused_cpu_4bit_available  # noqa: E402
-from qzo.config import DEFAULTS  # noqa: E402
-from qzo.data import datasets_from_config, eval_loss  # noqa: E402
-from qzo.load import _builtin_gguf, hf_model_path  # noqa: E402
+from qzo.models.bnb import fused_cpu_4bit_available  # noqa: E402
+from qzo.config.schema import DEFAULTS  # noqa: E402
+from qzo.data.dataset import datasets_from_config, eval_loss  # noqa: E402
+from qzo.models.load import _builtin_gguf, hf_model_path  # noqa: E402
 
 
 def float32_folder(into: Path) -> Path:

@@ -5,12 +5,12 @@ everything that needs a GPU in one go, each stage in its own process with its ow
 budget (a crash, an out-of-memory or a hang costs that stage only), under one deadline:
 
   stage          what                                                      budget  expected
-  kernel-tests   tests/test_kernels.py + the Triton randn test, compiled on CUDA     120 s   40-70 s
+  kernel-tests   tests/noise/test_kernels.py + the Triton randn test, compiled on CUDA     120 s   40-70 s
   memory         benchmarks/memory.py GPU rows: Llama-2-7B, Llama-3.1-8B,            150 s   60-80 s
                  Llama-2-13B shapes, 8 x 512, LoRA r 8 on q,v, NF4, built directly
                  in 4-bit on the GPU (benchmarks/_build4bit.py); inference, SPSA,
                  GV pool 4, first-order QLoRA; the planner beside every peak
-  streaming-70b  a Llama-3.1-70B shape at a 20 GiB GPU budget through qzo.streaming  150 s   50-90 s
+  streaming-70b  a Llama-3.1-70B shape at a 20 GiB GPU budget through qzo.models.streaming  150 s   50-90 s
                  (the planner's max_memory -> accelerate's map -> plan_streaming;
                  streamed layers' codes built straight into pinned host RAM):
                  peak, s/step, bytes streamed and their PCIe time
@@ -104,8 +104,8 @@ class Stage:
 
 
 def kernel_test_argv(rehearse: bool) -> list[str]:
-    argv = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
-            "tests/test_noise.py::test_matches_triton_tl_randn"]
+    argv = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/noise/test_kernels.py",
+            "tests/noise/test_noise.py::test_matches_triton_tl_randn"]
     return argv + (["-k", "where_differ or compiled_kernel"] if rehearse else [])
 
 
@@ -117,7 +117,7 @@ def gpu_stages() -> list[Stage]:
         Stage("memory", [mem, "--models", GPU_MODELS], 150, 60,
               "7B/8B/13B shapes built in 4-bit on the GPU, 8 x 512: peaks vs planner"),
         Stage("streaming-70b", [mem, "--models", STREAMED_70B, "--budget", "20GiB", "--methods", "inference,qzo_spsa"],
-              150, 75, "70B shape at a 20 GiB budget through qzo.streaming: peak, s/step vs PCIe time"),
+              150, 75, "70B shape at a 20 GiB budget through qzo.models.streaming: peak, s/step vs PCIe time"),
         Stage("pool-batched", [str(HERE / "pool_batched.py"), "--repeats", "3"], 75, 40,
               "a pool of K candidates in one stacked forward vs K forwards (7B shape)"),
         Stage("kernels", [str(HERE / "kernel_throughput.py")], 75, 30, "perturb throughput vs copy bandwidth and MeZO"),
@@ -155,9 +155,9 @@ def _has_host_embedding() -> bool:
     import importlib.util
     import inspect
 
-    from qzo.plan import plan
+    from qzo.train.plan import plan
 
-    return (importlib.util.find_spec("qzo.host_embedding") is not None
+    return (importlib.util.find_spec("qzo.models.host_embedding") is not None
             and "embedding_on_cpu" in inspect.signature(plan).parameters)
 
 
@@ -417,8 +417,8 @@ def _process_state_restored(results: Path):
     import torch
 
     import _common
-    from qzo import backend
-    from qzo.perturb import noise_cache
+    from qzo.noise import dispatch as backend
+    from qzo.noise.passes import noise_cache
 
     threads, env, backend_name = torch.get_num_threads(), dict(os.environ), backend.get_backend()
     cache_bytes, common_results = noise_cache.max_bytes, _common.RESULTS

@@ -41,9 +41,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import device_name, write_result  # noqa: E402
 
-from qzo import backend  # noqa: E402
-from qzo.perturb import noise_cache, perturb_, perturb_params_  # noqa: E402
-from qzo.params import ParamSet  # noqa: E402
+from qzo.noise import dispatch as backend  # noqa: E402
+from qzo.noise.passes import noise_cache, perturb_, perturb_params_  # noqa: E402
+from qzo.zo.params import ParamSet  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -81,7 +81,7 @@ def mezo_perturb(tensors: list[torch.Tensor], seeds, coefs) -> None:
 def backend_label() -> str:
     if CUDA:
         return "triton"
-    from qzo import noise_native
+    from qzo.noise import native as noise_native
 
     return "cpu (compiled noise)" if noise_native.available() else "torch-reference"
 
@@ -144,7 +144,7 @@ def print_row(r: dict) -> None:
 
 def noise_rows(repeats: int, numels=(10**6, 10**7)) -> list[dict]:
     """CPU noise generation: compiled vs reference vs ``torch.normal``, ns per value."""
-    from qzo import noise, noise_native
+    from qzo.noise import contract as noise, native as noise_native
 
     compiled = noise_native.available()
     rows = []

@@ -15,9 +15,9 @@ in 4-bit on the GPU one linear at a time (``benchmarks/_build4bit.py``: no 16-bi
 layer or of the model ever exists, on the GPU or the host), batch 8 x 512, peak =
 ``torch.cuda.max_memory_allocated``. A 70B shape (``llama-2-70b``, ``llama-3.1-70b``) runs
 at a GPU budget of 20 GiB (``--budget``) through the streaming path: the planner's
-``max_memory`` for that budget gives accelerate's map, ``qzo.streaming.plan_streaming`` the
+``max_memory`` for that budget gives accelerate's map, ``qzo.models.streaming.plan_streaming`` the
 layers that do not fit, whose codes the builder puts straight into pinned host RAM, and
-``qzo.streaming`` copies them in per forward. Its rows add the layers streamed, the bytes
+``qzo.models.streaming`` copies them in per forward. Its rows add the layers streamed, the bytes
 streamed per step, the host-to-device link measured in the same process, and the PCIe time
 of those bytes beside the s/step; first-order is not run there (a streamed layer's codes
 are gone after its forward, so there is no backward). ``--double-quant`` and
@@ -62,8 +62,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, PeakMemory, device_name, write_result  # noqa: E402
 
 import qzo  # noqa: E402
-from qzo.load import hf_model_path, release_freed_memory  # noqa: E402
-from qzo.plan import PRESETS, parse_size, plan  # noqa: E402
+from qzo.models.load import hf_model_path, release_freed_memory  # noqa: E402
+from qzo.train.plan import PRESETS, parse_size, plan  # noqa: E402
 
 GiB = 2**30
 GPU_MODELS = ["llama-2-7b", "llama-3.1-8b", "llama-2-13b", "llama-2-70b"]
@@ -188,7 +188,7 @@ def build_model(name: str, batch: int, seq: int, budget, double_quant: bool, emb
         info["resident_layers"] = config.num_hidden_layers
     info["packed_gib"] = round(packed_bytes(model) / GiB, 3)
     if embedding_on_cpu:
-        from qzo.host_embedding import keep_input_embedding_on_host
+        from qzo.models.host_embedding import keep_input_embedding_on_host
 
         keep_input_embedding_on_host(model, None if cuda else torch.device("cpu"))
     if cuda:
@@ -246,8 +246,8 @@ def measure(name: str, batch: int, seq: int, methods: list[str], budget=None, do
         info = {}
     if device == "cpu":
         release_freed_memory()  # loading's freed buffers would otherwise sit in RSS under every phase
-    from qzo.data import model_input_device
-    from qzo.streaming import streamed_layers
+    from qzo.data.dataset import model_input_device
+    from qzo.models.streaming import streamed_layers
 
     data = _batch(vocab, batch, seq, model_input_device(model))
     rows, peaks = [], {}

@@ -13,7 +13,7 @@ Two parts, in one run:
             seed: held-out loss at step 0 and at the end. ``embedding_on_cpu`` changes no
             value by construction (a lookup copies rows) and the demo ties its embedding to
             its head, which that option refuses; its equality is a test
-            (``tests/test_host_embedding.py``), not a row here.
+            (``tests/models/test_host_embedding.py``), not a row here.
 
     python benchmarks/memory_levers.py [--steps 100] [--planner-only]
 
@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import device_name, write_result  # noqa: E402
 
-from qzo.plan import plan  # noqa: E402
+from qzo.train.plan import plan  # noqa: E402
 
 GiB = 2**30
 TARGETS = {"llama-2-7b": 4.5, "llama-3.1-8b": 5.5, "llama-2-13b": 8.0}

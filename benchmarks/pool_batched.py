@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, device_name, write_result  # noqa: E402
 
 import qzo  # noqa: E402
-from qzo.data import Batcher, ChatDataset, model_input_device  # noqa: E402
+from qzo.data.dataset import Batcher, ChatDataset, model_input_device  # noqa: E402
 
 GPU_TARGET = {"K": 4, "batched_over_one": 1.6}
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import PeakMemory, device_name, write_result  # noqa: E402
 
 import qzo  # noqa: E402
-from qzo.data import Batcher, ChatDataset, model_input_device  # noqa: E402
+from qzo.data.dataset import Batcher, ChatDataset, model_input_device  # noqa: E402
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ def worker(streamed: int, folder: str) -> None:
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     opt.step(qzo.CausalLMLoss(model, batch))  # warm-up: allocator, noise cache
-    from qzo.load import release_freed_memory
+    from qzo.models.load import release_freed_memory
 
     release_freed_memory()
     layer = model.model.layers[0]

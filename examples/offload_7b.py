@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 import qzo
-from qzo.data import Batcher, ChatDataset
-from qzo.load import hf_model_path
+from qzo.data.dataset import Batcher, ChatDataset
+from qzo.models.load import hf_model_path
 
 
 def train_steps(model, tok, steps: int) -> list[float]:
@@ -38,7 +38,7 @@ def train_steps(model, tok, steps: int) -> list[float]:
     opt = qzo.ZO(params, strategy=qzo.SPSA(), rule=qzo.SGD(lr=1e-3), eps=1e-2, seed=0)
     data = ChatDataset.from_jsonl(tok, "builtin:demo_train", max_len=96)
     batches = Batcher(data, batch_size=4, seed=0, pad_id=tok.pad_token_id)
-    device = qzo.data.model_input_device(model)
+    device = qzo.data.dataset.model_input_device(model)
     losses = []
     for step in range(1, steps + 1):
         batch = {k: v.to(device) for k, v in batches.batch(step).items()}

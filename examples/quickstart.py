@@ -10,7 +10,7 @@ the held-out loss before and after, and saves a PEFT adapter to runs/quickstart-
 import argparse
 
 import qzo
-from qzo.data import Batcher, ChatDataset, eval_loss
+from qzo.data.dataset import Batcher, ChatDataset, eval_loss
 
 
 def main() -> None:

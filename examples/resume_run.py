@@ -16,7 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from qzo.trainer import train
+from qzo.train.loop import train
 
 
 def steps_log(run: Path) -> list[dict]:

@@ -40,8 +40,8 @@ import argparse
 import time
 
 import qzo
-from qzo.data import Batcher, ChatDataset, read_chats
-from qzo.objectives import RewardLoss
+from qzo.data.dataset import Batcher, ChatDataset, read_chats
+from qzo.data.objectives import RewardLoss
 
 
 def short_reply(chars: int):

@@ -34,9 +34,10 @@ def main() -> None:
                     help="a config override of the --train run (repeatable), e.g. model.source=PATH")
     args = ap.parse_args()
 
-    from qzo.export import export
-    from qzo.load import hf_model_path
-    from qzo.trainer import load_run_config, train
+    from qzo.export.formats import export
+    from qzo.models.load import hf_model_path
+    from qzo.runs.reader import load_run_config
+    from qzo.train.loop import train
 
     run = Path(args.run) if args.run else Path(train(None, [f"train.steps={args.train}", "train.eval_every=1000",
                                                             *args.set], progress=False)["run_dir"])

@@ -5,12 +5,27 @@
     opt = qzo.ZO(params, strategy=qzo.SPSA(), rule=qzo.SGD(lr=1e-3), eps=1e-2)
     loss = opt.step(lambda: model(**batch).loss)
 
-A pool strategy over LoRA can evaluate its pool in one stacked forward:
-``qzo.GV(pool=4, batched=True)`` with ``opt.step(qzo.CausalLMLoss(model, batch))``.
+The house, one package per part, arrows pointing down this list (``tests/test_import_graph.py``
+enforces them):
+
+    cli/       what a user runs; the only place that prints for a user
+    train/     the loop (setup -> train -> save), its guard, stop signals, the memory planner
+    export/    a run written for peft, llama.cpp and merged checkpoints
+    runs/      the run directory: writer, reader, checkpoints, lock, metrics, replay
+    config/    the schema and the builders (config -> model, trainables, optimizer)
+    data/      records -> batches -> a loss (formats, sources, templates, objectives, assets/)
+    targets/   what ZO trains (LoRA, quantization scales, dense slices), saved and loaded
+    models/    load, quantize (bnb), stream
+    zo/        the optimizer core: ZO.step, strategies, rules; knows no model, data or run
+    noise/     the seed -> z contract and the in-place passes; the one importer of qzo_kernels
+    errors.py, cache.py   leaves every part may use (error types; the cache folder)
+
+config/ is its own package rather than a part of train/ (the issue's first cut) because the
+run reader, export and the CLI need the schema and the builders too, and ``runs/`` must not
+import the training loop. The names below are the public API the README uses.
 """
 
 import logging
-import sys
 
 __version__ = "0.1.0"
 
@@ -20,41 +35,33 @@ logging.getLogger("bitsandbytes.autograd._functions").addFilter(
     lambda record: "inputs will be cast" not in record.getMessage()
 )
 
-from .targets.bnb import quiet_hub_kernel_warning  # noqa: E402
+from .models.bnb import quiet_hub_kernel_warning  # noqa: E402
 
 quiet_hub_kernel_warning()  # before anything imports bitsandbytes, which logs it at import
 
-from . import noise  # noqa: E402
-from .backend import get_backend, set_backend  # noqa: E402
-from .loss import CausalLMLoss  # noqa: E402
+from . import noise  # noqa: E402  (qzo.noise.randn: the noise contract)
+from .noise.dispatch import get_backend, set_backend  # noqa: E402
+from .data.loss import CausalLMLoss  # noqa: E402
 from . import targets  # noqa: E402
 from .targets.dense import DenseParams, dense, load_dense  # noqa: E402
 from .targets.scales import ScaleParams, clip_grad, load_scales, scales  # noqa: E402
 from .targets import TargetError, combine  # noqa: E402
 from .errors import ConfigError, DataError, ModelSourceError, NonFiniteLossError, QzoError  # noqa: E402
-from .load import load  # noqa: E402
+from .models.load import load  # noqa: E402
 from .targets.lora import lora  # noqa: E402
 
-# The modules' paths before qzo/targets/ gathered them: `from qzo.scales import ScaleParams` and
-# `from qzo.bnb import choose_cpu_path` go on working (the same module objects, not copies). As
-# before, the attributes qzo.lora / qzo.scales / qzo.dense are the builder functions.
-for _old in ("bnb", "lora", "scales", "dense"):
-    sys.modules[f"{__name__}.{_old}"] = sys.modules[f"{__name__}.targets.{_old}"]
-del _old
-from .targets import bnb  # noqa: E402,F401  (qzo.bnb.choose_cpu_path, as before)
-from .optim import ZO, StepRecord  # noqa: E402
-from . import distributed  # noqa: E402  (qzo.distributed.init_from_env: a ZO run over torchrun ranks)
-from .distributed import Distributed  # noqa: E402
-from .params import ParamSet, Trainable  # noqa: E402
-from .rules import SGD, Adam, Momentum, Rule, Sign  # noqa: E402
-from .schedule import Schedule  # noqa: E402
-from .normalize import Normalize  # noqa: E402
-from .strategies import FZOO, GV, LDSD, SPSA, ConMeZO, Estimate, Greedy, PerExample, Strategy  # noqa: E402
-from . import objectives  # noqa: E402  (qzo.objectives.RewardLoss: train on a reward)
-from . import replay  # noqa: E402  (qzo.replay.replay_sgd: a run's values from its step log)
-# qzo.plan(...): a ZO step's planned peak memory. As with qzo.load, the function takes the module's
-# attribute name; `from qzo.plan import PRESETS` still reaches the module.
-from .plan import plan  # noqa: E402
+from .zo.optim import ZO, StepRecord  # noqa: E402
+from .zo import distributed  # noqa: E402  (qzo.distributed.init_from_env: a ZO run over torchrun ranks)
+from .zo.distributed import Distributed  # noqa: E402
+from .zo.params import ParamSet, Trainable  # noqa: E402
+from .zo.rules import SGD, Adam, Momentum, Rule, Sign  # noqa: E402
+from .zo.schedule import Schedule  # noqa: E402
+from .zo.normalize import Normalize  # noqa: E402
+from .zo.strategies import FZOO, GV, LDSD, SPSA, ConMeZO, Estimate, Greedy, PerExample, Strategy  # noqa: E402
+from .data import objectives  # noqa: E402  (qzo.objectives.RewardLoss: train on a reward)
+from .runs import replay  # noqa: E402  (qzo.replay.replay_sgd: a run's values from its step log)
+# qzo.plan(...): a ZO step's planned peak memory
+from .train.plan import plan  # noqa: E402
 
 __all__ = [
     "load", "lora", "scales", "dense", "combine", "ZO", "StepRecord",

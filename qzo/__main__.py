@@ -6,6 +6,6 @@ refuses to start when ``WORLD_SIZE`` > 1 rather than run the same job in every p
 
 import sys
 
-from .cli import main
+from .cli.main import main
 
 sys.exit(main())

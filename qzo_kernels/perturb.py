@@ -1,6 +1,6 @@
 """In-place seed-replayed perturbation: ``x = round(scale * x + sum_j a_j z(s_j, k) [+ b mu])``.
 
-The Triton twin of :func:`qzo.perturb.perturb_` (its reference, same order of float
+The Triton twin of :func:`qzo.noise.passes.perturb_` (its reference, same order of float
 operations: the noise terms accumulated in float32 in the order given, then the mean's
 term, then ``scale * x + delta`` rounded to ``x.dtype`` once). The noise is generated in
 registers with ``tl.randn`` (the noise contract), never stored. The loop over seeds is
@@ -79,7 +79,7 @@ def _check(x: torch.Tensor, mu: torch.Tensor | None) -> None:
 
 def perturb_tensor(x: torch.Tensor, keys, coefs, mu: torch.Tensor | None = None,
                    mu_coef: float = 0.0, scale: float = 1.0) -> torch.Tensor:
-    """In place on one tensor: :func:`qzo.perturb.perturb_` with the tensor's Philox key per seed in ``keys``."""
+    """In place on one tensor: :func:`qzo.noise.passes.perturb_` with the tensor's Philox key per seed in ``keys``."""
     _check(x, mu)
     has_mu = mu is not None and mu_coef != 0.0
     if x.numel() == 0 or (not len(keys) and not has_mu and scale == 1.0):

@@ -1,6 +1,6 @@
 """Fused restore + update for the rules with dense state (Momentum, ZO-Adam, sign-SGD).
 
-The Triton twin of :meth:`qzo.rules.dense_grad.DenseRule.apply` (its reference). After a
+The Triton twin of :meth:`qzo.zo.rules.dense_grad.DenseRule.apply` (its reference). After a
 strategy's last evaluation the trainables sit at ``theta + leftover``; one pass per element
 regenerates each seed's noise once (in registers), forms the leftover and the direction
 ``d`` from it, and writes

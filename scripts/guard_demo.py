@@ -25,7 +25,7 @@ from _common import RESULTS, device_name  # noqa: E402
 
 
 def one_run(factor: str, args, folder: Path) -> dict:
-    from qzo.trainer import train
+    from qzo.train.loop import train
 
     out = folder / f"lr{args.lr:g}-guard-{factor}"
     sets = [f"optim.lr={args.lr}", f"train.forwards={args.forwards}", f"train.eval_every={args.eval_every}",

@@ -11,7 +11,7 @@ loss of that step was logged); ``--p-final`` 0.15 the moment the final values' o
 temp folder appears; of the rest half at a random time since the start, half a random 0-0.3 s
 after a random step was logged), inspect, until the process ends by itself. After every kill:
 
-* every checkpoint must verify (sizes and SHA-256 recorded in its meta, ``qzo.checkpoint``);
+* every checkpoint must verify (sizes and SHA-256 recorded in its meta, ``qzo.runs.checkpoint``);
 * a kill before the run folder exists leaves nothing to resume, and the run starts again;
 * the run must resume from its newest checkpoint: ``steps.jsonl`` may hold steps past it
   (written before the kill), which the resume truncates and redoes; nothing before it is lost.
@@ -20,7 +20,7 @@ At the end of a round the final trainables must be the bytes of an uninterrupted
 Counts go to ``benchmarks/results/kill_campaign.json`` (or ``--out``).
 
     python scripts/kill_campaign.py                       # 20 kills in 4 rounds (~5 min on 2 cores)
-    python scripts/kill_campaign.py --kills 3 --out /tmp  # the short form (tests/test_kill_campaign.py: --model)
+    python scripts/kill_campaign.py --kills 3 --out /tmp  # the short form (tests/train/test_kill_campaign.py: --model)
     python scripts/kill_campaign.py --model PATH          # train a model folder of yours instead (same config)
 """
 
@@ -48,7 +48,7 @@ def make_model(folder: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from qzo.load import hf_model_path
+    from qzo.models.load import hf_model_path
 
     tok = AutoTokenizer.from_pretrained(hf_model_path("smollm2-135m"))
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -78,7 +78,7 @@ def train_argv(model: Path, data: Path, run: Path, steps: int) -> list[str]:
 
 def inspect(run: Path) -> dict:
     """What a kill left: checkpoints that verify or not, temp folders, logged steps past the newest checkpoint."""
-    from qzo.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
+    from qzo.runs.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
 
     corrupt = 0
     steps = []

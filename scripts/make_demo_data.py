@@ -20,8 +20,8 @@ assistant tokens.
 
 Outputs (JSON Lines; one ``{"messages": [user, assistant]}`` object a line):
 
-* ``qzo/assets/demo_train.jsonl``  (320 examples)
-* ``qzo/assets/demo_eval.jsonl``   (48 examples)
+* ``qzo/data/assets/demo_train.jsonl``  (320 examples)
+* ``qzo/data/assets/demo_eval.jsonl``   (48 examples)
 
 The eval set is built only from held-out facts, so none of its user prompts
 occurs in the training set.

@@ -1,7 +1,7 @@
 """Soak: one long ``qzo train`` of a tiny model; memory flat, time per step flat, logs consistent.
 
 A tiny random Llama (the demo's tokenizer; ``scripts/kill_campaign.py``'s model and data)
-trains ``--steps`` SPSA steps in this process, through :func:`qzo.trainer.train` with the
+trains ``--steps`` SPSA steps in this process, through :func:`qzo.train.loop.train` with the
 default trackers (TensorBoard when installed), a held-out evaluation and a checkpoint every
 ``--every`` steps, on ``--threads`` torch threads (1: a tiny model gains nothing from more, and
 on a shared CPU more threads spin against the other jobs: 700 ms a step at 2 threads under a
@@ -58,7 +58,7 @@ def run(args, folder: Path) -> tuple[dict, list[tuple[int, float, float, int]]]:
     """Train, sampling ``(step, wall seconds, CPU seconds, rss)`` after every step; returns ``(summary, samples)``."""
     import torch
 
-    from qzo import trainer
+    from qzo.train import loop as trainer
 
     torch.set_num_threads(args.threads)
 
@@ -88,7 +88,7 @@ def run(args, folder: Path) -> tuple[dict, list[tuple[int, float, float, int]]]:
 
 def check_logs(run_dir: Path, steps: int, every: int) -> dict:
     """The step log, metrics, summary and newest checkpoint tell the same story of ``steps`` steps."""
-    from qzo.checkpoint import latest_checkpoint, verify_checkpoint
+    from qzo.runs.checkpoint import latest_checkpoint, verify_checkpoint
 
     log = [json.loads(x) for x in (run_dir / "steps.jsonl").read_text().splitlines() if x.strip()]
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]

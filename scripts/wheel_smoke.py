@@ -58,11 +58,13 @@ def main() -> None:
               CHECKOUT not in where.parents and "site-packages" in where.parts)
     missing = [name for name in qzo.__all__ if not hasattr(qzo, name)]
     check(f"every name in qzo.__all__ exists ({len(qzo.__all__)} names)", not missing, f"missing {missing}")
-    for sub in ("qzo.rules", "qzo.strategies", "qzo.recipes", "qzo.replay", "qzo.plan", "qzo.trainer", "qzo.cli"):
+    for sub in ("qzo.cli.main", "qzo.train.loop", "qzo.export.formats", "qzo.runs.reader", "qzo.config.build",
+                "qzo.data.dataset", "qzo.targets.files", "qzo.models.load", "qzo.zo.rules", "qzo.zo.strategies",
+                "qzo.noise.passes", "qzo.recipes"):
         importlib.import_module(sub)
     check("the subpackages and modules import", True)
 
-    from qzo import noise, noise_native
+    from qzo.noise import contract as noise, native as noise_native
 
     check("the wheel's C noise generator builds and matches the reference",
           noise_native.available() and bool(torch_equal(noise.randn(3, 4, 5001, offset=9),
@@ -70,8 +72,8 @@ def main() -> None:
           str(noise_native.load_error()))
 
     from qzo import recipes
-    from qzo.config import load_config
-    from qzo.data import read_chats
+    from qzo.config.schema import load_config
+    from qzo.data.dataset import read_chats
 
     in_checkout = sorted(p.relative_to(CHECKOUT / "qzo" / "recipes").with_suffix("").as_posix()
                          for p in (CHECKOUT / "qzo" / "recipes").glob("*/*.yaml"))
@@ -95,7 +97,7 @@ def main() -> None:
 
         # each GPU recipe's header quotes a `qzo plan` command and the total it prints: the first
         # through the console script, the rest through qzo.cli.main in this process (seconds, not minutes)
-        from qzo.cli import main as qzo_main
+        from qzo.cli.main import main as qzo_main
 
         gpu = [n for n in recipes.names() if "/gpu-" in n]
         for i, name in enumerate(gpu):

@@ -32,7 +32,7 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from qzo.targets.bnb import plain_path_forced  # noqa: E402
+from qzo.models.bnb import plain_path_forced  # noqa: E402
 
 from helpers import TINY_TOKENIZER, tiny_config, write_code_chats  # noqa: E402
 
@@ -45,7 +45,7 @@ if plain_path_forced():
 @pytest.fixture(scope="session")
 def smol_folder():
     """The demo model converted once into qzo's cache (a plain HF folder with tokenizer)."""
-    from qzo.load import hf_model_path
+    from qzo.models.load import hf_model_path
 
     return Path(hf_model_path("smollm2-135m"))
 
@@ -107,7 +107,7 @@ def tiny_lora_run(tiny_model_dir, tmp_path_factory):
     beside it (``eval.json``, ``export-*``), and none trains it further."""
     import json
 
-    from qzo.trainer import train
+    from qzo.train.loop import train
 
     from helpers import SHORT_RUN, numbered_code_chats, run_overrides
 
@@ -120,7 +120,7 @@ def tiny_lora_run(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture
 def tiny_batch(tiny_tokenizer):
-    from qzo.data import ChatDataset, collate
+    from qzo.data.dataset import ChatDataset, collate
 
     chats = [
         [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "ANSWER: 4\n#qzo"}],

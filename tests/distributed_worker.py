@@ -1,8 +1,8 @@
-"""A ``torchrun`` worker for tests/test_distributed.py: several qzo runs in one distributed job.
+"""A ``torchrun`` worker for tests/zo/test_distributed.py: several qzo runs in one distributed job.
 
 Starting ranks costs most of a short run (two interpreters importing torch and
 transformers), so one job runs every configuration the tests compare, through the same
-``qzo.trainer.train`` that ``torchrun -m qzo train`` calls, then resumes one of them.
+``qzo.train.loop.train`` that ``torchrun -m qzo train`` calls, then resumes one of them.
 
     torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py JOBS.json
 JOBS.json: {"runs": {name: [overrides]}, "resume": {"from": name, "to": folder, "drop_step": N}}
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from qzo.trainer import train
+from qzo.train.loop import train
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ def tiny_config(vocab_size: int = 49152):
 
 def fused_cpu_4bit() -> bool:
     """Whether this CPU (and ``QZO_CPU_4BIT``) runs bitsandbytes' fused AVX512-BF16 4-bit kernel."""
-    from qzo.targets.bnb import fused_cpu_4bit_available
+    from qzo.models.bnb import fused_cpu_4bit_available
 
     return fused_cpu_4bit_available()
 

@@ -79,7 +79,7 @@ def test_offload_7b_gpu_branch_plans_its_placement_without_a_gpu(tmp_path):
     command (a hub id, read from the local cache) and the placement it hands to qzo.load."""
     import ast
 
-    from qzo.plan import GiB, model_config, plan
+    from qzo.train.plan import GiB, model_config, plan
 
     repo_id = "meta-llama/Llama-2-7b-chat-hf"  # the example's default --model
     cache = _hub_cache_with_config(tmp_path / "hub", repo_id, model_config("llama-2-7b"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import qzo
-from qzo.streaming import StreamPlan, streamed_layers
+from qzo.models.streaming import StreamPlan, streamed_layers
 
 from helpers import tiny_config
 
@@ -18,7 +18,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 from _build4bit import (  # noqa: E402
-    build_4bit, packed_bytes, random_weight, sixteen_bit_linears, stream, streaming_plan)
+                        build_4bit, packed_bytes, random_weight, sixteen_bit_linears, stream, streaming_plan)
 
 
 def _ordinary_folder(model, cfg, folder, tokenizer, seed):

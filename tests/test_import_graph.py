@@ -1,8 +1,8 @@
-"""The import graph of the package: no cycle, an optimizer core that knows no model code, kernels that know no qzo.
+"""The import graph of the package: the folder rules of the house, no cycle, kernels that know no qzo.
 
 Read from the source with ``ast`` (every import, the lazy ones inside functions included),
 so a back-reference fails here the day it is written, not when it first causes an import
-loop.
+loop. The rules are the ones ``qzo/__init__.py``'s docstring draws.
 """
 
 import ast
@@ -10,9 +10,18 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-#: the optimizer core: the loop, strategies, rules, the in-place passes, the noise and what they stand on
-CORE = {"qzo.optim", "qzo.strategies", "qzo.rules", "qzo.perturb", "qzo.noise", "qzo.noise_native", "qzo.normalize",
-        "qzo.schedule", "qzo.params", "qzo.errors", "qzo.distributed", "qzo.backend", "qzo.cache"}
+#: package -> the qzo packages it must never import (lazily or not)
+FORBIDDEN = {
+    "zo": {"models", "data", "train", "runs", "cli", "config", "targets", "export"},
+    "noise": {"zo", "models", "data", "train", "runs", "cli", "config", "targets", "export"},
+    "train": {"cli"},
+    "runs": {"train", "cli"},
+    "models": {"train", "cli", "runs", "config", "export"},
+    "config": {"train", "cli", "runs", "export"},
+    "data": {"train", "cli", "runs"},
+    "targets": {"train", "cli", "config", "export", "runs"},
+    "export": {"train", "cli"},
+}
 
 
 def _modules(package_dir: Path, package: str) -> dict[str, Path]:
@@ -73,17 +82,39 @@ def test_no_module_of_qzo_imports_one_that_imports_it_back():
     assert cycles == [], "\n".join(" -> ".join(c) for c in cycles)
 
 
-def test_the_optimizer_core_imports_no_model_code():
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "qzo" else parts[0]
+
+
+def test_each_package_imports_only_what_lies_below_it():
     mods = _modules(ROOT / "qzo", "qzo")
-    graph = _imports(mods)
-    reached, todo = set(), ["qzo.optim"]
-    while todo:
-        for m in graph[todo.pop()]:
-            if m not in reached:
-                reached.add(m)
-                todo.append(m)
-    outside = {m for m in reached if m.startswith("qzo.") and not any(m == c or m.startswith(c + ".") for c in CORE)}
-    assert outside == set(), f"qzo.optim reaches model-side modules: {sorted(outside)}"
+    broken = sorted(f"{m} -> {t}" for m, targets in _imports(mods).items() for t in targets
+                    if _package(t) in FORBIDDEN.get(_package(m), ()))
+    assert broken == [], "\n".join(broken)
+
+
+def test_the_folder_rules_catch_a_planted_back_reference(tmp_path):
+    """The rule test reads real folders: a zo module that imports the loop is reported."""
+    pkg = tmp_path / "qzo"
+    (pkg / "zo").mkdir(parents=True)
+    (pkg / "train").mkdir()
+    (pkg / "zo" / "optim.py").write_text("def f():\n    from ..train.loop import train\n")
+    (pkg / "train" / "loop.py").write_text("def train():\n    pass\n")
+    graph = _imports(_modules(pkg, "qzo"))
+    assert graph["qzo.zo.optim"] == {"qzo.train.loop"}
+    assert _package("qzo.train.loop") in FORBIDDEN[_package("qzo.zo.optim")]
+
+
+def test_only_the_noise_dispatch_imports_the_kernels():
+    mods = _modules(ROOT / "qzo", "qzo")
+    importers = sorted(m for m, targets in _imports(mods).items() if any(_package(t) == "qzo_kernels" for t in targets))
+    assert importers == ["qzo.noise.dispatch"]
+
+
+def test_the_top_level_holds_only_the_entry_points_and_the_leaves():
+    files = sorted(p.name for p in (ROOT / "qzo").glob("*.py"))
+    assert files == ["__init__.py", "__main__.py", "cache.py", "errors.py"]
 
 
 def test_the_kernels_import_nothing_of_qzo():

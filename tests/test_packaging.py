@@ -38,7 +38,7 @@ def test_every_subpackage_is_in_packages():
     assert isinstance(packages, list), "packages is an explicit list (see pyproject.toml)"
     found = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "qzo").rglob("__init__.py")
              if not _skipped(init)}
-    assert {"qzo", "qzo.rules", "qzo.strategies", "qzo.recipes"} <= found
+    assert {"qzo", "qzo.zo.rules", "qzo.zo.strategies", "qzo.recipes"} <= found
     missing = sorted(found - set(packages))
     assert not missing, f"add {missing} to [tool.setuptools] packages in pyproject.toml, or the wheel lacks them"
     for package in packages:

@@ -1,7 +1,7 @@
 """MeZO, MeZO-GV, MeZO-Greedy, LDSD, FZOO, ConMeZO and per-example probes written plainly: every z materialized as a dense tensor.
 
 The reference for qzo's seed-replayed, in-place, fused implementation: same generator,
-same seeds (``qzo.optim.step_seed``), textbook arithmetic on fresh copies.
+same seeds (``qzo.zo.optim.step_seed``), textbook arithmetic on fresh copies.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from qzo import noise
-from qzo.optim import step_seed
+from qzo.noise import contract as noise
+from qzo.zo.optim import step_seed
 
 
 class PlainZO:

@@ -3,7 +3,7 @@
 ``qzo train llama-3.1-8b-instruct/gpu-24gib`` runs one by name (``qzo recipes`` lists them,
 with the model each trains and the card it is sized for); a path to a YAML file works as
 before and wins over a recipe of the same name. ``smollm2-135m/demo`` is what ``qzo train``
-with no config runs (``qzo.config.DEMO_RECIPE``).
+with no config runs (``qzo.config.schema.DEMO_RECIPE``).
 
 Why the YAML files live inside the package, as package data next to this module, and not
 in a top-level ``configs/`` folder mapped in some other way: a wheel carries a package's
@@ -26,7 +26,7 @@ import yaml
 
 from ..errors import ConfigError
 
-#: the model a recipe without ``model.source`` runs (``qzo.config.DEFAULTS`` takes it from here)
+#: the model a recipe without ``model.source`` runs (``qzo.config.schema.DEFAULTS`` takes it from here)
 DEMO_MODEL = "smollm2-135m"
 
 if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11+

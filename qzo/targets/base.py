@@ -21,9 +21,9 @@ from typing import Callable, Iterable
 
 import torch
 
-from .bnb import is_quantized
 from ..errors import TargetError  # noqa: F401 - defined here first: importable from here as before
-from ..params import ParamSet, Trainable
+from ..models.bnb import is_quantized
+from ..zo.params import ParamSet, Trainable
 
 __all__ = ["TargetError", "ModuleTargets", "Targets", "combine", "is_quantized", "clean_path", "unwrap_peft",
            "select_modules", "read_checkpoint", "FILE_NAMES", "kind_of", "save_parts"]

@@ -24,19 +24,27 @@ from __future__ import annotations
 
 import torch
 
-from .bnb import dequantized_weight
-from ..noise import stream_id
-from ..params import Trainable
-from .base import (ModuleTargets, TargetError, _parent, clean_path, is_quantized, read_checkpoint,
-                      select_modules, unwrap_peft)
+from ..models.bnb import dequantized_weight
+from ..noise.contract import stream_id
+from ..zo.params import Trainable
+from .base import (
+    ModuleTargets,
+    TargetError,
+    _parent,
+    clean_path,
+    is_quantized,
+    read_checkpoint,
+    select_modules,
+    unwrap_peft,
+)
 
 __all__ = ["dense", "DenseParams", "load_dense"]
 
 
 def _dequantized(module) -> torch.Tensor:
-    """The float32 weight a bitsandbytes layer computes with (:func:`qzo.bnb.dequantized_weight`)."""
+    """The float32 weight a bitsandbytes layer computes with (:func:`qzo.models.bnb.dequantized_weight`)."""
     if getattr(module, "weight", None) is not None and module.weight.data.numel() == 0:
-        raise TargetError("a dense slice of a 4-bit layer that streams (qzo.streaming: its codes live in host RAM or "
+        raise TargetError("a dense slice of a 4-bit layer that streams (qzo.models.streaming: its codes live in host RAM or "
                           "on disk between forwards) cannot be trained: give the GPU more model.max_memory so the "
                           "layer stays whole, or train its LoRA adapters or scales (targets.scales) instead")
     return dequantized_weight(module)

@@ -36,11 +36,11 @@ from pathlib import Path
 import torch
 
 from ..errors import QzoError
-from ..params import ParamSet, Trainable
-from ..noise import stream_id
+from ..noise.contract import stream_id
+from ..zo.params import ParamSet, Trainable
 
-__all__ = ["lora", "LoraParams", "linear_module_names", "all_linear_names", "ALL_LINEAR", "load_initial_values",
-           "from_adapter"]
+__all__ = ["lora", "LoraParams", "InitialValues", "INIT_HELP", "linear_module_names", "all_linear_names", "ALL_LINEAR",
+           "load_initial_values", "from_adapter"]
 
 #: ``target_modules`` as peft spells "every linear layer of the decoder, not the LM head"
 ALL_LINEAR = "all-linear"
@@ -105,7 +105,7 @@ def _offloaded_weights_as_stand_ins(model, targets: list[str]):
 
 
 class LoraParams(ParamSet):
-    """The LoRA tensors of a model (a :class:`~qzo.params.ParamSet`) plus what saving needs.
+    """The LoRA tensors of a model (a :class:`~qzo.zo.params.ParamSet`) plus what saving needs.
 
     Attributes:
         peft_model: the ``peft.PeftModel`` wrapping the same model object.
@@ -215,11 +215,11 @@ def lora(
 
 
 
-_INIT_HELP = ("give a PEFT adapter folder (adapter_config.json + adapter_model.safetensors), a qzo run directory "
+INIT_HELP = ("give a PEFT adapter folder (adapter_config.json + adapter_model.safetensors), a qzo run directory "
               "or one of its checkpoints/step-N folders")
 
 
-class _Found:
+class InitialValues:
     """LoRA values read for ``init_from`` and what their source says about them (``None``: not recorded)."""
 
     def __init__(self, what: str, tensors: dict, r, alpha, base, alpha_note: str = "", targets=None):
@@ -241,11 +241,16 @@ def load_initial_values(params: LoraParams, source, r: int, alpha: float, target
             tensor names or shapes differ from this model's adapters (the message names the
             difference and the setting that fixes it).
     """
+    if isinstance(source, InitialValues):
+        return _install(source, params, r, alpha, list(target_modules))
     path = Path(str(source)).expanduser()
     if not path.exists():
-        raise QzoError(f"lora.init_from {str(source)!r} does not exist; {_INIT_HELP}")
-    found = _read_adapter(path) if (path / "adapter_config.json").is_file() else _read_qzo_values(path)
-    return _install(found, params, r, alpha, list(target_modules))
+        raise QzoError(f"lora.init_from {str(source)!r} does not exist; {INIT_HELP}")
+    if not (path / "adapter_config.json").is_file():
+        raise QzoError(f"lora.init_from {str(source)!r} is not a PEFT adapter folder (no adapter_config.json); for a "
+                       "qzo run or checkpoint pass qzo.runs.checkpoint.lora_values(path), or export the run with "
+                       "`qzo export RUN --peft`")
+    return _install(_read_adapter(path), params, r, alpha, list(target_modules))
 
 
 def from_adapter(model, folder) -> LoraParams:
@@ -268,7 +273,7 @@ def from_adapter(model, folder) -> LoraParams:
     return params
 
 
-def _install(found: _Found, params: LoraParams, r: int, alpha: float, targets: list[str]) -> str:
+def _install(found: InitialValues, params: LoraParams, r: int, alpha: float, targets: list[str]) -> str:
     """Copy ``found``'s tensors into ``params`` after :func:`_check_fits`; returns where they came from."""
     _check_fits(found, params, r, alpha, targets)
     with torch.no_grad():
@@ -277,7 +282,7 @@ def _install(found: _Found, params: LoraParams, r: int, alpha: float, targets: l
     return found.what
 
 
-def _read_adapter(path: Path, who: str = "lora.init_from") -> _Found:
+def _read_adapter(path: Path, who: str = "lora.init_from") -> InitialValues:
     """A PEFT LoRA adapter folder; refuses the variants whose extra tensors or scales qzo's LoRA does not have.
     ``who`` opens the error messages (the config key or the function the folder was given to)."""
     try:
@@ -315,33 +320,8 @@ def _read_adapter(path: Path, who: str = "lora.init_from") -> _Found:
     if config.get("use_rslora") and r0 and alpha0 is not None:
         # rsLoRA scales the adapter by alpha / sqrt(r), qzo by alpha / r: the same scale is alpha * sqrt(r) here
         alpha0, note = alpha0 * math.sqrt(r0), f" (rsLoRA lora_alpha {config['lora_alpha']:g} / sqrt(r), as alpha / r)"
-    return _Found(f"the PEFT adapter {path}", load_file(str(weights)), r0, alpha0,
+    return InitialValues(f"the PEFT adapter {path}", load_file(str(weights)), r0, alpha0,
                   config.get("base_model_name_or_path"), note, config.get("target_modules"))
-
-
-def _read_qzo_values(path: Path) -> _Found:
-    """The LoRA tensors of a qzo run's last checkpoint, or of one checkpoint folder, with the run's settings."""
-    from ..checkpoint import find_checkpoint, load_checkpoint
-
-    if (path / "config.yaml").is_file() and (path / "steps.jsonl").exists():
-        ckpt, run_dir = find_checkpoint(path, "last"), path
-    elif (path / "meta.json").is_file() and (path / "trainables.safetensors").is_file():
-        ckpt, run_dir = path, path.parent.parent
-    else:
-        raise QzoError(f"lora.init_from {str(path)!r} is neither a PEFT adapter folder nor a qzo run or checkpoint; "
-                       f"{_INIT_HELP}")
-    tensors = {k: v for k, v in load_checkpoint(ckpt)[0].items() if ".lora_A." in k or ".lora_B." in k}
-    if not tensors:
-        raise QzoError(f"lora.init_from {str(ckpt)!r} holds no LoRA values (its run did not train LoRA); start from a "
-                       "run that did (targets.lora: true)")
-    r0 = alpha0 = base = None
-    if (run_dir / "config.yaml").is_file():  # a checkpoint copied out of its run: rank and shapes are still checked
-        import yaml
-
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        r0, alpha0 = cfg.get("lora", {}).get("r"), cfg.get("lora", {}).get("alpha")
-        base = cfg.get("model", {}).get("source")
-    return _Found(f"{ckpt.name} of the qzo run {run_dir}", tensors, r0, alpha0, base)
 
 
 def _adapted_module(key: str) -> str:
@@ -349,7 +329,7 @@ def _adapted_module(key: str) -> str:
     return key.split(".lora_", 1)[0].rsplit(".", 1)[-1]
 
 
-def _check_fits(found: _Found, params: LoraParams, r: int, alpha: float, targets: list[str]) -> None:
+def _check_fits(found: InitialValues, params: LoraParams, r: int, alpha: float, targets: list[str]) -> None:
     ours, theirs = {t.name: t.tensor for t in params}, found.tensors
     base = (f"it was made for {found.base!r}: set model.source to that model" if found.base
             else "set model.source to the model it was trained on")

@@ -20,7 +20,7 @@ A quantized weight is ``W = q * s``: integer codes ``q`` that stay frozen and fl
 On CPUs with AVX512-BF16, bitsandbytes 0.50 would repack a 4-bit layer for its fused
 kernel and *copy* absmax into a bfloat16 transposed tensor the kernel reads instead:
 perturbing the float32 scales would change nothing. Scale-trained layers therefore run
-the plain path (see :func:`qzo.bnb.unpack_cpu_4bit`).
+the plain path (see :func:`qzo.models.bnb.unpack_cpu_4bit`).
 
 Names are ``<module path>.weight.absmax`` / ``<module path>.weight.SCB`` (peft's
 ``base_layer`` segment dropped), so the noise streams and a saved checkpoint do not
@@ -29,11 +29,11 @@ depend on which other tensors are trained or whether LoRA wraps the layer.
 
 from __future__ import annotations
 
-from .bnb import float32_absmax, int8_row_scales, is_4bit
 from ..errors import QzoError
-from ..noise import stream_id
-from ..normalize import clip_grad  # the clip is the optimizer's (qzo.ZO(clip=)); importable here as before
-from ..params import Trainable
+from ..models.bnb import float32_absmax, int8_row_scales, is_4bit
+from ..noise.contract import stream_id
+from ..zo.normalize import clip_grad  # the clip is the optimizer's (qzo.ZO(clip=)); importable here as before
+from ..zo.params import Trainable
 from .base import ModuleTargets, TargetError, is_quantized, read_checkpoint, select_modules, unwrap_peft
 
 __all__ = ["scales", "ScaleParams", "load_scales", "clip_grad"]

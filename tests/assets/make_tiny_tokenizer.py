@@ -34,7 +34,7 @@ def corpus() -> list[str]:
     from jinja2 import Template
 
     template = Template(CHAT_TEMPLATE)
-    root = HERE.parents[1] / "qzo" / "assets"
+    root = HERE.parents[1] / "qzo" / "data" / "assets"
     chats = [json.loads(line)["messages"] for name in ("demo_train.jsonl", "demo_eval.jsonl")
              for line in (root / name).read_text().splitlines() if line.strip()]
     return [template.render(messages=c, add_generation_prompt=False) for c in chats] + TEXTS * 4

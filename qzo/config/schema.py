@@ -1,0 +1,467 @@
+"""Run configuration: defaults, YAML loading, ``--set key=value`` overrides and validation.
+
+``DEFAULTS`` are what every key is when a config does not set it: plain MeZO (SPSA on every
+trainable, lr 1e-3) on the demo model and data. ``qzo train`` with no config runs the shipped
+recipe ``smollm2-135m/demo`` (:data:`DEMO_RECIPE`, package data, so a wheel has it), which
+spells out the keys a user tunes, with comments, and differs from the defaults only where a
+measurement says the demo should (B-only directions and their lr, batch, steps; a test holds
+that list). The defaults stay MeZO because a default like ``noise_scale: {"*lora_A*": 0}``
+names LoRA tensors, which a config training scales or dense slices does not have.
+``load_config`` takes a YAML file or a shipped recipe's name (:mod:`qzo.recipes`). A config
+is a nested dict with the fixed sections below. Every key must exist in
+``DEFAULTS`` (a typo is an error that lists the valid keys), values are checked against the
+default's type, and impossible values are rejected with the valid range.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import yaml
+
+from ..data.formats import FORMATS, check_fields
+from ..data.sources import parse_hf
+from ..data.templates import template_problem
+from ..errors import ConfigError, DataError
+from ..models.bnb import QUANTS
+from ..recipes import DEMO_MODEL
+from ..targets.lora import ALL_LINEAR
+from ..zo.normalize import NORMALIZATIONS
+from ..zo.rules import RULES
+from ..zo.strategies import STRATEGIES
+from ..zo.strategies.fzoo import BASELINES
+
+__all__ = ["REPORTERS", "DEFAULTS", "load_config", "config_file", "merge_config", "apply_overrides", "validate", "flat_keys",
+           "get"]
+
+#: the trackers ``train.report_to`` may name, with the command that installs each (qzo.runs.metrics drives them)
+REPORTERS = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb", "mlflow": "pip install mlflow"}
+
+DEFAULTS: dict = {
+    "model": {
+        "source": DEMO_MODEL,  # folder, .gguf, built-in name or hub id
+        "quant": "nf4",  # nf4 | fp4 | int8 | none
+        "double_quant": False,
+        "dtype": None,  # compute dtype; null: float32 on CPU, bfloat16 on CUDA
+        "device_map": None,  # null: auto with a GPU, cpu without
+        "max_memory": None,  # e.g. {0: "6GiB", "cpu": "48GiB"} (GPU by index: accelerate rejects "cuda:0")
+        "offload_folder": None,
+        "trust_remote_code": False,
+        "cpu_fused_4bit": False,  # bitsandbytes' fused bf16 CPU kernel (AVX512-BF16 only; faster on some CPUs)
+        "embedding_on_cpu": False,  # input embedding in host RAM (GPU bytes saved; values unchanged; untied models)
+    },
+    "lora": {
+        "r": 8,
+        "alpha": 16.0,
+        "target_modules": ["q_proj", "v_proj"],  # module names, or all-linear (every decoder linear, not the head)
+        # null: fresh adapters (B = 0); a PEFT adapter folder, a qzo run or its checkpoints/step-N: start from
+        # its values (r, alpha, modules and shapes must match; qzo.lora.load_initial_values checks them)
+        "init_from": None,
+    },
+    "targets": {
+        "lora": True,  # train the LoRA adapters of the lora section
+        "scales": None,  # null: off; "all" or module patterns: train their quantization scales (qzo.scales)
+        "dense": None,  # null: off; module patterns trained as float32 dense slices (qzo.dense)
+    },
+    "data": {
+        "train": "builtin:demo_train",  # JSONL, builtin:NAME, hf:KIND:PATH, hf:NAME[:SPLIT] or hf:NAME:CONFIG:SPLIT
+        "eval": "builtin:demo_eval",  # null: hold out data.eval_fraction of train
+        "eval_fraction": 0.1,
+        "format": "auto",  # auto | chat | sharegpt | alpaca | completion | text (auto: detected per record)
+        "fields": None,  # null, or qzo's field names -> the dataset's, e.g. {messages: conv, role: speaker}
+        "system_prompt": None,  # system message added to examples without one; null: none added
+        "chat_template": None,  # null: the tokenizer's; chatml | llama3 | qwen2.5 | path to a jinja file
+        "train_on_inputs": False,  # true: loss on every token of the chat, not only the assistant's
+        "packing": False,  # pack whole training examples into rows of train.max_len (no attention across them)
+    },
+    "optim": {
+        "strategy": "spsa",  # spsa | gv | greedy | ldsd | fzoo | conmezo | per_example
+        "rule": "sgd",  # sgd | momentum | adam | sign
+        "lr": 1e-3,
+        "eps": 1e-2,  # perturbation scale
+        "weight_decay": 0.0,
+        "pool": 4,  # gv, greedy: candidates per step (forwards: gv pool+2, greedy pool+1)
+        "split": 0.5,  # gv: fraction of the pool in the low-loss group
+        "candidates": 8,  # ldsd: candidates per step (forwards: candidates+1)
+        "sigma": 1.0,  # ldsd: spread of candidates around the learned mean
+        "lr_mu": 4e-2,  # ldsd: learning rate of the mean
+        "probes": 4,  # fzoo: one-sided probes per step (forwards: probes+1, or probes with baseline mean)
+        "baseline": "theta",  # fzoo: theta (evaluate f(theta)) | mean (the probes' mean, one forward fewer)
+        "cone_theta": 1.35,  # conmezo: half-angle (radians) of the cone around the momentum; pi/2 is MeZO
+        "cone_beta": 0.99,  # conmezo: decay of the momentum of past estimates
+        "cone_ramp_steps": 0,  # conmezo: beta rises linearly from 0.1 over this many steps (0: constant)
+        "normalize": None,  # null | spread (step / spread of the step's losses, FZOO) | rms (running RMS of the slope)
+        "normalize_beta": 0.99,  # normalize rms: decay of the running mean square
+        "momentum": 0.9,  # momentum rule: beta
+        "betas": [0.9, 0.999],  # adam rule
+        "schedule": "constant",  # constant | linear | cosine
+        "warmup_steps": 0,
+        "min_lr_ratio": 0.0,  # final lr / lr for linear and cosine
+        "batched": False,  # gv, greedy, ldsd, fzoo: evaluate the pool in one stacked forward (LoRA only)
+        "clip": None,  # limit the projected gradient to [-clip, clip] (QZO's clipping; null: off)
+        # LoRA-aware directions: name pattern -> scale of the noise those tensors draw, e.g. {"*lora_A*": 0} (B only)
+        # or {"*lora_A*": 0.5} (A explored at half of B's scale); null: plain noise everywhere (MeZO)
+        "noise_scale": None,
+        "noise_scale_steps": None,  # noise_scale for the first this many steps only, then plain (null: always)
+    },
+    "train": {
+        "steps": 200,
+        "forwards": None,  # a budget in loss evaluations instead of steps: stop at the first step reaching it
+        "batch_size": 8,
+        "max_len": 96,
+        "eval_every": 50,  # steps between held-out evaluations (also at step 0 and the end)
+        "eval_every_forwards": None,  # instead of eval_every: evaluate at the first step past each multiple
+        "early_stop_patience": None,  # stop after this many held-out evaluations without a new best (null: off)
+        "early_stop_factor": None,  # stop when a held-out loss exceeds the best by this factor, e.g. 1.5 (null: off)
+        # undo a step whose loss is non-finite or over this x the running mean of the last 20 (qzo.train.guard), e.g. 3;
+        # null: off (a non-finite loss stops the run). Costs two copies of the trainables in RAM and in checkpoints
+        "divergence_factor": None,
+        "divergence_backoff": 0.5,  # the lr is multiplied by this at every undone step
+        "divergence_limit": 3,  # this many undone steps in a row stop the run
+        "eval_batch_size": 16,
+        "save_every": 50,  # steps between checkpoints (also at the end)
+        "keep_checkpoints": 2,
+        "seed": 0,
+        "candidate_parallel": 1,  # under torchrun: ranks that split each step's evaluations (world / this = data shards)
+        "check_every": 50,  # under torchrun: compare a checksum of the trainables across ranks every this many steps
+        "dist_timeout_s": 300.0,  # under torchrun: a rank silent this long stops the run, naming where
+        "report_to": ["tensorboard"],  # trackers mirroring metrics.jsonl: any of tensorboard, wandb, mlflow ([]: none)
+    },
+    "objective": {
+        "kind": "cross_entropy",  # cross_entropy (on the assistant tokens) | reward (on generated replies)
+        "reward": None,  # kind reward: exact_match | token_f1 | module:function | file.py:function (qzo.objectives)
+        "max_new_tokens": 32,  # kind reward: longest reply generated per prompt and evaluation
+        "temperature": 0.0,  # kind reward: 0 greedy; > 0 sampling, the same random numbers for a step's evaluations
+    },
+    "out_dir": None,  # run directory; null: runs/<name>-<time>
+}
+
+_CHOICES = {
+    ("model", "quant"): QUANTS,
+    ("model", "dtype"): (None, "float32", "bfloat16", "float16"),
+    ("optim", "strategy"): tuple(STRATEGIES),
+    ("optim", "baseline"): BASELINES,
+    ("optim", "normalize"): (None, *NORMALIZATIONS),
+    ("optim", "rule"): tuple(RULES),
+    ("optim", "schedule"): ("constant", "linear", "cosine"),
+    ("data", "format"): FORMATS,
+    ("objective", "kind"): ("cross_entropy", "reward"),
+}
+_POSITIVE = {("optim", "lr"), ("optim", "eps"), ("lora", "alpha"), ("optim", "sigma"), ("train", "dist_timeout_s")}
+_AT_LEAST_ONE = {("lora", "r"), ("train", "steps"), ("train", "batch_size"), ("train", "eval_every"),
+                 ("train", "candidate_parallel"), ("train", "check_every"),
+                 ("train", "eval_batch_size"), ("train", "save_every"), ("train", "keep_checkpoints"),
+                 ("train", "divergence_limit")}
+# Keys that may be null, by the types they take otherwise.
+_NULLABLE_BY_TYPE = {
+    (str,): ("model.dtype", "model.offload_folder", "data.eval", "data.system_prompt", "data.chat_template",
+             "lora.init_from", "out_dir", "optim.normalize", "objective.reward"),
+    (str, dict): ("model.device_map",),
+    (dict,): ("model.max_memory", "data.fields", "optim.noise_scale"),
+    (float, int): ("optim.clip", "train.early_stop_factor", "train.divergence_factor"),
+    (int,): ("optim.noise_scale_steps", "train.forwards", "train.eval_every_forwards", "train.early_stop_patience"),
+    (str, list): ("targets.scales",),
+    (list,): ("targets.dense",),
+}
+_NULLABLE_TYPES = {tuple(key.split(".")): types for types, keys in _NULLABLE_BY_TYPE.items() for key in keys}
+
+
+def flat_keys(tree: dict = DEFAULTS, prefix: str = "") -> list[str]:
+    """Every valid dotted key, e.g. ``optim.lr``."""
+    keys = []
+    for k, v in tree.items():
+        if isinstance(v, dict) and (prefix + k) not in ("model.max_memory",):
+            keys.extend(flat_keys(v, prefix + k + "."))
+        else:
+            keys.append(prefix + k)
+    return keys
+
+
+def get(cfg: dict, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _set(cfg: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = cfg
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def merge_config(base: dict, update: dict, where: str = "") -> None:
+    """Merge a (partial) config tree into ``base`` in place; an unknown key is a :class:`ConfigError`."""
+    for k, v in update.items():
+        key = f"{where}{k}"
+        if k not in base:
+            valid = [x for x in flat_keys() if x.startswith(where)] if where else list(DEFAULTS)
+            raise ConfigError(f"unknown config key {key!r}; valid keys here: {', '.join(valid)}")
+        if isinstance(base[k], dict) and isinstance(v, dict):
+            merge_config(base[k], v, key + ".")
+        elif isinstance(base[k], dict) and key != "model.max_memory":
+            raise ConfigError(f"config key {key!r} is a section; give it a mapping of "
+                              f"{', '.join(base[k])}, not {v!r}")
+        else:
+            base[k] = v
+
+
+def config_file(config: str | Path):
+    """The file ``config`` names: a YAML file, else a shipped recipe (``llama-3.1-8b-instruct/gpu-24gib``)."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    from .. import recipes
+
+    try:
+        return recipes.find(str(config))
+    except ConfigError:
+        raise ConfigError(f"config {str(config)!r} does not exist: it is neither a file nor a shipped recipe; "
+                          f"the recipes are: {', '.join(recipes.names())} (`qzo recipes` shows each one's "
+                          f"model and card)") from None
+
+
+#: what ``qzo train`` runs with no config (the CPU demo)
+DEMO_RECIPE = "smollm2-135m/demo"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
+    """Defaults, then the YAML file or shipped recipe (``None``: the demo's), then ``key=value`` overrides; validated."""
+    cfg = copy.deepcopy(DEFAULTS)
+    path = config_file(DEMO_RECIPE if path is None else path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    merge_config(cfg, data)
+    apply_overrides(cfg, overrides or [])
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings; values are parsed as YAML (``1e-3``, ``[a, b]``, ``null``)."""
+    valid = flat_keys()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key not in valid:
+            raise ConfigError(f"unknown config key {key!r} in --set; valid keys: {', '.join(valid)}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        _set(cfg, key, value)
+    return cfg
+
+
+def _type_ok(default, value, key: tuple) -> bool:
+    if value is None:
+        return default is None or key in _NULLABLE_TYPES
+    if default is None:
+        return isinstance(value, _NULLABLE_TYPES.get(key, (object,)))
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if key == ("lora", "target_modules") and value == ALL_LINEAR:
+        return True
+    if isinstance(default, list):
+        kind = (int, float) if isinstance(default[0], float) else type(default[0])
+        return isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+    return isinstance(value, type(default))
+
+
+def _validate_targets(cfg: dict) -> None:
+    t = cfg["targets"]
+    if not (t["lora"] or t["scales"] or t["dense"]):
+        raise ConfigError("nothing to train: targets.lora is false and targets.scales / targets.dense are null; "
+                          "turn one on, e.g. --set targets.lora=true")
+    if isinstance(t["scales"], str) and t["scales"] != "all":
+        raise ConfigError(f"config key 'targets.scales' is {t['scales']!r}; give \"all\" or a list of module "
+                          "patterns such as [q_proj, v_proj] or ['model.layers.0.*']")
+    for key in ("scales", "dense"):
+        value = t[key]
+        if isinstance(value, list) and (not value or not all(isinstance(v, str) and v for v in value)):
+            raise ConfigError(f"config key 'targets.{key}' must be null or a non-empty list of module patterns "
+                              f"(strings), got {value!r}")
+    if cfg["optim"]["strategy"] == "per_example" and (t["scales"] or t["dense"] or not t["lora"]):
+        raise ConfigError("optim.strategy per_example perturbs each row inside the LoRA layers' forward: it trains "
+                          "LoRA only (targets.lora true, targets.scales and targets.dense null)")
+    if cfg["optim"]["batched"] and (t["scales"] or t["dense"]):
+        raise ConfigError("config key 'optim.batched' evaluates LoRA candidates inside the forward; it cannot "
+                          "batch scale or dense targets: set optim.batched=false or train LoRA only")
+
+
+def _validate_data(cfg: dict) -> None:
+    d = cfg["data"]
+    problem = check_fields(d["fields"])
+    if problem:
+        raise ConfigError(f"config key 'data.fields' {problem}")
+    problem = template_problem(d["chat_template"])
+    if problem:
+        raise ConfigError(f"config key 'data.chat_template' {problem}")
+    for key in ("train", "eval"):  # an hf: spec's syntax is checked here, before the model loads
+        if isinstance(d[key], str) and d[key].startswith("hf:"):
+            try:
+                parse_hf(d[key])
+            except DataError as exc:
+                raise ConfigError(f"config key 'data.{key}': {exc}") from None
+    if d["format"] == "text" and cfg["objective"]["kind"] == "reward":
+        raise ConfigError("data.format text (raw text, no prompts) cannot be used with objective.kind=reward, which "
+                          "generates replies to chats; set data.format to a chat format or "
+                          "objective.kind=cross_entropy")
+
+
+def _validate_objective(cfg: dict) -> None:
+    ob = cfg["objective"]
+    if ob["max_new_tokens"] < 1:
+        raise ConfigError(f"config key 'objective.max_new_tokens' must be >= 1, got {ob['max_new_tokens']}")
+    if not ob["temperature"] >= 0:
+        raise ConfigError(f"config key 'objective.temperature' must be >= 0 (0: greedy), got {ob['temperature']}")
+    if ob["kind"] != "reward":
+        return
+    reward = ob["reward"]
+    if not reward or not reward.strip():
+        raise ConfigError("objective.kind is reward but 'objective.reward' is not set; give exact_match, token_f1 "
+                          "or module:function, e.g. --set objective.reward=token_f1")
+    if reward.strip() not in ("exact_match", "token_f1") and ":" not in reward:
+        raise ConfigError(f"config key 'objective.reward' is {reward!r}; give exact_match, token_f1, "
+                          "module:function or path/to/file.py:function")
+    if cfg["data"]["packing"]:
+        raise ConfigError("data.packing cannot be used with objective.kind=reward: replies are generated per "
+                          "chat, and packed rows mix several; set data.packing=false")
+    if cfg["optim"]["batched"] or cfg["optim"]["strategy"] == "per_example":
+        raise ConfigError("config keys 'optim.batched' and optim.strategy per_example evaluate the cross-entropy loss "
+                          "inside one forward; with objective.kind=reward set optim.batched=false and another strategy")
+
+
+def _validate_names(cfg: dict) -> None:
+    """``lora.target_modules`` and ``train.report_to``: the one string and the names they take."""
+    modules = cfg["lora"]["target_modules"]
+    if isinstance(modules, str) and modules != ALL_LINEAR:
+        raise ConfigError(f"config key 'lora.target_modules' is {modules!r}; give a list of module names such as "
+                          f"[q_proj, v_proj], or {ALL_LINEAR} (every linear layer of the decoder, not the LM head)")
+    report_to = cfg["train"]["report_to"]
+    if isinstance(report_to, str):  # `--set train.report_to=wandb`: one name; none (transformers' word): []
+        report_to = cfg["train"]["report_to"] = [] if report_to == "none" else [report_to]
+    if isinstance(report_to, list) and all(isinstance(n, str) for n in report_to):  # else: the type check's error
+        unknown = [n for n in report_to if n not in REPORTERS]
+        if unknown:
+            raise ConfigError(f"config key 'train.report_to' names {', '.join(map(repr, unknown))}; give a list of "
+                              f"{', '.join(REPORTERS)} (any subset; [] for none), e.g. [tensorboard, wandb]")
+
+
+def validate(cfg: dict) -> dict:
+    """Check types, choices and ranges of every key; raises :class:`ConfigError` naming the key."""
+    _validate_names(cfg)
+    for dotted in flat_keys():
+        key = tuple(dotted.split("."))
+        default, value = get(DEFAULTS, dotted), get(cfg, dotted)
+        if isinstance(default, float) and isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string; users write it that way.
+            try:
+                value = float(value)
+                _set(cfg, dotted, value)
+            except ValueError:
+                pass
+        if not _type_ok(default, value, key):
+            kinds = _NULLABLE_TYPES.get(key, ())
+            want = type(default).__name__ if default is not None else "/".join(t.__name__ for t in kinds)
+            raise ConfigError(f"config key {dotted!r} must be {want}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value) or (
+                isinstance(value, list) and any(isinstance(v, float) and not math.isfinite(v) for v in value)):
+            raise ConfigError(f"config key {dotted!r} must be a finite number, got {value!r}")
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise ConfigError(f"config key {dotted!r} is {value!r}; choose one of {', '.join(map(str, _CHOICES[key]))}")
+        if key in _POSITIVE and not value > 0:
+            raise ConfigError(f"config key {dotted!r} must be > 0, got {value}")
+        if key in _AT_LEAST_ONE and value < 1:
+            raise ConfigError(f"config key {dotted!r} must be >= 1, got {value}")
+    _validate_targets(cfg)
+    _validate_data(cfg)
+    _validate_objective(cfg)
+    if cfg["targets"]["lora"] and not cfg["lora"]["target_modules"]:
+        raise ConfigError("config key 'lora.target_modules' is empty; name at least one layer, e.g. [q_proj, v_proj]")
+    init = cfg["lora"]["init_from"]
+    if init is not None and (not init.strip() or not cfg["targets"]["lora"]):
+        raise ConfigError(f"config key 'lora.init_from' is {init!r}: give the path of a PEFT adapter folder, a qzo run or "
+                          "one of its checkpoints, with targets.lora true (it sets the adapters' starting values), or null")
+    o = cfg["optim"]
+    for key, low in (("weight_decay", 0), ("lr_mu", 0), ("warmup_steps", 0), ("min_lr_ratio", 0)):
+        if o[key] < low:
+            raise ConfigError(f"config key 'optim.{key}' must be >= {low}, got {o[key]}")
+    if o["strategy"] == "gv" and o["pool"] < 2:
+        raise ConfigError(f"config key 'optim.pool' must be >= 2 for gv, got {o['pool']}")
+    if o["pool"] < 1 or o["candidates"] < 2:
+        raise ConfigError("config keys 'optim.pool' >= 1 and 'optim.candidates' >= 2 are required")
+    if not 0 < o["split"] < 1 or not 0 <= o["momentum"] < 1 or o["min_lr_ratio"] > 1:
+        raise ConfigError("need 0 < optim.split < 1, 0 <= optim.momentum < 1, optim.min_lr_ratio <= 1")
+    if o["batched"] and o["strategy"] in ("spsa", "conmezo", "per_example"):
+        raise ConfigError(f"config key 'optim.batched' applies to pool strategies (gv, greedy, ldsd, fzoo), not "
+                          f"{o['strategy']}")
+    least = 2 if o["baseline"] == "mean" else 1
+    if o["probes"] < least:
+        raise ConfigError(f"config key 'optim.probes' must be >= {least} with optim.baseline {o['baseline']}, "
+                          f"got {o['probes']}")
+    if not 0 < o["cone_theta"] <= 1.5707963267948966 or not 0 <= o["cone_beta"] < 1 or o["cone_ramp_steps"] < 0:
+        raise ConfigError(f"need 0 < optim.cone_theta <= pi/2, 0 <= optim.cone_beta < 1 and optim.cone_ramp_steps "
+                          f">= 0, got {o['cone_theta']}, {o['cone_beta']}, {o['cone_ramp_steps']}")
+    if not 0 <= o["normalize_beta"] < 1:
+        raise ConfigError(f"config key 'optim.normalize_beta' must be in [0, 1), got {o['normalize_beta']}")
+    patience, factor = cfg["train"]["early_stop_patience"], cfg["train"]["early_stop_factor"]
+    if factor is not None and not factor > 1:
+        raise ConfigError(f"config key 'train.early_stop_factor' must be > 1 (a loss that many times the best) or "
+                          f"null, got {factor}")
+    divergence, backoff = cfg["train"]["divergence_factor"], cfg["train"]["divergence_backoff"]
+    if divergence is not None and not divergence > 1:
+        raise ConfigError(f"config key 'train.divergence_factor' must be > 1 (a loss that many times its running "
+                          f"mean is undone) or null (off), got {divergence}")
+    if not 0 < backoff <= 1:
+        raise ConfigError(f"config key 'train.divergence_backoff' must be in (0, 1] (the lr is multiplied by it at "
+                          f"every undone step), got {backoff}")
+    if patience is not None and patience < 1:
+        raise ConfigError(f"config key 'train.early_stop_patience' must be >= 1 or null, got {patience}")
+    for key in ("forwards", "eval_every_forwards"):
+        if cfg["train"][key] is not None and cfg["train"][key] < 1:
+            raise ConfigError(f"config key 'train.{key}' must be >= 1 or null, got {cfg['train'][key]}")
+    if o["clip"] is not None and not o["clip"] > 0:
+        raise ConfigError(f"config key 'optim.clip' must be > 0 or null, got {o['clip']}")
+    for pattern, scale in (o["noise_scale"] or {}).items():
+        if not isinstance(pattern, str) or isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+                or not scale >= 0:
+            raise ConfigError(f"config key 'optim.noise_scale' maps name patterns to scales >= 0, e.g. "
+                              f"{{'*lora_A*': 0}}; got {pattern!r}: {scale!r}")
+    if o["noise_scale_steps"] is not None and (o["noise_scale_steps"] < 0 or not o["noise_scale"]):
+        raise ConfigError(f"config key 'optim.noise_scale_steps' must be >= 0 and needs optim.noise_scale, got "
+                          f"{o['noise_scale_steps']} with noise_scale {o['noise_scale']}")
+    if len(o["betas"]) != 2 or not all(0 <= b < 1 for b in o["betas"]):
+        raise ConfigError(f"config key 'optim.betas' must be two values in [0, 1), got {o['betas']}")
+    _check_builds(o)
+    return cfg
+
+
+def _check_builds(o: dict) -> None:
+    """Build the strategy and rule the config names from their tables: what a constructor refuses is
+    reported by the config keys that feed it.
+
+    The checks above cover every key whatever is chosen (a bad value in a key the chosen
+    strategy ignores is still caught); the constructors are the last word on what they take.
+    """
+    for table, name in ((STRATEGIES, o["strategy"]), (RULES, o["rule"])):
+        cls = table[name]
+        try:
+            cls.from_config(o)
+        except (ValueError, TypeError) as exc:
+            keys = ", ".join(f"'optim.{k}'" for k in cls.config_keys.values())
+            raise ConfigError(f"config keys {keys} ({name}): {exc}") from None

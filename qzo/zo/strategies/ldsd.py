@@ -1,0 +1,107 @@
+"""LDSD: learnable direction sampling (Parfenov et al., arXiv 2602.13659).
+
+Directions are drawn from N(mu, sigma^2 I) with a learned mean mu (a dense float32 tensor
+per trainable, saved in checkpoints): z_i = mu + sigma * e_i with e_i = noise(seed_i).
+Per step: evaluate f(theta + eps z_i) for k candidates, take the best, the two-point
+estimate along it (its one-sided evaluation is reused as f+, so k + 1 forwards a step),
+update theta along z_best = mu + sigma e_best, and then move mu by REINFORCE with a
+leave-one-out baseline, over exactly the candidates that were evaluated:
+
+    c_i = f_i - mean_{j != i} f_j
+    mu <- mu - lr_mu * sum_i c_i (z_i - mu) / (k sigma^2)
+        = mu - lr_mu / (k sigma) * sum_i c_i e_i          (z_i - mu = sigma e_i)
+
+The authors' public code draws fresh noise for this update instead of reusing the
+evaluated candidates, which makes the policy gradient pure noise; here the same seeds
+are replayed (tested on a hand-worked example).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ...noise.passes import perturb_params_
+from ..params import Trainable
+from .base import Estimate, Probe, Strategy
+
+__all__ = ["LDSD", "leave_one_out"]
+
+
+def leave_one_out(losses: list[float]) -> list[float]:
+    """c_i = f_i - mean of the other losses."""
+    k = len(losses)
+    total = sum(losses)
+    return [f - (total - f) / (k - 1) for f in losses]
+
+
+class LDSD(Strategy):
+    """Learnable direction sampling: candidates from N(mu, sigma^2 I), mu learned by REINFORCE.
+
+    Cost: ``candidates + 1`` forwards a step; state: mu, one float32 value per trainable value.
+
+    Args:
+        candidates: k, candidates per step (the paper uses 5-10).
+        sigma: standard deviation of the candidates around mu.
+        lr_mu: learning rate of mu's REINFORCE step (the paper uses 4e-2).
+        batched: evaluate the candidates in one stacked forward (LoRA trainables and a
+            ``qzo.CausalLMLoss`` closure); ``opt.forwards`` still counts ``candidates`` evaluations.
+    """
+
+    config_keys = {"candidates": "candidates", "sigma": "sigma", "lr_mu": "lr_mu", "batched": "batched"}
+
+    dense_state_copies = 1  # mu
+
+    def __init__(self, candidates: int = 8, sigma: float = 1.0, lr_mu: float = 4e-2, batched: bool = False):
+        if candidates < 2:
+            raise ValueError(f"LDSD needs candidates >= 2 (the baseline leaves one out), got {candidates}")
+        if not sigma > 0 or lr_mu < 0:
+            raise ValueError(f"need sigma > 0 and lr_mu >= 0, got sigma={sigma}, lr_mu={lr_mu}")
+        self.candidates, self.sigma, self.lr_mu = int(candidates), float(sigma), float(lr_mu)
+        self.batched = bool(batched)
+        self.forwards_per_step = self.candidates + 1
+        self.mu: dict[str, torch.Tensor] = {}
+        self._pending: tuple[list[int], list[float]] | None = None
+
+    def bind(self, params) -> None:
+        for t in params:
+            if t.name not in self.mu:
+                self.mu[t.name] = torch.zeros(t.tensor.shape, dtype=torch.float32, device=t.tensor.device)
+
+    def mu_for(self, name: str):
+        return self.mu.get(name)
+
+    def estimate(self, probe: Probe, draw_seeds: Callable[[int], list[int]]) -> Estimate:
+        eps, sigma = probe.eps, self.sigma
+        seeds = draw_seeds(self.candidates)
+        # theta + eps (mu + sigma e_i)
+        losses = probe.evaluate_pool([([(seed, eps * sigma)], eps) for seed in seeds])
+        b = min(range(len(seeds)), key=lambda i: losses[i])
+        best = seeds[b]
+        probe.move_to([(best, -eps * sigma)], mu_coef=-eps)  # theta - eps (mu + sigma e_best)
+        f_minus = probe.evaluate()
+        f_plus = losses[b]
+        c = leave_one_out(losses)
+        k = len(seeds)
+        self._pending = (seeds, [-self.lr_mu * ci / (k * sigma) for ci in c])
+        return Estimate(direction=[(best, sigma)], grad=(f_plus - f_minus) / (2.0 * eps), loss=0.5 * (f_plus + f_minus),
+                        direction_mu=1.0)
+
+    def after_update(self, params) -> None:
+        if self._pending is None:
+            return
+        seeds, coefs = self._pending
+        self._pending = None
+        # the means as one set, so the Triton backend moves them all in one launch
+        # (of the tensors this step moved, with their noise scales: qzo.ZO's noise_scale)
+        perturb_params_([Trainable(t.name, self.mu[t.name], t.stream, t.noise) for t in params], seeds, coefs)
+
+    def state_dict(self) -> dict:
+        return {"mu": {name: mu.detach().clone() for name, mu in self.mu.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, saved in state.get("mu", {}).items():
+            if name not in self.mu:
+                raise ValueError(f"LDSD checkpoint has a mean for unknown trainable {name!r}")
+            self.mu[name].copy_(saved)
