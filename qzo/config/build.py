@@ -21,15 +21,20 @@ from ..zo.params import ParamSet
 from ..zo.rules import RULES
 from ..zo.schedule import Schedule
 from ..zo.strategies import STRATEGIES
+from .schema import component
 
-__all__ = ["build_strategy", "total_steps", "build_optimizer", "build_targets", "describe_targets",
+__all__ = ["build_strategy", "build_rule", "total_steps", "build_optimizer", "build_targets", "describe_targets",
            "load_model_and_targets"]
 
 
 def build_strategy(cfg: dict):
-    """The strategy ``cfg["optim"]`` names, with its settings (each class's ``config_keys``)."""
-    o = cfg["optim"]
-    return STRATEGIES[o["strategy"]].from_config(o)
+    """The strategy ``optim.strategy`` names, built from its settings (its constructor is its schema)."""
+    return component(STRATEGIES, cfg["optim"]["strategy"], "optim.strategy")
+
+
+def build_rule(cfg: dict):
+    """The update rule ``optim.rule`` names, with ``optim.lr``."""
+    return component(RULES, cfg["optim"]["rule"], "optim.rule", lr=cfg["optim"]["lr"])
 
 
 def total_steps(cfg: dict) -> int:
@@ -51,7 +56,7 @@ def build_optimizer(cfg: dict, params, distributed: Distributed | None = None) -
                         min_ratio=o["min_lr_ratio"])
     normalize = Normalize(o["normalize"], beta=o["normalize_beta"]) if o["normalize"] else None
     try:  # noise_scale's patterns are checked against the trainables, which the config alone does not know
-        return ZO(params, strategy=build_strategy(cfg), rule=RULES[o["rule"]].from_config(o), eps=o["eps"],
+        return ZO(params, strategy=build_strategy(cfg), rule=build_rule(cfg), eps=o["eps"],
                   seed=cfg["train"]["seed"], schedule=schedule, clip=o["clip"], normalize=normalize,
                   distributed=distributed, noise_scale=o["noise_scale"], noise_scale_steps=o["noise_scale_steps"])
     except TargetError as exc:  # only ParamSet.with_noise raises it while building ZO

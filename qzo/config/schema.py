@@ -16,6 +16,7 @@ default's type, and impossible values are rejected with the valid range.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from pathlib import Path
 
@@ -31,7 +32,6 @@ from ..targets.lora import ALL_LINEAR
 from ..zo.normalize import NORMALIZATIONS
 from ..zo.rules import RULES
 from ..zo.strategies import STRATEGIES
-from ..zo.strategies.fzoo import BASELINES
 
 __all__ = ["REPORTERS", "DEFAULTS", "load_config", "config_file", "merge_config", "apply_overrides", "validate", "flat_keys",
            "get"]
@@ -77,29 +77,18 @@ DEFAULTS: dict = {
         "packing": False,  # pack whole training examples into rows of train.max_len (no attention across them)
     },
     "optim": {
-        "strategy": "spsa",  # spsa | gv | greedy | ldsd | fzoo | conmezo | per_example
-        "rule": "sgd",  # sgd | momentum | adam | sign
-        "lr": 1e-3,
+        # the components: a name and the constructor's own settings, e.g. {name: gv, pool: 4} is qzo.GV(pool=4)
+        # (strategies: spsa | gv | greedy | ldsd | fzoo | conmezo | per_example; `gv` alone means {name: gv})
+        "strategy": {"name": "spsa"},
+        "rule": {"name": "sgd"},  # sgd | momentum (beta) | adam (betas, eps) | sign; each takes weight_decay
+        "lr": 1e-3,  # the rule's lr (a schedule scales it per step)
         "eps": 1e-2,  # perturbation scale
-        "weight_decay": 0.0,
-        "pool": 4,  # gv, greedy: candidates per step (forwards: gv pool+2, greedy pool+1)
-        "split": 0.5,  # gv: fraction of the pool in the low-loss group
-        "candidates": 8,  # ldsd: candidates per step (forwards: candidates+1)
-        "sigma": 1.0,  # ldsd: spread of candidates around the learned mean
-        "lr_mu": 4e-2,  # ldsd: learning rate of the mean
-        "probes": 4,  # fzoo: one-sided probes per step (forwards: probes+1, or probes with baseline mean)
-        "baseline": "theta",  # fzoo: theta (evaluate f(theta)) | mean (the probes' mean, one forward fewer)
-        "cone_theta": 1.35,  # conmezo: half-angle (radians) of the cone around the momentum; pi/2 is MeZO
-        "cone_beta": 0.99,  # conmezo: decay of the momentum of past estimates
-        "cone_ramp_steps": 0,  # conmezo: beta rises linearly from 0.1 over this many steps (0: constant)
         "normalize": None,  # null | spread (step / spread of the step's losses, FZOO) | rms (running RMS of the slope)
         "normalize_beta": 0.99,  # normalize rms: decay of the running mean square
-        "momentum": 0.9,  # momentum rule: beta
-        "betas": [0.9, 0.999],  # adam rule
         "schedule": "constant",  # constant | linear | cosine
         "warmup_steps": 0,
         "min_lr_ratio": 0.0,  # final lr / lr for linear and cosine
-        "batched": False,  # gv, greedy, ldsd, fzoo: evaluate the pool in one stacked forward (LoRA only)
+        "batched": False,  # pool strategies: evaluate the pool in one stacked forward (LoRA only)
         "clip": None,  # limit the projected gradient to [-clip, clip] (QZO's clipping; null: off)
         # LoRA-aware directions: name pattern -> scale of the noise those tensors draw, e.g. {"*lora_A*": 0} (B only)
         # or {"*lora_A*": 0.5} (A explored at half of B's scale); null: plain noise everywhere (MeZO)
@@ -141,15 +130,12 @@ DEFAULTS: dict = {
 _CHOICES = {
     ("model", "quant"): QUANTS,
     ("model", "dtype"): (None, "float32", "bfloat16", "float16"),
-    ("optim", "strategy"): tuple(STRATEGIES),
-    ("optim", "baseline"): BASELINES,
     ("optim", "normalize"): (None, *NORMALIZATIONS),
-    ("optim", "rule"): tuple(RULES),
     ("optim", "schedule"): ("constant", "linear", "cosine"),
     ("data", "format"): FORMATS,
     ("objective", "kind"): ("cross_entropy", "reward"),
 }
-_POSITIVE = {("optim", "lr"), ("optim", "eps"), ("lora", "alpha"), ("optim", "sigma"), ("train", "dist_timeout_s")}
+_POSITIVE = {("optim", "lr"), ("optim", "eps"), ("lora", "alpha"), ("train", "dist_timeout_s")}
 _AT_LEAST_ONE = {("lora", "r"), ("train", "steps"), ("train", "batch_size"), ("train", "eval_every"),
                  ("train", "candidate_parallel"), ("train", "check_every"),
                  ("train", "eval_batch_size"), ("train", "save_every"), ("train", "keep_checkpoints"),
@@ -168,11 +154,79 @@ _NULLABLE_BY_TYPE = {
 _NULLABLE_TYPES = {tuple(key.split(".")): types for types, keys in _NULLABLE_BY_TYPE.items() for key in keys}
 
 
+#: the component keys: name -> family registry. Their settings are the class's constructor arguments, so the
+#: schema below a component is the class itself (checked by building it, :func:`component`)
+COMPONENTS = {"optim.strategy": STRATEGIES, "optim.rule": RULES}
+#: arguments a component takes from elsewhere in the config, not from its own mapping
+_GIVEN = {"optim.rule": {"lr": "optim.lr"}}
+#: the flat optim keys before components nested their settings -> where each lives now
+MOVED = {f"optim.{old}": new for old, new in {
+    "pool": "optim.strategy.pool", "split": "optim.strategy.split", "candidates": "optim.strategy.candidates",
+    "sigma": "optim.strategy.sigma", "lr_mu": "optim.strategy.lr_mu", "probes": "optim.strategy.probes",
+    "baseline": "optim.strategy.baseline", "cone_theta": "optim.strategy.theta", "cone_beta": "optim.strategy.beta",
+    "cone_ramp_steps": "optim.strategy.ramp_steps", "momentum": "optim.rule.beta", "betas": "optim.rule.betas",
+    "weight_decay": "optim.rule.weight_decay"}.items()}
+
+
+def moved_error(key: str) -> ConfigError:
+    """The one error for a flat key of the older layout: its new spelling."""
+    new = MOVED[key]
+    section, arg = new.rsplit(".", 1)
+    example = {"optim.strategy": "{name: gv, pool: 4}", "optim.rule": "{name: momentum, beta: 0.9}"}[section]
+    return ConfigError(f"config key {key!r} is now {new!r}: a component's settings live with it, e.g. "
+                       f"{section.split('.')[1]}: {example} in the optim section, or --set {new}=VALUE")
+
+
+def component(family: dict, spec, where: str, **given):
+    """Build the strategy or rule a config mapping names (``{name: gv, pool: 4}`` or just ``gv``).
+
+    The class's constructor is the schema: an unknown setting, a value of the wrong type or one
+    the constructor refuses is a :class:`ConfigError` naming the key (``optim.strategy.pool``)
+    and what it takes. ``given`` are the arguments the config sets elsewhere (a rule's lr).
+    """
+    spec = {"name": spec} if isinstance(spec, str) else spec
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ConfigError(f"config key {where!r} must be a name or a mapping with a name, e.g. {{name: "
+                          f"{next(iter(family))}}}; choose one of {', '.join(family)}, got {_brief(spec)}")
+    settings = {k: v for k, v in spec.items() if k != "name"}
+    cls = family.get(spec["name"])
+    if cls is None:
+        raise ConfigError(f"config key '{where}.name' is {_brief(spec['name'])}; choose one of {', '.join(family)}")
+    params = {n: p for n, p in inspect.signature(cls.__init__).parameters.items()
+              if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD and n not in given}
+    for key, value in settings.items():
+        if key not in params:
+            taken = {k: f"config key {v!r}" for k, v in _GIVEN.get(where, {}).items()}
+            hint = f" ({key} is {taken[key]})" if key in taken else ""
+            raise ConfigError(f"config key '{where}.{key}' is not a setting of {spec['name']}{hint}; its settings: "
+                              f"{', '.join(params) or 'none'}")
+        default = params[key].default
+        if isinstance(default, tuple) and isinstance(value, list):  # YAML has no tuples: betas [0.9, 0.999]
+            ok = len(value) == len(default) and all(_type_ok(d, v, ()) for d, v in zip(default, value))
+        else:
+            ok = default is inspect.Parameter.empty or default is None or _type_ok(default, value, ())
+        if not ok:
+            want = "number" if isinstance(default, float) else type(default).__name__
+            raise ConfigError(f"config key '{where}.{key}' must be a {want} (like its default {default!r}), got "
+                              f"{_brief(value)}")
+    try:
+        return cls(**given, **settings)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"config key {where!r} ({spec['name']}): {exc}") from None
+
+
+def _brief(value) -> str:
+    """A bad value as one short line (a config value can be huge)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def flat_keys(tree: dict = DEFAULTS, prefix: str = "") -> list[str]:
-    """Every valid dotted key, e.g. ``optim.lr``."""
+    """Every valid dotted key, e.g. ``optim.lr`` (a component, ``optim.strategy``, is one key: its settings
+    depend on the class it names)."""
     keys = []
     for k, v in tree.items():
-        if isinstance(v, dict) and (prefix + k) not in ("model.max_memory",):
+        if isinstance(v, dict) and (prefix + k) not in ("model.max_memory", *COMPONENTS):
             keys.extend(flat_keys(v, prefix + k + "."))
         else:
             keys.append(prefix + k)
@@ -189,7 +243,9 @@ def get(cfg: dict, dotted: str):
 def _set(cfg: dict, dotted: str, value) -> None:
     parts = dotted.split(".")
     node = cfg
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node[part], str) and ".".join(parts[:i + 1]) in COMPONENTS:  # gv -> {name: gv}: a setting
+            node[part] = {"name": node[part]}
         node = node[part]
     node[parts[-1]] = value
 
@@ -198,6 +254,11 @@ def merge_config(base: dict, update: dict, where: str = "") -> None:
     """Merge a (partial) config tree into ``base`` in place; an unknown key is a :class:`ConfigError`."""
     for k, v in update.items():
         key = f"{where}{k}"
+        if key in MOVED:
+            raise moved_error(key)
+        if key in COMPONENTS:  # a component's mapping replaces the default whole: its settings belong to its name
+            base[k] = copy.deepcopy(v)
+            continue
         if k not in base:
             valid = [x for x in flat_keys() if x.startswith(where)] if where else list(DEFAULTS)
             raise ConfigError(f"unknown config key {key!r}; valid keys here: {', '.join(valid)}")
@@ -253,7 +314,9 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         key = key.strip()
-        if key not in valid:
+        if key in MOVED:
+            raise moved_error(key)
+        if key not in valid and not (key.rsplit(".", 1)[0] in COMPONENTS and key.count(".") == 2):
             raise ConfigError(f"unknown config key {key!r} in --set; valid keys: {', '.join(valid)}")
         try:
             value = yaml.safe_load(raw)
@@ -295,7 +358,7 @@ def _validate_targets(cfg: dict) -> None:
         if isinstance(value, list) and (not value or not all(isinstance(v, str) and v for v in value)):
             raise ConfigError(f"config key 'targets.{key}' must be null or a non-empty list of module patterns "
                               f"(strings), got {value!r}")
-    if cfg["optim"]["strategy"] == "per_example" and (t["scales"] or t["dense"] or not t["lora"]):
+    if cfg["optim"]["strategy"]["name"] == "per_example" and (t["scales"] or t["dense"] or not t["lora"]):
         raise ConfigError("optim.strategy per_example perturbs each row inside the LoRA layers' forward: it trains "
                           "LoRA only (targets.lora true, targets.scales and targets.dense null)")
     if cfg["optim"]["batched"] and (t["scales"] or t["dense"]):
@@ -341,7 +404,7 @@ def _validate_objective(cfg: dict) -> None:
     if cfg["data"]["packing"]:
         raise ConfigError("data.packing cannot be used with objective.kind=reward: replies are generated per "
                           "chat, and packed rows mix several; set data.packing=false")
-    if cfg["optim"]["batched"] or cfg["optim"]["strategy"] == "per_example":
+    if cfg["optim"]["batched"] or cfg["optim"]["strategy"]["name"] == "per_example":
         raise ConfigError("config keys 'optim.batched' and optim.strategy per_example evaluate the cross-entropy loss "
                           "inside one forward; with objective.kind=reward set optim.batched=false and another strategy")
 
@@ -362,10 +425,23 @@ def _validate_names(cfg: dict) -> None:
                               f"{', '.join(REPORTERS)} (any subset; [] for none), e.g. [tensorboard, wandb]")
 
 
+def _validate_components(cfg: dict) -> None:
+    """Build every component the config names (the one check of its settings); store it as a mapping."""
+    for where, family in COMPONENTS.items():
+        section, key = where.split(".")
+        spec = cfg[section][key]
+        given = {arg: get(cfg, source) for arg, source in _GIVEN.get(where, {}).items()}
+        component(family, spec, where, **given)
+        if isinstance(spec, str):
+            cfg[section][key] = {"name": spec}
+
+
 def validate(cfg: dict) -> dict:
     """Check types, choices and ranges of every key; raises :class:`ConfigError` naming the key."""
     _validate_names(cfg)
     for dotted in flat_keys():
+        if dotted in COMPONENTS:  # their schema is their class: checked by building them, below
+            continue
         key = tuple(dotted.split("."))
         default, value = get(DEFAULTS, dotted), get(cfg, dotted)
         if isinstance(default, float) and isinstance(value, str):
@@ -388,6 +464,7 @@ def validate(cfg: dict) -> dict:
             raise ConfigError(f"config key {dotted!r} must be > 0, got {value}")
         if key in _AT_LEAST_ONE and value < 1:
             raise ConfigError(f"config key {dotted!r} must be >= 1, got {value}")
+    _validate_components(cfg)
     _validate_targets(cfg)
     _validate_data(cfg)
     _validate_objective(cfg)
@@ -398,25 +475,15 @@ def validate(cfg: dict) -> dict:
         raise ConfigError(f"config key 'lora.init_from' is {init!r}: give the path of a PEFT adapter folder, a qzo run or "
                           "one of its checkpoints, with targets.lora true (it sets the adapters' starting values), or null")
     o = cfg["optim"]
-    for key, low in (("weight_decay", 0), ("lr_mu", 0), ("warmup_steps", 0), ("min_lr_ratio", 0)):
+    for key, low in (("warmup_steps", 0), ("min_lr_ratio", 0)):
         if o[key] < low:
             raise ConfigError(f"config key 'optim.{key}' must be >= {low}, got {o[key]}")
-    if o["strategy"] == "gv" and o["pool"] < 2:
-        raise ConfigError(f"config key 'optim.pool' must be >= 2 for gv, got {o['pool']}")
-    if o["pool"] < 1 or o["candidates"] < 2:
-        raise ConfigError("config keys 'optim.pool' >= 1 and 'optim.candidates' >= 2 are required")
-    if not 0 < o["split"] < 1 or not 0 <= o["momentum"] < 1 or o["min_lr_ratio"] > 1:
-        raise ConfigError("need 0 < optim.split < 1, 0 <= optim.momentum < 1, optim.min_lr_ratio <= 1")
-    if o["batched"] and o["strategy"] in ("spsa", "conmezo", "per_example"):
-        raise ConfigError(f"config key 'optim.batched' applies to pool strategies (gv, greedy, ldsd, fzoo), not "
-                          f"{o['strategy']}")
-    least = 2 if o["baseline"] == "mean" else 1
-    if o["probes"] < least:
-        raise ConfigError(f"config key 'optim.probes' must be >= {least} with optim.baseline {o['baseline']}, "
-                          f"got {o['probes']}")
-    if not 0 < o["cone_theta"] <= 1.5707963267948966 or not 0 <= o["cone_beta"] < 1 or o["cone_ramp_steps"] < 0:
-        raise ConfigError(f"need 0 < optim.cone_theta <= pi/2, 0 <= optim.cone_beta < 1 and optim.cone_ramp_steps "
-                          f">= 0, got {o['cone_theta']}, {o['cone_beta']}, {o['cone_ramp_steps']}")
+    if o["min_lr_ratio"] > 1:
+        raise ConfigError(f"config key 'optim.min_lr_ratio' must be <= 1 (the final lr / lr), got {o['min_lr_ratio']}")
+    strategy = STRATEGIES[o["strategy"]["name"]]
+    if o["batched"] and strategy.pool_arg is None:
+        pools = ", ".join(n for n, c in STRATEGIES.items() if c.pool_arg)
+        raise ConfigError(f"config key 'optim.batched' applies to pool strategies ({pools}), not {strategy.name}")
     if not 0 <= o["normalize_beta"] < 1:
         raise ConfigError(f"config key 'optim.normalize_beta' must be in [0, 1), got {o['normalize_beta']}")
     patience, factor = cfg["train"]["early_stop_patience"], cfg["train"]["early_stop_factor"]
@@ -445,23 +512,4 @@ def validate(cfg: dict) -> dict:
     if o["noise_scale_steps"] is not None and (o["noise_scale_steps"] < 0 or not o["noise_scale"]):
         raise ConfigError(f"config key 'optim.noise_scale_steps' must be >= 0 and needs optim.noise_scale, got "
                           f"{o['noise_scale_steps']} with noise_scale {o['noise_scale']}")
-    if len(o["betas"]) != 2 or not all(0 <= b < 1 for b in o["betas"]):
-        raise ConfigError(f"config key 'optim.betas' must be two values in [0, 1), got {o['betas']}")
-    _check_builds(o)
     return cfg
-
-
-def _check_builds(o: dict) -> None:
-    """Build the strategy and rule the config names from their tables: what a constructor refuses is
-    reported by the config keys that feed it.
-
-    The checks above cover every key whatever is chosen (a bad value in a key the chosen
-    strategy ignores is still caught); the constructors are the last word on what they take.
-    """
-    for table, name in ((STRATEGIES, o["strategy"]), (RULES, o["rule"])):
-        cls = table[name]
-        try:
-            cls.from_config(o)
-        except (ValueError, TypeError) as exc:
-            keys = ", ".join(f"'optim.{k}'" for k in cls.config_keys.values())
-            raise ConfigError(f"config keys {keys} ({name}): {exc}") from None

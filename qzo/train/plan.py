@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..config.schema import component
 from ..data.loss import chunk_tokens
 from ..errors import QzoError, check_choice
 from ..models.bnb import QUANTS
@@ -236,9 +237,9 @@ class Plan:
 
 
 def _forwards_per_step(strategy: str, pool: int) -> int:
-    n = max(pool, 4)  # a pool strategy's size (the config's default, or the stacked pool)
-    size = {"gv": {"pool": n}, "greedy": {"pool": n}, "ldsd": {"candidates": n}, "fzoo": {"probes": n}}.get(strategy, {})
-    return STRATEGIES[strategy](**size).forwards_per_step
+    """A step's loss evaluations, from the class (its ``pool_arg`` sized 4, or the stacked pool)."""
+    cls = STRATEGIES[strategy]
+    return cls(**({cls.pool_arg: max(pool, 4)} if cls.pool_arg else {})).forwards_per_step
 
 
 def _gpus_notes(gpus: int, strategy: str, batch: int, pool: int, layer_acts: int, logits: int, mask: int,
@@ -381,19 +382,20 @@ def config_settings(cfg: dict) -> dict:
 
     ``model.source``, ``quant``, ``double_quant``, ``embedding_on_cpu`` and ``dtype`` (null: bfloat16, what CUDA
     runs), ``lora.r`` (0 when ``targets.lora`` is off) and ``target_modules``, ``optim.rule``
-    and ``strategy``, the stacked pool (``optim.pool``, ldsd's ``candidates`` or fzoo's ``probes``,
-    when ``optim.batched``; else 1), ``train.batch_size`` and ``max_len``. Trained scales and
+    and ``strategy`` (their names), the stacked pool (the strategy's ``pool_arg`` setting, e.g. gv's
+    ``pool``, when ``optim.batched``; else 1), ``train.batch_size`` and ``max_len``. Trained scales and
     dense slices are not planned (LoRA trainables only).
     """
     m, o, t = cfg["model"], cfg["optim"], cfg["train"]
-    stacked = {"ldsd": o["candidates"], "fzoo": o["probes"]}.get(o["strategy"], o["pool"]) if o["batched"] else 1
+    strategy = component(STRATEGIES, o["strategy"], "optim.strategy")
+    stacked = getattr(strategy, strategy.pool_arg) if o["batched"] and strategy.pool_arg else 1
     targets = cfg["lora"]["target_modules"]
     return {"source": m["source"], "quant": m["quant"], "double_quant": m["double_quant"],
             "embedding_on_cpu": m["embedding_on_cpu"],
             "dtype": m["dtype"] or "bfloat16", "batch": t["batch_size"], "seq": t["max_len"],
             "lora_r": cfg["lora"]["r"] if cfg["targets"]["lora"] else 0,
-            "lora_targets": targets if isinstance(targets, str) else tuple(targets), "rule": o["rule"],
-            "strategy": o["strategy"], "pool": stacked}
+            "lora_targets": targets if isinstance(targets, str) else tuple(targets), "rule": o["rule"]["name"],
+            "strategy": strategy.name, "pool": stacked}
 
 
 def plan_config(cfg: dict, gpu=None, gpus: int = 1, log=print) -> Plan:

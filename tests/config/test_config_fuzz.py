@@ -52,3 +52,25 @@ def test_a_value_without_key_and_a_section_given_a_scalar():
         load_config(None, ["optim.lr"])
     with pytest.raises(ConfigError, match="unknown config key 'optim'"):
         load_config(None, ["optim=3"])
+
+
+def _component_settings():
+    import inspect
+
+    from qzo.config.schema import _GIVEN, COMPONENTS
+
+    for where, family in COMPONENTS.items():
+        for name, cls in family.items():
+            for arg, p in inspect.signature(cls.__init__).parameters.items():
+                if arg != "self" and arg not in _GIVEN.get(where, {}) and p.default is not inspect.Parameter.empty:
+                    yield where, name, arg
+
+
+@pytest.mark.parametrize("where,name,arg", list(_component_settings()))
+def test_every_component_setting_refuses_hostile_values_by_name(where, name, arg):
+    """A strategy's or rule's own settings (``optim.strategy.pool``) go through the same one error path."""
+    for raw in HOSTILE:
+        try:
+            load_config(None, [f"{where}={name}", f"{where}.{arg}={raw}", "optim.noise_scale=null"])
+        except ConfigError as exc:
+            assert where in str(exc), (where, name, arg, raw, str(exc))

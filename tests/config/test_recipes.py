@@ -18,9 +18,10 @@ import yaml
 
 from qzo import recipes
 from qzo.cli.main import main
-from qzo.config.schema import DEFAULTS, load_config
+from qzo.config.schema import DEFAULTS, component, load_config
 from qzo.errors import ConfigError
 from qzo.train.plan import PRESETS, GiB, parse_size, plan
+from qzo.zo.strategies import STRATEGIES
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "qzo" / "recipes"
@@ -79,7 +80,8 @@ def _stacked(cfg: dict) -> int:
     o = cfg["optim"]
     if not o["batched"]:
         return 1
-    return {"ldsd": o["candidates"], "fzoo": o["probes"]}.get(o["strategy"], o["pool"])
+    strategy = component(STRATEGIES, o["strategy"], "optim.strategy")
+    return getattr(strategy, strategy.pool_arg)
 
 
 def _plan(path: Path, cfg: dict, gpu=None, evaluation=False):
@@ -87,8 +89,8 @@ def _plan(path: Path, cfg: dict, gpu=None, evaluation=False):
     m, o, t = cfg["model"], cfg["optim"], cfg["train"]
     batch, pool = (t["eval_batch_size"], 1) if evaluation else (t["batch_size"], _stacked(cfg))
     return plan(PRESET_OF[path.parent.name], quant=m["quant"], gpu=gpu, batch=batch, seq=t["max_len"],
-                lora_r=cfg["lora"]["r"], lora_targets=tuple(cfg["lora"]["target_modules"]), rule=o["rule"],
-                strategy=o["strategy"], pool=pool, double_quant=m["double_quant"],
+                lora_r=cfg["lora"]["r"], lora_targets=tuple(cfg["lora"]["target_modules"]), rule=o["rule"]["name"],
+                strategy=o["strategy"]["name"], pool=pool, double_quant=m["double_quant"],
                 embedding_on_cpu=m["embedding_on_cpu"], dtype=m["dtype"] or "bfloat16")  # null dtype is bfloat16 on CUDA
 
 
@@ -182,8 +184,10 @@ def test_memory_knobs_are_set_and_commented(path):
     for dotted in PLANNED_KEYS:
         section, key = dotted.split(".")
         assert key in raw.get(section, {}), f"{_rel(path)} must set {dotted} itself (the defaults are the CPU demo's)"
-    if raw["optim"].get("strategy", "spsa") != "spsa":
-        assert "batched" in raw["optim"] and ("pool" in raw["optim"] or "candidates" in raw["optim"])
+    strategy = raw["optim"].get("strategy", "spsa")
+    if strategy != "spsa":  # a pool strategy's recipe says how big the pool is and whether it is stacked
+        pool_arg = STRATEGIES[strategy["name"]].pool_arg
+        assert "batched" in raw["optim"] and pool_arg in strategy
     for line in path.read_text().splitlines():
         match = re.match(r"\s+(\w+):", line)
         if match and match[1] in COMMENTED_KNOBS:

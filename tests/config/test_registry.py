@@ -5,7 +5,7 @@ import pytest
 import copy
 
 from qzo.cli.main import _parser as build_parser
-from qzo.config.schema import DEFAULTS, merge_config, validate
+from qzo.config.schema import DEFAULTS, apply_overrides, component, merge_config, validate
 from qzo.errors import ConfigError
 from qzo.train.plan import plan
 from qzo.zo.rules import RULES, state_copies
@@ -28,7 +28,7 @@ def test_every_rule_is_a_config_value_and_planned_with_its_state(name):
     cfg = copy.deepcopy(DEFAULTS)
     merge_config(cfg, {"optim": {"rule": name}})
     cfg = validate(cfg)
-    assert cfg["optim"]["rule"] == name
+    assert cfg["optim"]["rule"] == {"name": name}  # the name alone is the mapping with the name
     base, with_rule = plan("llama-2-7b"), plan("llama-2-7b", rule=name)
     assert with_rule.state == base.trainables * state_copies(name)
     assert state_copies(name) == {"sgd": 0, "sign": 0, "momentum": 1, "adam": 2}[name]
@@ -52,20 +52,52 @@ def test_quant_names_live_in_one_place():
         plan("llama-2-7b", quant="q4_k")
 
 
-@pytest.mark.parametrize("table,kind", [(STRATEGIES, "strategy"), (RULES, "rule")])
-def test_the_config_builds_each_component_from_its_config_keys(table, kind):
-    """Every constructor argument a class names comes from an optim key, and the defaults build every class."""
+@pytest.mark.parametrize("table,where", [(STRATEGIES, "optim.strategy"), (RULES, "optim.rule")])
+def test_each_class_builds_from_its_name_and_takes_its_constructor_arguments_as_settings(table, where):
+    """The constructor is the schema: every argument (but the rule's lr, optim.lr) is a setting, nothing else."""
     import inspect
 
-    from qzo.config.build import build_strategy
-
+    given = {"lr": 1e-3} if where == "optim.rule" else {}
     for name, cls in table.items():
-        assert set(cls.config_keys.values()) <= set(DEFAULTS["optim"]), name
-        assert set(cls.config_keys) <= set(inspect.signature(cls.__init__).parameters), name
-        cfg = copy.deepcopy(DEFAULTS)
-        merge_config(cfg, {"optim": {kind: name, "pool": 4}})
-        built = build_strategy(cfg) if kind == "strategy" else cls.from_config(cfg["optim"])
-        assert type(built) is cls
+        assert cls.name == name
+        assert type(component(table, name, where, **given)) is cls
+        defaults = {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()
+                    if n not in ("self", *given) and p.default is not inspect.Parameter.empty}
+        assert type(component(table, {"name": name, **defaults}, where, **given)) is cls
+        with pytest.raises(ConfigError, match=rf"config key '{where}.no_such' is not a setting of {name}; its settings:"):
+            component(table, {"name": name, "no_such": 1}, where, **given)
+
+
+def test_a_class_registers_itself_under_its_name(monkeypatch):
+    from qzo.zo.strategies.base import Strategy
+
+    monkeypatch.setattr(Strategy, "registry", dict(Strategy.registry))  # leave the real table as it was
+
+    class Mine(Strategy):
+        name = "mine"
+
+        def __init__(self, width: int = 2):
+            self.width = width
+
+    assert Strategy.registry["mine"] is Mine
+    assert component(Strategy.registry, {"name": "mine", "width": 3}, "optim.strategy").width == 3
+    with pytest.raises(ConfigError, match=r"'optim.strategy.width' must be a int \(like its default 2\), got 'x'"):
+        component(Strategy.registry, {"name": "mine", "width": "x"}, "optim.strategy")
+
+
+def test_a_flat_key_of_the_old_layout_names_its_new_spelling():
+    for old, new in (("optim.pool", "optim.strategy.pool"), ("optim.cone_theta", "optim.strategy.theta"),
+                     ("optim.momentum", "optim.rule.beta")):
+        with pytest.raises(ConfigError, match=rf"config key '{old}' is now '{new}'"):
+            apply_overrides(copy.deepcopy(DEFAULTS), [f"{old}=1"])
+        section, key = old.split(".")
+        with pytest.raises(ConfigError, match=rf"config key '{old}' is now '{new}'"):
+            merge_config(copy.deepcopy(DEFAULTS), {section: {key: 1}})
+
+
+def test_a_setting_can_be_set_on_a_component_named_by_a_string():
+    cfg = apply_overrides(copy.deepcopy(DEFAULTS), ["optim.strategy=gv", "optim.strategy.pool=6"])
+    assert validate(cfg)["optim"]["strategy"] == {"name": "gv", "pool": 6}
 
 
 def test_a_constructor_refusal_is_reported_by_its_config_keys(monkeypatch):
@@ -76,6 +108,5 @@ def test_a_constructor_refusal_is_reported_by_its_config_keys(monkeypatch):
     monkeypatch.setitem(STRATEGIES, "fzoo", Picky)
     cfg = copy.deepcopy(DEFAULTS)
     merge_config(cfg, {"optim": {"strategy": "fzoo"}})
-    with pytest.raises(ConfigError, match=r"config keys 'optim.probes', 'optim.baseline', 'optim.batched' \(fzoo\): "
-                                          r"probes 4 is not to my liking"):
+    with pytest.raises(ConfigError, match=r"config key 'optim.strategy' \(fzoo\): probes 4 is not to my liking"):
         validate(cfg)

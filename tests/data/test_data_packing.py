@@ -149,8 +149,8 @@ def test_a_packed_sharegpt_run_trains_end_to_end(tiny_model_dir, tmp_path):
                             for i in range(8)))
     out = tmp_path / "run"
     summary = train(None, run_overrides(tiny_model_dir, data, out, **{
-        "data.format": "sharegpt", "data.packing": True, "data.chat_template": "chatml", "optim.strategy": "fzoo",
-        "optim.probes": 2, "optim.batched": True, "train.steps": 2, "train.eval_every": 2, "train.save_every": 2,
+        "data.format": "sharegpt", "data.packing": True, "data.chat_template": "chatml", "optim.strategy": "{name: fzoo, probes: 2}",
+        "optim.batched": True, "train.steps": 2, "train.eval_every": 2, "train.save_every": 2,
         "train.batch_size": 2}), progress=False)
     assert summary["steps"] == 2 and 0 < summary["final_eval_loss"] < 20 and 0 < summary["initial_eval_loss"] < 20
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]

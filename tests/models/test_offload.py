@@ -30,7 +30,7 @@ def chat_file(code_chats):
 
 @pytest.mark.parametrize("strategy", ["spsa", "gv"])
 def test_disk_offloaded_run_matches_the_run_in_memory(strategy, tiny_model_dir, chat_file, tmp_path):
-    extra = {"optim.strategy": strategy, "optim.pool": 2}
+    extra = {"optim.strategy": f"{{name: {strategy}{', pool: 2' if strategy == 'gv' else ''}}}"}
     whole = _run(tiny_model_dir, chat_file, tmp_path / "whole", **extra)
     offloaded = _run(tiny_model_dir, chat_file, tmp_path / "offloaded", **extra, **{
         "model.device_map": DISK_MAP, "model.offload_folder": str(tmp_path / "offload")})

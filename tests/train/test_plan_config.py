@@ -67,7 +67,7 @@ def test_a_recipe_file_with_a_cached_hub_model(hub_cache, tmp_path, capsys):
     path = tmp_path / "mine.yaml"
     path.write_text(yaml.safe_dump({"model": {"source": "acme/tiny-chat", "quant": "int8", "dtype": "float16"},
                                     "lora": {"r": 4, "target_modules": "all-linear"},
-                                    "optim": {"strategy": "fzoo", "probes": 3, "batched": True, "pool": 5},
+                                    "optim": {"strategy": {"name": "fzoo", "probes": 3}, "batched": True},
                                     "train": {"batch_size": 2, "max_len": 128}}))
     assert main(["plan", str(path)]) == 0
     out = capsys.readouterr().out

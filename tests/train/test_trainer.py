@@ -9,6 +9,7 @@ from qzo.runs.checkpoint import list_checkpoints
 from qzo.cli.main import main
 from qzo.errors import ConfigError, QzoError
 from qzo.runs.reader import load_run_model
+from qzo.zo.strategies import STRATEGIES
 from qzo.train.loop import train
 
 from helpers import run_overrides as _sets
@@ -134,7 +135,7 @@ def test_sgd_run_is_rebuilt_from_its_step_log(tiny_model_dir, overfit_data, tmp_
     from qzo.runs.replay import read_step_log, replay_sgd
 
     out = tmp_path / "run"
-    train(None, _sets(tiny_model_dir, overfit_data, out, **{"optim.weight_decay": 0.5}), progress=False)
+    train(None, _sets(tiny_model_dir, overfit_data, out, **{"optim.rule": "{name: sgd, weight_decay: 0.5}"}), progress=False)
     model, _ = qzo.load(tiny_model_dir, quant="nf4")
     params = qzo.lora(model, r=4, alpha=16, target_modules=["q_proj", "v_proj"], seed=1)  # the run's init
     init = params.state_dict()
@@ -151,8 +152,9 @@ def test_sgd_run_is_rebuilt_from_its_step_log(tiny_model_dir, overfit_data, tmp_
                                                     ("fzoo", "momentum", "spread"), ("conmezo", "sgd", None)])
 def test_resume_is_bit_exact_for_stateful_strategies_and_rules(strategy, rule, normalize, tiny_model_dir,
                                                                 overfit_data, tmp_path):
-    extra = {"optim.strategy": strategy, "optim.rule": rule, "optim.pool": 3, "optim.candidates": 3,
-             "optim.probes": 3, "optim.normalize": normalize or "null", "optim.lr": 1e-2, "train.steps": 4,
+    pool_arg = STRATEGIES[strategy].pool_arg  # a pool of 3 for the strategies that have one
+    spec = f"{{name: {strategy}{f', {pool_arg}: 3' if pool_arg else ''}}}"
+    extra = {"optim.strategy": spec, "optim.rule": rule, "optim.normalize": normalize or "null", "optim.lr": 1e-2, "train.steps": 4,
              "train.eval_every": 2, "train.save_every": 2}
     full, half = tmp_path / "full", tmp_path / "half"
     train(None, _sets(tiny_model_dir, overfit_data, full, **extra), progress=False)
@@ -175,7 +177,7 @@ def test_a_budget_in_forwards_stops_at_the_first_step_reaching_it(tiny_model_dir
     # fzoo with 3 probes against f(theta): 4 forwards a step, so 18 forwards end at step 5 (20 forwards)
     out = tmp_path / "run"
     summary = train(None, _sets(tiny_model_dir, overfit_data, out, **{
-        "optim.strategy": "fzoo", "optim.probes": 3, "train.forwards": 18, "train.steps": 1000,
+        "optim.strategy": "{name: fzoo, probes: 3}", "train.forwards": 18, "train.steps": 1000,
         "train.eval_every_forwards": 8, "train.save_every": 100}), progress=False)
     assert summary["steps"] == 5 and summary["forwards"] == 20
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -186,7 +188,7 @@ def test_a_budget_in_forwards_stops_at_the_first_step_reaching_it(tiny_model_dir
 
 def test_batched_pool_and_clip_through_the_config(tiny_model_dir, overfit_data, tmp_path):
     """optim.batched and optim.clip reach the optimizer: same seeds as one by one, 1 forward call per pool."""
-    extra = {"optim.strategy": "gv", "optim.pool": 3, "optim.lr": 1e-2, "optim.clip": 50.0, "train.steps": 2,
+    extra = {"optim.strategy": "{name: gv, pool: 3}", "optim.lr": 1e-2, "optim.clip": 50.0, "train.steps": 2,
              "train.eval_every": 2, "train.save_every": 2}
     plain, batched = tmp_path / "plain", tmp_path / "batched"
     train(None, _sets(tiny_model_dir, overfit_data, plain, **extra), progress=False)

@@ -68,8 +68,8 @@ def _adapter(run: Path) -> dict:
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 
-STRATEGIES = {"spsa": {}, "fzoo": {"optim.strategy": "fzoo", "optim.probes": 3},
-              "gv": {"optim.strategy": "gv", "optim.pool": 2}, "per_example": {"optim.strategy": "per_example"}}
+STRATEGIES = {"spsa": {}, "fzoo": {"optim.strategy": "{name: fzoo, probes: 3}"},
+              "gv": {"optim.strategy": "{name: gv, pool: 2}"}, "per_example": {"optim.strategy": "per_example"}}
 # (strategy, train.candidate_parallel) of the 2-rank runs: each strategy in each mode it is tested in
 TWO_RANK = {"spsa-candidates": ("spsa", 2), "fzoo-candidates": ("fzoo", 2), "spsa-data": ("spsa", 1),
             "gv-data": ("gv", 1), "per_example-data": ("per_example", 1)}

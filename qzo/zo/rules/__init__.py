@@ -1,13 +1,13 @@
 """Update rules: SGD (fused, state-free), Momentum, Adam (ZO-Adam), Sign. Any works with any strategy."""
 
 from .base import Rule
-from .dense_grad import Adam, DenseRule, Momentum, Sign
-from .sgd import SGD
+from .sgd import SGD  # isort: skip  (first: the order configs, the CLI and errors list the rules in)
+from .dense_grad import Momentum, Adam, Sign, DenseRule  # isort: skip
 
 __all__ = ["Rule", "DenseRule", "SGD", "Momentum", "Adam", "Sign", "RULES", "state_copies"]
 
-#: the rules by config name (``optim.rule``): the one table the config, the CLI and the planner read
-RULES: dict[str, type[Rule]] = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "sign": Sign}
+#: the rules by config name (``optim.rule.name``): each class registers itself where it is defined
+RULES: dict[str, type[Rule]] = Rule.registry
 
 
 def state_copies(name: str) -> int:

@@ -30,6 +30,8 @@ class Rule(Component):
         weight_decay: decoupled weight decay (applied to theta, not to the estimate).
     """
 
+    registry: dict[str, type] = {}
+
     def __init__(self, lr: float, weight_decay: float = 0.0):
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")

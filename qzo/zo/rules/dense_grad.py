@@ -116,7 +116,8 @@ class Momentum(DenseRule):
         weight_decay: decoupled weight decay.
     """
 
-    config_keys = {"lr": "lr", "beta": "momentum", "weight_decay": "weight_decay"}
+    name = "momentum"
+
 
     state_names = ("momentum",)
     kernel_rule = "momentum"
@@ -146,7 +147,8 @@ class Adam(DenseRule):
         weight_decay: decoupled weight decay (AdamW).
     """
 
-    config_keys = {"lr": "lr", "betas": "betas", "weight_decay": "weight_decay"}
+    name = "adam"
+
 
     state_names = ("exp_avg", "exp_avg_sq")
     kernel_rule = "adam"
@@ -182,7 +184,8 @@ class Sign(DenseRule):
         weight_decay: decoupled weight decay.
     """
 
-    config_keys = {"lr": "lr", "weight_decay": "weight_decay"}
+    name = "sign"
+
 
     kernel_rule = "sign"
 

@@ -21,7 +21,8 @@ class SGD(Rule):
         weight_decay: decoupled weight decay; 0 disables it.
     """
 
-    config_keys = {"lr": "lr", "weight_decay": "weight_decay"}
+    name = "sgd"
+
 
     def update_terms(self, est: Estimate, lr: float) -> tuple[float, list[int], list[float], float]:
         """``(scale, seeds, coefs, mu_coef)`` of the one pass taking theta + applied to theta'."""

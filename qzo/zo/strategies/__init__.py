@@ -5,16 +5,16 @@ strategy per module.
 """
 
 from .base import Component, Estimate, Probe, Strategy
-from .conmezo import ConMeZO
-from .fzoo import FZOO
-from .ldsd import LDSD
-from .per_example import PerExample
-from .pool import GV, Greedy
-from .spsa import SPSA
+# in the order configs, the CLI and errors list them (each class registers itself on import)
+from .spsa import SPSA  # isort: skip
+from .pool import GV, Greedy  # isort: skip
+from .ldsd import LDSD  # isort: skip
+from .fzoo import FZOO  # isort: skip
+from .conmezo import ConMeZO  # isort: skip
+from .per_example import PerExample  # isort: skip
 
 __all__ = ["Component", "Estimate", "Probe", "Strategy", "SPSA", "GV", "Greedy", "LDSD", "FZOO", "ConMeZO",
            "PerExample", "STRATEGIES"]
 
-#: config / CLI name -> strategy class (the one table the config, the CLI and the planner read)
-STRATEGIES = {"spsa": SPSA, "gv": GV, "greedy": Greedy, "ldsd": LDSD, "fzoo": FZOO, "conmezo": ConMeZO,
-              "per_example": PerExample}
+#: config / CLI name -> strategy class: each class registers itself where it is defined (its ``name``)
+STRATEGIES = Strategy.registry

@@ -106,15 +106,25 @@ class Estimate:
 
 
 class Component:
-    """What strategies and rules share: checkpointable state, a readable repr, and their config keys."""
+    """What strategies and rules share: a registered name, checkpointable state and a readable repr.
 
-    #: constructor argument -> the ``optim.*`` config key that sets it (how a config builds the component)
-    config_keys: dict[str, str] = {}
+    A concrete class sets :attr:`name` and is registered under it in its family's
+    :attr:`registry` (``Strategy.registry``, ``Rule.registry``) when it is defined: there is no
+    table to keep in step. Its constructor is its schema: a config's ``optim.strategy:
+    {name: gv, pool: 4}`` is ``GV(pool=4)`` (``qzo.config.schema.component`` builds it and
+    reports what the constructor refuses under the config key that fed it).
+    """
 
-    @classmethod
-    def from_config(cls, optim: dict) -> "Component":
-        """The component the ``optim`` section of a config describes (its :attr:`config_keys` values)."""
-        return cls(**{arg: optim[key] for arg, key in cls.config_keys.items()})
+    #: the name configs, the CLI and the planner use (``optim.strategy.name``); ``None`` on the bases
+    name: str | None = None
+    #: name -> class, one per family; set on the family's base class
+    registry: dict[str, type] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):
+            family = next(base for base in cls.__mro__ if "registry" in base.__dict__ and base is not Component)
+            family.registry[cls.name] = cls
 
     def state_dict(self) -> dict:
         """State for checkpoints (tensors allowed); stateless components return ``{}``."""
@@ -148,6 +158,11 @@ def _count_tensors(value) -> int:
 
 class Strategy(Component):
     """Base class. Subclasses implement :meth:`estimate` and say their cost in forwards."""
+
+    registry: dict[str, type] = {}
+    #: the constructor argument that sets how many candidates a step evaluates (and a batched forward
+    #: stacks), for the strategies that have a pool; the planner reads it
+    pool_arg: str | None = None
 
     #: loss evaluations per step (what ``opt.forwards`` counts; a batched pool of K counts K).
     forwards_per_step: int = 0

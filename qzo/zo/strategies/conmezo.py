@@ -51,7 +51,8 @@ class ConMeZO(Strategy):
         ramp_steps: beta rises linearly from 0.1 to ``beta`` over this many steps (0: constant).
     """
 
-    config_keys = {"theta": "cone_theta", "beta": "cone_beta", "ramp_steps": "cone_ramp_steps"}
+    name = "conmezo"
+
 
     forwards_per_step = 2
     dense_state_copies = 1  # the momentum

@@ -53,7 +53,9 @@ class FZOO(Strategy):
             ``qzo.CausalLMLoss`` closure); ``opt.forwards`` still counts every evaluation.
     """
 
-    config_keys = {"probes": "probes", "baseline": "baseline", "batched": "batched"}
+    name = "fzoo"
+    pool_arg = "probes"
+
 
     def __init__(self, probes: int = 4, baseline: str = "theta", batched: bool = False):
         if baseline not in BASELINES:

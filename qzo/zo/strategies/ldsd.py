@@ -49,7 +49,9 @@ class LDSD(Strategy):
             ``qzo.CausalLMLoss`` closure); ``opt.forwards`` still counts ``candidates`` evaluations.
     """
 
-    config_keys = {"candidates": "candidates", "sigma": "sigma", "lr_mu": "lr_mu", "batched": "batched"}
+    name = "ldsd"
+    pool_arg = "candidates"
+
 
     dense_state_copies = 1  # mu
 

@@ -42,6 +42,8 @@ class PerExample(Strategy):
     per row, so a step log records B seeds.
     """
 
+    name = "per_example"
+
     forwards_per_step = 2
 
     def estimate(self, probe: Probe, draw_seeds: Callable[[int], list[int]]) -> Estimate:

@@ -41,7 +41,9 @@ class GV(Strategy):
             ``qzo.CausalLMLoss`` closure); ``opt.forwards`` still counts ``pool`` evaluations.
     """
 
-    config_keys = {"pool": "pool", "split": "split", "batched": "batched"}
+    name = "gv"
+    pool_arg = "pool"
+
 
     def __init__(self, pool: int = 4, split: float = 0.5, batched: bool = False):
         if pool < 2:
@@ -83,7 +85,9 @@ class Greedy(Strategy):
             ``qzo.CausalLMLoss`` closure); ``opt.forwards`` still counts ``pool`` evaluations.
     """
 
-    config_keys = {"pool": "pool", "batched": "batched"}
+    name = "greedy"
+    pool_arg = "pool"
+
 
     def __init__(self, pool: int = 4, batched: bool = False):
         if pool < 1:

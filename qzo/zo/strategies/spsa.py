@@ -18,6 +18,8 @@ class SPSA(Strategy):
     fused pass restores and updates at once.
     """
 
+    name = "spsa"
+
     forwards_per_step = 2
 
     def estimate(self, probe: Probe, draw_seeds: Callable[[int], list[int]]) -> Estimate:
