@@ -39,29 +39,32 @@ from .models.bnb import quiet_hub_kernel_warning  # noqa: E402
 
 quiet_hub_kernel_warning()  # before anything imports bitsandbytes, which logs it at import
 
-from . import noise  # noqa: E402  (qzo.noise.randn: the noise contract)
-from .noise.dispatch import get_backend, set_backend  # noqa: E402
+from . import (
+    noise,  # noqa: E402  (qzo.noise.randn: the noise contract)
+    targets,  # noqa: E402
+)
+from .data import objectives  # noqa: E402  (qzo.objectives.RewardLoss: train on a reward)
 from .data.loss import CausalLMLoss  # noqa: E402
-from . import targets  # noqa: E402
-from .targets.dense import DenseParams, dense, load_dense  # noqa: E402
-from .targets.scales import ScaleParams, clip_grad, load_scales, scales  # noqa: E402
-from .targets import TargetError, combine  # noqa: E402
 from .errors import ConfigError, DataError, ModelSourceError, NonFiniteLossError, QzoError  # noqa: E402
 from .models.load import load  # noqa: E402
+from .noise.dispatch import get_backend, set_backend  # noqa: E402
+from .runs import replay  # noqa: E402  (qzo.replay.replay_sgd: a run's values from its step log)
+from .targets import TargetError, combine  # noqa: E402
+from .targets.dense import DenseParams, dense, load_dense  # noqa: E402
 from .targets.lora import lora  # noqa: E402
+from .targets.scales import ScaleParams, clip_grad, load_scales, scales  # noqa: E402
 
-from .zo.optim import ZO, StepRecord  # noqa: E402
+# qzo.plan(...): a ZO step's planned peak memory
+from .train.plan import plan  # noqa: E402
 from .zo import distributed  # noqa: E402  (qzo.distributed.init_from_env: a ZO run over torchrun ranks)
 from .zo.distributed import Distributed  # noqa: E402
+from .zo.normalize import Normalize  # noqa: E402
+from .zo.optim import ZO  # noqa: E402
 from .zo.params import ParamSet, Trainable  # noqa: E402
 from .zo.rules import SGD, Adam, Momentum, Rule, Sign  # noqa: E402
 from .zo.schedule import Schedule  # noqa: E402
-from .zo.normalize import Normalize  # noqa: E402
-from .zo.strategies import FZOO, GV, LDSD, SPSA, ConMeZO, Estimate, Greedy, PerExample, Strategy  # noqa: E402
-from .data import objectives  # noqa: E402  (qzo.objectives.RewardLoss: train on a reward)
-from .runs import replay  # noqa: E402  (qzo.replay.replay_sgd: a run's values from its step log)
-# qzo.plan(...): a ZO step's planned peak memory
-from .train.plan import plan  # noqa: E402
+from .zo.strategies import FZOO, GV, LDSD, SPSA, ConMeZO, Greedy, PerExample, Strategy  # noqa: E402
+from .zo.types import Estimate, StepRecord  # noqa: E402
 
 __all__ = [
     "load", "lora", "scales", "dense", "combine", "ZO", "StepRecord",

@@ -11,7 +11,7 @@ import math
 import torch
 
 from qzo.noise import contract as noise
-from qzo.zo.optim import step_seed
+from qzo.noise.contract import step_seed
 
 
 class PlainZO:

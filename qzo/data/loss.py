@@ -24,7 +24,7 @@ decoder and head cannot be found, ``labelled_loss`` returns ``None``;
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import torch
 
@@ -142,7 +142,7 @@ class BatchedLoss(Protocol):
     def __call__(self): ...
 
     def evaluate_candidates(self, params: ParamSet, candidates: Sequence[Candidate],
-                            mu_for: Callable[[str], torch.Tensor | None] | None = None) -> torch.Tensor: ...
+                            mean: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor: ...
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -219,13 +219,13 @@ class CausalLMLoss:
 
     @torch.no_grad()
     def evaluate_candidates(self, params: ParamSet, candidates: Sequence[Candidate],
-                            mu_for: Callable[[str], torch.Tensor | None] | None = None) -> torch.Tensor:
+                            mean: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The loss with each candidate applied, from one forward over the batch stacked ``len(candidates)`` times.
 
         Args:
             params: the trainables; each must be a ``lora_A``/``lora_B`` weight of ``model``.
             candidates: perturbations relative to the trainables' current values.
-            mu_for: name -> the strategy's dense mean (for candidates with a ``mu_coef``).
+            mean: name -> the strategy's dense mean (for candidates with a ``mu_coef``).
 
         Returns:
             A float32 tensor of ``len(candidates)`` losses (each the model's own loss
@@ -243,11 +243,11 @@ class CausalLMLoss:
         parts = decoder_and_head(self.model)
         if parts is not None and not _has_lora(parts[1]):
             decoder, head = parts
-            with lora_candidates(self.model, params, candidates, mu_for):
+            with lora_candidates(self.model, params, candidates, mean):
                 hidden = decoder(**stacked).last_hidden_state
             return torch.stack([head_loss(hidden[j * rows:(j + 1) * rows], labels, head).reshape(())
                                 for j in range(k)])
-        with lora_candidates(self.model, params, candidates, mu_for):
+        with lora_candidates(self.model, params, candidates, mean):
             logits = self.model(**stacked).logits
         # one candidate at a time: the float32 upcast and log-softmax are one candidate's size
         return torch.stack([self._loss(logits[j * rows:(j + 1) * rows], labels).float().reshape(())
@@ -270,7 +270,7 @@ class CausalLMLoss:
 
     @torch.no_grad()
     def evaluate_rows(self, params: ParamSet, candidates: Sequence[Candidate],
-                      mu_for: Callable[[str], torch.Tensor | None] | None = None
+                      mean: Mapping[str, torch.Tensor] | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Row i's loss with candidate i applied to it, all rows in one ordinary forward.
 
@@ -293,7 +293,7 @@ class CausalLMLoss:
         decoder, head = parts
         inputs = {key: v for key, v in self.batch.items() if key != "labels"}
         inputs.setdefault("use_cache", False)
-        with lora_candidates(self.model, params, candidates, mu_for):
+        with lora_candidates(self.model, params, candidates, mean):
             hidden = decoder(**inputs).last_hidden_state
         sums, counts = row_losses(hidden, self.batch["labels"], head)
         return sums / counts.clamp_min(1), counts

@@ -16,7 +16,7 @@ steps, and the GPU kernels keep none.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -179,7 +179,7 @@ def perturb_(
     return x
 
 
-def split_by_backend(params, mu_for=None) -> tuple[dict[tuple, list], list]:
+def split_by_backend(params, mean=None) -> tuple[dict[tuple, list], list]:
     """Trainables (each paired with its mean, or ``None``) split by where they run.
 
     Returns ``(groups, rest)``: ``groups`` maps ``(device, dtype, has_mean, noise scale)`` to
@@ -190,7 +190,7 @@ def split_by_backend(params, mu_for=None) -> tuple[dict[tuple, list], list]:
     groups: dict[tuple, list] = {}
     rest = []
     for t in params:
-        mu = mu_for(t.name) if mu_for is not None else None
+        mu = mean.get(t.name) if mean is not None else None
         if use_triton(t.tensor.device):
             groups.setdefault((t.tensor.device, t.tensor.dtype, mu is not None, t.noise), []).append((t, mu))
         else:
@@ -198,43 +198,44 @@ def split_by_backend(params, mu_for=None) -> tuple[dict[tuple, list], list]:
     return groups, rest
 
 
-def run_pass(params, mu_for, reference, kernel) -> None:
-    """The one backend seam of the in-place passes (the perturbation and the dense rules' update).
+def run_pass(params, mean, reference, kernel) -> None:
+    """The backend seam of the dense rules' fused update (the perturbation inlines the same split).
 
     ``kernel(members, has_mean)`` runs once per Triton group (:func:`split_by_backend`: device,
     dtype, mean, noise scale), ``reference(trainable, mean)`` for every other trainable. Each
-    pass supplies both, side by side, so where a pass runs is decided here alone and its two
-    implementations are read together (tests compare them).
+    pass supplies both, side by side, so where a pass runs is decided by :func:`split_by_backend`
+    alone and its two implementations are read together (tests compare them).
     """
-    groups, rest = split_by_backend(params, mu_for)
+    groups, rest = split_by_backend(params, mean)
     for t, mu in rest:
         reference(t, mu)
     for (_, _, has_mu, _), members in groups.items():
         kernel(members, has_mu)
 
 
-@torch.no_grad()
 def perturb_params_(
     params,
     seeds: Sequence[int],
     coefs: Sequence[float],
-    mu_for=None,
+    mean: Mapping[str, torch.Tensor] | None = None,
     mu_coef: float = 0.0,
     scale: float = 1.0,
 ) -> None:
     """:func:`perturb_` on every trainable of a :class:`~qzo.zo.params.ParamSet` (same seeds and coefficients).
 
-    ``mu_for(name)`` gives each tensor's dense mean (or ``None``). This is the one entry point
-    the optimizer and the rules use, so the backend is chosen in one place: with the Triton
-    backend (``qzo.noise.dispatch``) the tensors are grouped by device, dtype and whether they have a
-    mean, and each group is one multi-tensor launch.
+    ``mean`` maps a trainable's name to the strategy's dense mean for it (data the strategy
+    hands down, never a call back up). This is the one entry point the optimizer and the rules
+    use, so the backend is chosen in one place: with the Triton backend (``qzo.noise.dispatch``)
+    the tensors are grouped by device, dtype and whether they have a mean, and each group is one
+    multi-tensor launch, made from this frame (the step stays shallow: ``ZO.step -> strategy ->
+    probe -> here -> kernel``).
     """
-    def reference(t, mu):
-        perturb_(t.tensor, t.stream, seeds, t.coefs(coefs), mu=mu, mu_coef=mu_coef, scale=scale)
-
-    def kernel(members, has_mu):
-        keys = noise.derive_seeds(seeds, [t.stream for t, _ in members])
-        perturb_kernels().perturb_many([t.tensor for t, _ in members], keys, members[0][0].coefs(coefs),
-                                       mus=[m for _, m in members] if has_mu else None, mu_coef=mu_coef, scale=scale)
-
-    run_pass(params, mu_for, reference, kernel)
+    groups, rest = split_by_backend(params, mean)
+    with torch.no_grad():
+        for t, mu in rest:
+            perturb_(t.tensor, t.stream, seeds, t.coefs(coefs), mu=mu, mu_coef=mu_coef, scale=scale)
+        for (_, _, has_mu, _), members in groups.items():
+            keys = noise.derive_seeds(seeds, [t.stream for t, _ in members])
+            perturb_kernels().perturb_many([t.tensor for t, _ in members], keys, members[0][0].coefs(coefs),
+                                           mus=[m for _, m in members] if has_mu else None, mu_coef=mu_coef,
+                                           scale=scale)

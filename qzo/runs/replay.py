@@ -115,8 +115,8 @@ class RecordingLoss:
             return getattr(self.closure, name)
         inner = getattr(self.closure, name)  # AttributeError when the wrapped closure lacks it, as the probe expects
 
-        def recorded(params, candidates, mu_for=None):
-            out = inner(params, candidates, mu_for=mu_for)
+        def recorded(params, candidates, mean=None):
+            out = inner(params, candidates, mean=mean)
             parts = out if isinstance(out, tuple) else (out,)
             self.record["values"].append([_floats(p) for p in parts])
             return out
@@ -159,13 +159,13 @@ class ReplayedLoss:
     def __call__(self) -> float:
         return self._next("loss")
 
-    def evaluate_candidates(self, params, candidates, mu_for=None):
+    def evaluate_candidates(self, params, candidates, mean=None):
         (losses,) = self._next("candidates")
         if len(losses) != len(candidates):
             raise ReplayMismatch(f"{len(candidates)} candidates asked for, {len(losses)} recorded")
         return torch.tensor(losses, dtype=torch.float64)
 
-    def evaluate_rows(self, params, candidates, mu_for=None):
+    def evaluate_rows(self, params, candidates, mean=None):
         losses, counts = self._next("rows")
         if len(losses) != len(candidates):
             raise ReplayMismatch(f"{len(candidates)} row perturbations asked for, {len(losses)} recorded")

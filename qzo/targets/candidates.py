@@ -30,7 +30,7 @@ them.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -112,7 +112,7 @@ _NO_FORWARD = object()
 
 @contextmanager
 def lora_candidates(model, params: ParamSet, candidates: Sequence[Candidate],
-                    mu_for: Callable[[str], torch.Tensor | None] | None = None) -> Iterator[None]:
+                    mean: Mapping[str, torch.Tensor] | None = None) -> Iterator[None]:
     """Inside the block, row block j of every forward through ``model``'s LoRA layers uses candidate j.
 
     The batch fed to ``model`` must be ``len(candidates)`` copies stacked along dim 0 (see
@@ -126,7 +126,7 @@ def lora_candidates(model, params: ParamSet, candidates: Sequence[Candidate],
     patched = []
     try:
         for factor, t in pairs:
-            mu = mu_for(t.name) if mu_for is not None else None
+            mu = mean.get(t.name) if mean is not None else None
             patched.append((factor, factor.__dict__.get("forward", _NO_FORWARD)))
             factor.forward = _candidate_forward(factor, t, candidates, mu)
         yield

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 
 from ..errors import QzoError
-from .strategies.base import Component, Estimate
+from .types import Component, Estimate
 
 __all__ = ["Normalize", "NORMALIZATIONS", "clip_grad"]
 

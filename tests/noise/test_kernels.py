@@ -16,7 +16,7 @@ import torch
 import qzo
 from qzo.noise import dispatch as backend, contract as noise
 from qzo.noise.passes import perturb_, perturb_params_
-from qzo.zo.strategies.base import Estimate
+from qzo.zo.types import Estimate
 
 from kernel_check import assert_matches, where_differ
 

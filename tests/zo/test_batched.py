@@ -59,7 +59,7 @@ def test_batched_losses_equal_one_by_one(any_lora, tiny_batch):
     # one seed; two seeds (a guiding vector); one seed plus the dense mean (LDSD)
     candidates = [Candidate(((101, 0.1),)), Candidate(((202, 0.05), (303, -0.05))), Candidate(((404, 0.1),), 0.1),
                   Candidate(((101, -0.1),))]
-    batched = loss.evaluate_candidates(params, candidates, mu_for=mu.get)
+    batched = loss.evaluate_candidates(params, candidates, mean=mu)
     assert batched.shape == (4,) and batched.dtype == torch.float32
     for t in params:  # the trainables were never written
         assert torch.equal(t.tensor, theta[t.name])
@@ -67,7 +67,7 @@ def test_batched_losses_equal_one_by_one(any_lora, tiny_batch):
     with torch.no_grad():
         for c in candidates:
             params.load_state_dict(theta)
-            perturb_params_(params, [s for s, _ in c.terms], [a for _, a in c.terms], mu_for=mu.get, mu_coef=c.mu_coef)
+            perturb_params_(params, [s for s, _ in c.terms], [a for _, a in c.terms], mean=mu, mu_coef=c.mu_coef)
             one_by_one.append(float(model(**tiny_batch).loss))
         params.load_state_dict(theta)
         unperturbed = float(loss())
@@ -148,7 +148,7 @@ class _PoolOnly(qzo.Strategy):
         seeds = draw_seeds(3)
         losses = probe.evaluate_batch([([(s, probe.eps)], 0.0) for s in seeds])
         self.seen = (dict(probe.applied), probe.applied_mu, losses)
-        self.untouched = all(torch.equal(t.tensor, self.theta[t.name]) for t in probe._opt.params)
+        self.untouched = all(torch.equal(t.tensor, self.theta[t.name]) for t in probe.params)
         return qzo.Estimate(direction=[], grad=0.0, applied=[], losses=losses, loss=min(losses), seeds=seeds)
 
 

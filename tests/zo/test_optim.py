@@ -7,7 +7,7 @@ import torch
 
 import qzo
 from qzo.noise import contract as noise
-from qzo.zo.optim import step_seed
+from qzo.noise.contract import step_seed
 
 from helpers import tiny_config
 

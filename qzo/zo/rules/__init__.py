@@ -1,6 +1,7 @@
 """Update rules: SGD (fused, state-free), Momentum, Adam (ZO-Adam), Sign. Any works with any strategy."""
 
 from .base import Rule
+
 from .sgd import SGD  # isort: skip  (first: the order configs, the CLI and errors list the rules in)
 from .dense_grad import Momentum, Adam, Sign, DenseRule  # isort: skip
 

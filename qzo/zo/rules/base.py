@@ -10,16 +10,9 @@ never held whole.
 from __future__ import annotations
 
 from ..params import ParamSet
-from ..strategies.base import Component, Estimate
+from ..types import Component, Estimate
 
-__all__ = ["Rule", "mu_of"]
-
-
-def mu_of(est: Estimate, name: str):
-    """The strategy's mean for trainable ``name`` in this estimate, or ``None``."""
-    if est.mu is None:
-        return None
-    return est.mu(name) if callable(est.mu) else est.mu.get(name)  # a dict: estimates built before mu_for
+__all__ = ["Rule"]
 
 
 class Rule(Component):

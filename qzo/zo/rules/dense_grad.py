@@ -17,8 +17,8 @@ from ...noise.contract import derive_seeds
 from ...noise.dispatch import update_kernels
 from ...noise.passes import chunks, combine, noise_combo, run_pass
 from ..params import ParamSet
-from ..strategies.base import Estimate
-from .base import Rule, mu_of
+from ..types import Estimate
+from .base import Rule
 
 __all__ = ["DenseRule", "Momentum", "Adam", "Sign"]
 
@@ -54,7 +54,7 @@ class DenseRule(Rule):
     @torch.no_grad()
     def apply(self, params: ParamSet, est: Estimate, lr: float) -> None:
         self.t += 1
-        run_pass(params, lambda name: mu_of(est, name), lambda t, mu: self._apply_reference(t, mu, est, lr),
+        run_pass(params, est.mu, lambda t, mu: self._apply_reference(t, mu, est, lr),
                  lambda members, has_mu: self._apply_kernel(members, has_mu, est, lr))
 
     def _apply_reference(self, t, mu, est: Estimate, lr: float) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ...noise.passes import combine, perturb_params_
 from ..params import ParamSet
-from ..strategies.base import Estimate
-from .base import Rule, mu_of
+from ..types import Estimate
+from .base import Rule
 
 __all__ = ["SGD"]
 
@@ -35,4 +35,4 @@ class SGD(Rule):
 
     def apply(self, params: ParamSet, est: Estimate, lr: float) -> None:
         scale, seeds, coefs, mu_coef = self.update_terms(est, lr)
-        perturb_params_(params, seeds, coefs, mu_for=lambda name: mu_of(est, name), mu_coef=mu_coef, scale=scale)
+        perturb_params_(params, seeds, coefs, mean=est.mu, mu_coef=mu_coef, scale=scale)

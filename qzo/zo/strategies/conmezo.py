@@ -35,7 +35,8 @@ import torch
 
 from ...noise.passes import perturb_params_
 from ..params import Trainable
-from .base import Estimate, Probe, Strategy
+from ..types import Estimate, Probe
+from .base import Strategy
 
 __all__ = ["ConMeZO"]
 
@@ -74,8 +75,9 @@ class ConMeZO(Strategy):
                 self.m[t.name] = torch.zeros(t.tensor.shape, dtype=torch.float32, device=t.tensor.device)
         self._numel = sum(t.tensor.numel() for t in params)
 
-    def mu_for(self, name: str):
-        return self.m.get(name)
+    @property
+    def mean(self) -> dict[str, torch.Tensor]:
+        return self.m
 
     def beta_at(self, step: int) -> float:
         """The momentum's decay at 1-based ``step`` (the linear ramp from 0.1, if any)."""

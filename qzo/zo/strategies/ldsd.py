@@ -24,7 +24,8 @@ import torch
 
 from ...noise.passes import perturb_params_
 from ..params import Trainable
-from .base import Estimate, Probe, Strategy
+from ..types import Estimate, Probe
+from .base import Strategy
 
 __all__ = ["LDSD", "leave_one_out"]
 
@@ -71,8 +72,9 @@ class LDSD(Strategy):
             if t.name not in self.mu:
                 self.mu[t.name] = torch.zeros(t.tensor.shape, dtype=torch.float32, device=t.tensor.device)
 
-    def mu_for(self, name: str):
-        return self.mu.get(name)
+    @property
+    def mean(self) -> dict[str, torch.Tensor]:
+        return self.mu
 
     def estimate(self, probe: Probe, draw_seeds: Callable[[int], list[int]]) -> Estimate:
         eps, sigma = probe.eps, self.sigma

@@ -29,7 +29,8 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from .base import Estimate, Probe, Strategy, weighted_slopes
+from ..types import Estimate, Probe
+from .base import Strategy, weighted_slopes
 
 __all__ = ["PerExample"]
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .base import Estimate, Probe, Strategy
+from ..types import Estimate, Probe
+from .base import Strategy
 
 __all__ = ["GV", "Greedy"]
 

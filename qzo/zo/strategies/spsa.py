@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .base import Estimate, Probe, Strategy
+from ..types import Estimate, Probe
+from .base import Strategy
 
 __all__ = ["SPSA"]
 
