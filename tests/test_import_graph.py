@@ -122,3 +122,14 @@ def test_the_kernels_import_nothing_of_qzo():
     assert "qzo_kernels.perturb" in mods
     reaching = {m: sorted(t for t in targets if t.split(".")[0] == "qzo") for m, targets in _imports(mods).items()}
     assert {m: t for m, t in reaching.items() if t} == {}
+
+
+def test_the_loop_knows_no_terminal_and_no_plot():
+    """train/ draws no bar, no plot and prints nothing: the CLI passes a Progress and draws loss.png."""
+    for path in sorted((ROOT / "qzo" / "train").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
+        assert not imported & {"tqdm", "matplotlib"}, (path.name, imported & {"tqdm", "matplotlib"})
+        prints = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "print"]
+        assert prints == [], f"{path.name} calls print at lines {prints}: pass a log callable"

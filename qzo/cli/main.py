@@ -111,7 +111,9 @@ def _train(args) -> int:
     # With no CONFIG the built-in defaults run: they are the demo recipe (the shipped recipe
     # smollm2-135m/demo spells them out; a test keeps the two equal). CONFIG is a YAML file or
     # a shipped recipe's name (qzo.recipes).
-    summary = train(args.config, args.overrides, args.resume, progress=not args.no_progress)
+    from .progress import TqdmProgress
+
+    summary = train(args.config, args.overrides, args.resume, progress=None if args.no_progress else TqdmProgress())
     if summary.get("written_by") is None:  # rank 0 (or the only process) wrote the run: draw its curves
         from .plot import write_run_plot
 

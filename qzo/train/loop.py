@@ -28,6 +28,7 @@ import copy
 import os
 import time
 from dataclasses import dataclass
+from typing import Protocol
 from pathlib import Path
 
 from ..config.build import build_optimizer, describe_targets, load_model_and_targets, total_steps
@@ -247,7 +248,7 @@ def objective_closure(s: Session, step: int, device):
                       temperature=ob["temperature"], seed=s.cfg["train"]["seed"], step=step)
 
 
-def run(s: Session, log=print, progress: bool = True) -> dict:
+def run(s: Session, log=print, progress: Progress | None = None) -> dict:
     """Train to ``train.steps`` (or ``train.forwards``) from wherever the session stands; returns the summary."""
     t = s.cfg["train"]
     steps = total_steps(s.cfg)
@@ -266,10 +267,8 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
         log(f"qzo: held-out loss before training: {initial:.4f} ({len(s.eval_ds)} examples)")
     # wall_s counts training time from here (evaluations included), continuing across resumes.
     start_wall = time.perf_counter() - s.out.logged_wall()
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=steps, initial=s.opt.steps, desc="qzo train", unit="step", disable=not (progress and s.writer),
-               dynamic_ncols=True)
+    bar = progress if (progress and s.writer) else _LogLines(log)
+    bar.start(steps, s.opt.steps)
     last_eval = None
     stop = GracefulStop()  # Ctrl-C / SIGTERM: finish this step, checkpoint, say how to resume
     try:
@@ -297,14 +296,44 @@ def run(s: Session, log=print, progress: bool = True) -> dict:
                     bar.close()
                     why = diverged or early or f"{stop.signal_name or 'a stop signal'} received"
                     return _stopped(s, why, step, steps, initial, time.perf_counter() - start_wall, log)
-                bar.set_postfix(loss=f"{loss:.4f}", eval=f"{last_eval:.3f}" if last_eval is not None else "-",
-                                fwd_s=f"{s.opt.forwards / max(wall, 1e-9):.2f}" if step > first_step else "-",
-                                refresh=False)  # drawn once, by update
-                bar.update(1)
+                bar.update(step, loss, last_eval, s.opt.forwards / max(wall, 1e-9) if step > first_step else None)
     finally:
         bar.close()
         scalars.close()
     return finish(s, initial, time.perf_counter() - start_wall, log)
+
+
+class Progress(Protocol):
+    """Where the loop reports a run's progress. The loop knows no terminal: ``qzo train`` passes a bar
+    (``qzo.cli.progress``); without one, the lines it writes go to ``log``."""
+
+    def start(self, total: int, done: int) -> None:
+        """The run has ``total`` steps, ``done`` of them already (a resume)."""
+
+    def update(self, step: int, loss: float, eval_loss: float | None, forwards_per_s: float | None) -> None:
+        """A step ended (``eval_loss``: the last held-out loss so far)."""
+
+    def write(self, line: str) -> None:
+        """A line for the user (a held-out loss, a guard event), without breaking a bar."""
+
+    def close(self) -> None:
+        """The run ended, or stopped."""
+
+
+class _LogLines:
+    """No bar: the loop's lines go to ``log``."""
+
+    def __init__(self, log):
+        self.write = log
+
+    def start(self, total: int, done: int) -> None:
+        pass
+
+    def update(self, step: int, loss: float, eval_loss: float | None, forwards_per_s: float | None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _NoScalars:
@@ -412,12 +441,14 @@ def _initial_lora(init_from):
     return lora_values(path)
 
 
-def train(config_path=None, overrides=None, resume=None, log=print, progress: bool = True) -> dict:
+def train(config_path=None, overrides=None, resume=None, log=print, progress: Progress | None = None) -> dict:
     """Run ``qzo train``: returns the summary dict (also written to ``summary.json``).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process is a rank of one distributed run
     (``qzo.distributed``): they share each step's evaluations and batch, rank 0 alone
     writes the run directory and speaks, and the process group is closed at the end.
+    ``log`` takes every line for the user; ``progress`` (a :class:`Progress`, e.g. the CLI's bar)
+    shows the steps as they go (``None``: the step lines go to ``log`` too).
     """
     try:
         session = setup(config_path, overrides, resume, log)
