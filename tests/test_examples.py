@@ -103,3 +103,16 @@ def test_offload_7b_gpu_branch_plans_its_placement_without_a_gpu(tmp_path):
     spec.loader.exec_module(module)
     p, kwargs = module.placement("llama-2-7b", "8GiB")
     assert p.fits and kwargs == {}
+
+
+def test_sft_trainer_example_trains_with_zo_steps(tmp_path, tiny_model_dir):
+    """TRL's SFT script with ZOSFTTrainer: the held-out loss is printed before and after, and the adapter and qzo's
+    step log are saved (on the tiny Llama, loaded 4-bit as the script loads any model)."""
+    out = _run("sft_trainer.py", "--model", str(tiny_model_dir), "--steps", "4", "--out", str(tmp_path / "sft"),
+               cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after = (float(re.search(rf"held-out loss {w}: +([\d.]+)", out.stdout).group(1)) for w in ("before", "after"))
+    assert before > 0 and after > 0 and before != after
+    assert (tmp_path / "sft" / "adapter_model.safetensors").is_file()
+    assert len((tmp_path / "sft" / "qzo" / "steps.jsonl").read_text().splitlines()) == 4
+    assert (tmp_path / "sft" / "checkpoint-2" / "qzo" / "steps.jsonl").is_file()
