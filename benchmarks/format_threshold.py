@@ -12,10 +12,14 @@ new tokens) to the same 4 prompts ``qzo eval`` samples. A reply counts as
     strict       that, and a "#qzo" line (the whole taught format)
 
 Zeroth-order runs lower the loss along other paths, so the threshold is a guide to how far a
-ZO run has to get, not a promise; the convergence benchmark says how many forwards each ZO
-method needs to get there. Output: ``results/format_threshold.json``.
+ZO run has to get, not a promise. ``--zo`` measures that directly: the demo recipe's optimizer
+(SPSA; LoRA's B factors, or ``--targets norms`` for the normalization gains) on the same
+batches, with the same evaluation every ``--every`` steps, up to ``--max-steps``; a forward
+counts 1 there (2 a step), a first-order step 3. Output: ``results/format_threshold.json``
+(first-order) or ``results/format_threshold_zo_<targets>.json``.
 
     python benchmarks/format_threshold.py [--lr 3e-4] [--max-steps 60] [--every 3]
+    python benchmarks/format_threshold.py --zo [--targets lora_b|norms] [--lr 8e-3] [--max-steps 500] [--every 50]
 """
 
 from __future__ import annotations
@@ -55,12 +59,21 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=3, help="evaluate every N steps")
     ap.add_argument("--source", default="smollm2-135m", help="model source (the tests use a tiny model)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--zo", action="store_true", help="SPSA steps (the demo's optimizer) instead of AdamW")
+    ap.add_argument("--targets", choices=("lora_b", "norms"), default="lora_b", help="--zo: what is trained")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
     model, tok = qzo.load(args.source, quant="nf4")
-    params = qzo.lora(model, r=8, alpha=16, target_modules=["q_proj", "v_proj"])
-    adam = first_order_adam(params, args.lr)
+    if args.zo and args.targets == "norms":
+        params, noise_scale = qzo.norms(model), None
+    else:
+        params, noise_scale = qzo.lora(model, r=8, alpha=16, target_modules=["q_proj", "v_proj"]), {"*lora_A*": 0}
+    if args.zo:
+        opt = qzo.ZO(params, strategy=qzo.SPSA(), rule=qzo.SGD(lr=args.lr), eps=1e-2, seed=args.seed,
+                     noise_scale=noise_scale)
+    else:
+        adam = first_order_adam(params, args.lr)
     train = ChatDataset.from_jsonl(tok, "builtin:demo_train", max_len=MAX_LEN)
     held = ChatDataset.from_jsonl(tok, "builtin:demo_eval", max_len=MAX_LEN)
     prompts = [split_chat(c)[0] for c in held.chats[:SAMPLES]]
@@ -72,7 +85,7 @@ def main() -> None:
         with torch.no_grad():
             loss = eval_loss(model, held, EVAL_BATCH, tok.pad_token_id)
             replies = [reply(model, tok, messages, NEW_TOKENS) for messages in prompts]
-        row = {"step": step, "held_out_loss": round(loss, 4),
+        row = {"step": step, "forwards": opt.forwards if args.zo else 3 * step, "held_out_loss": round(loss, 4),
                "answer_why": sum(in_format(r, strict=False) for r in replies),
                "strict": sum(in_format(r, strict=True) for r in replies), "replies": replies}
         rows.append(row)
@@ -84,9 +97,13 @@ def main() -> None:
     t0 = time.perf_counter()
     evaluate(0)
     for step in range(1, args.max_steps + 1):
-        model(**batches.batch(step)).loss.backward()
-        adam.step()
-        adam.zero_grad()
+        if args.zo:
+            batch = batches.batch(step)
+            opt.step(lambda: model(**batch).loss)
+        else:
+            model(**batches.batch(step)).loss.backward()
+            adam.step()
+            adam.zero_grad()
         if step % args.every == 0 and evaluate(step)["strict"] >= SAMPLES:
             break
 
@@ -97,11 +114,13 @@ def main() -> None:
     for key, row in summary.items():
         where = f"step {row['step']}, held-out {row['held_out_loss']}" if row else "not reached"
         print(f"2 of {SAMPLES} replies {key}: {where}")
-    path = write_result("format_threshold.json", {
+    name = f"format_threshold_zo_{args.targets}.json" if args.zo else "format_threshold.json"
+    path = write_result(name, {"method": f"SPSA on {args.targets}" if args.zo else "AdamW on LoRA r 8 q,v",
         "device": device_name(), "date": time.strftime("%Y-%m-%d %H:%M"), "source": args.source, "lr": args.lr,
         "batch": BATCH, "max_len": MAX_LEN, "samples": SAMPLES, "max_new_tokens": NEW_TOKENS,
         "wall_s": round(time.perf_counter() - t0, 1),
-        "first_two_of_four": {k: (v and {"step": v["step"], "held_out_loss": v["held_out_loss"]})
+        "first_two_of_four": {k: (v and {"step": v["step"], "forwards": v["forwards"],
+                                         "held_out_loss": v["held_out_loss"]})
                               for k, v in summary.items()},
         "rows": rows})
     print(f"written to {path}")

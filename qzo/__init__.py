@@ -9,6 +9,7 @@ The house, one package per part, arrows pointing down this list (``tests/test_im
 enforces them):
 
     cli/       what a user runs; the only place that prints for a user
+    hf/        ZO steps inside transformers' Trainer and TRL's SFTTrainer (imported on demand)
     train/     the loop (setup -> train -> save), its guard, stop signals, the memory planner
     export/    a run written for peft, llama.cpp and merged checkpoints
     runs/      the run directory: writer, reader, checkpoints, lock, metrics, replay
@@ -51,6 +52,7 @@ from .noise.dispatch import get_backend, set_backend  # noqa: E402
 from .runs import replay  # noqa: E402  (qzo.replay.replay_sgd: a run's values from its step log)
 from .targets import TargetError, combine  # noqa: E402
 from .targets.dense import DenseParams, dense, load_dense  # noqa: E402
+from .targets.norms import norms  # noqa: E402
 from .targets.lora import lora  # noqa: E402
 from .targets.scales import ScaleParams, clip_grad, load_scales, scales  # noqa: E402
 
@@ -67,7 +69,7 @@ from .zo.strategies import FZOO, GV, LDSD, SPSA, ConMeZO, Greedy, PerExample, St
 from .zo.types import Estimate, StepRecord  # noqa: E402
 
 __all__ = [
-    "load", "lora", "scales", "dense", "combine", "ZO", "StepRecord",
+    "load", "lora", "scales", "dense", "norms", "combine", "ZO", "StepRecord",
     "SPSA", "GV", "Greedy", "LDSD", "FZOO", "ConMeZO", "PerExample", "Normalize",
     "SGD", "Momentum", "Adam", "Sign", "Schedule", "clip_grad",
     "CausalLMLoss", "Strategy", "Rule", "Estimate", "ParamSet", "Trainable",

@@ -12,15 +12,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 #: package -> the qzo packages it must never import (lazily or not)
 FORBIDDEN = {
-    "zo": {"models", "data", "train", "runs", "cli", "config", "targets", "export"},
-    "noise": {"zo", "models", "data", "train", "runs", "cli", "config", "targets", "export"},
-    "train": {"cli"},
-    "runs": {"train", "cli"},
-    "models": {"train", "cli", "runs", "config", "export"},
-    "config": {"train", "cli", "runs", "export"},
-    "data": {"train", "cli", "runs"},
-    "targets": {"train", "cli", "config", "export", "runs"},
-    "export": {"train", "cli"},
+    "zo": {"models", "data", "train", "runs", "cli", "config", "targets", "export", "hf"},
+    "noise": {"zo", "models", "data", "train", "runs", "cli", "config", "targets", "export", "hf"},
+    "train": {"cli", "hf"},
+    "runs": {"train", "cli", "hf"},
+    "models": {"train", "cli", "runs", "config", "export", "hf"},
+    "config": {"train", "cli", "runs", "export", "hf"},
+    "data": {"train", "cli", "runs", "hf"},
+    "targets": {"train", "cli", "config", "export", "runs", "hf"},
+    "export": {"train", "cli", "hf"},
+    "hf": {"cli"},  # the Trainer bridge may use any part; only the CLI (and nothing below it) may use it
+    "qzo": {"hf"},  # qzo/__init__.py: `import qzo` never imports the bridge (nor TRL through it)
 }
 
 

@@ -20,7 +20,7 @@ class PlainZO:
     def __init__(self, named, strategy: str, rule: str, lr: float, eps: float, seed: int, *, pool=4, split=0.5,
                  candidates=4, sigma=1.0, lr_mu=4e-2, beta=0.9, betas=(0.9, 0.999), adam_eps=1e-8, wd=0.0,
                  probes=4, baseline="theta", normalize=None, norm_beta=0.99, clip=None, theta=1.35,
-                 cone_beta=0.99, noise_scale=None, noise_scale_steps=None):
+                 cone_beta=0.99, noise_scale=None, noise_scale_steps=None, memory=False, unit=False):
         self.named, self.strategy, self.rule = named, strategy, rule
         self.lr, self.eps, self.seed, self.wd = lr, eps, seed, wd
         self.pool, self.split, self.k, self.sigma, self.lr_mu = pool, split, candidates, sigma, lr_mu
@@ -35,6 +35,7 @@ class PlainZO:
         self.log = []  # per step: (seeds, losses)
         self.noise_scale, self.noise_scale_steps = noise_scale or {}, noise_scale_steps
         self.scales = {n: 1.0 for n in self.theta}
+        self.memory, self.unit, self.kept = memory, unit, None  # GV's seed memory and unit-norm v
 
     def _scales_at(self, step):
         """Each tensor's noise scale at ``step``: the first matching pattern's, for the first steps only."""
@@ -119,7 +120,8 @@ class PlainZO:
             losses, reported, spread = f0 + fs, base, fs
         elif self.strategy in ("gv", "greedy", "ldsd"):
             n = self.k if self.strategy == "ldsd" else self.pool
-            seeds = [step_seed(self.seed, step, j) for j in range(n)]
+            kept = [self.kept] if self.memory and self.kept is not None else []
+            seeds = kept + [step_seed(self.seed, step, j) for j in range(n - len(kept))]
             zs = [self._z(s) for s in seeds]
             if self.strategy == "ldsd":
                 zs = [{k: self.mu[k] + self.sigma * z[k] for k in z} for z in zs]
@@ -128,7 +130,10 @@ class PlainZO:
             if self.strategy == "gv":
                 nb = min(max(1, round(n * self.split)), n - 1)
                 best, rest = order[:nb], order[nb:]
-                d = lin([(1 / nb, zs[i]) for i in best] + [(-1 / len(rest), zs[i]) for i in rest])
+                size = math.sqrt(1 / nb + 1 / len(rest)) if self.unit else 1.0  # |coefficients| of v
+                d = lin([(1 / nb / size, zs[i]) for i in best] + [(-1 / len(rest) / size, zs[i]) for i in rest])
+                if self.memory:
+                    self.kept = seeds[best[0]]
                 fp, fm = self._f(closure, lin([(eps, d)])), self._f(closure, lin([(-eps, d)]))
                 losses = fs + [fp, fm]
             else:

@@ -6,6 +6,11 @@ of tokens holding ``top_p`` of the probability (nucleus sampling; ``top_p`` 1: n
 top-k cut, whatever the model's generation config says, so the two knobs mean what they
 say. ``seed`` makes a sample reproducible: the reply is drawn with torch seeded to it (the
 global RNG is left as it was), and turn ``t`` of a chat (from 0) uses ``seed + t``.
+
+The reply is generated in a worker thread while this one prints the streamed pieces: the
+settings are checked before it starts, and an error in it ends the stream and is raised here
+(a streamer nobody ends would keep this thread waiting forever). The prompt is rendered by
+:func:`qzo.data.templates.render`, which bounds a chat template's time.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from ..data.dataset import model_input_device
 from ..errors import QzoError
 from ..models.load import load
 
-__all__ = ["load_for_chat", "reply", "chat_loop", "sampling_kwargs"]
+__all__ = ["load_for_chat", "reply", "chat_loop", "sampling_kwargs", "check_settings"]
 
 
 def load_for_chat(source: str, checkpoint: str | None = None):
@@ -35,6 +40,17 @@ def load_for_chat(source: str, checkpoint: str | None = None):
         raise QzoError(f"--checkpoint {checkpoint} picks a checkpoint of a run directory, and {source!r} is a model "
                        "source, not a run; pass the run directory written by qzo train, or drop --checkpoint")
     return load(source)
+
+
+def check_settings(max_new_tokens, seed=None) -> None:
+    """Refuse (:class:`QzoError`, naming the flag) a ``--max-new-tokens`` below 1 or a ``--seed`` torch cannot take,
+    before a reply's generation thread starts."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise QzoError(f"--max-new-tokens must be a whole number >= 1 (the longest reply, in tokens), got "
+                       f"{max_new_tokens!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64):
+        shown = f"a {seed.bit_length()}-bit number" if isinstance(seed, int) else repr(seed)[:40]
+        raise QzoError(f"--seed must be a whole number in [-2**63, 2**64) (torch's seed range), got {shown}")
 
 
 def sampling_kwargs(temperature: float = 0.0, top_p: float = 1.0) -> dict:
@@ -59,13 +75,26 @@ def reply(model, tok, messages: list[dict], max_new_tokens: int = 128, stream=No
     """
     from transformers import TextIteratorStreamer
 
-    enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    from ..data.templates import render
+
+    check_settings(max_new_tokens, seed)  # before the worker starts: the errors it can see coming
+    sampling = sampling_kwargs(temperature, top_p)
+    text = render(tok, messages, True, where="qzo chat")  # the template's time is bounded there
+    enc = tok(text, add_special_tokens=False, return_tensors="pt")  # what apply_chat_template(tokenize=True) does
     device = model_input_device(model)
     enc = {k: v.to(device) for k, v in enc.items()}
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    kwargs = dict(**enc, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tok.pad_token_id,
-                  **sampling_kwargs(temperature, top_p))
-    worker = threading.Thread(target=lambda: _generate(model, kwargs, seed, device))
+    kwargs = dict(**enc, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tok.pad_token_id, **sampling)
+    failed: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            _generate(model, kwargs, seed, device)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread, below
+            failed.append(exc)
+            streamer.end()  # the caller's loop over the streamer ends instead of waiting forever
+
+    worker = threading.Thread(target=work, daemon=True)
     worker.start()
     pieces = []
     for piece in streamer:
@@ -74,6 +103,8 @@ def reply(model, tok, messages: list[dict], max_new_tokens: int = 128, stream=No
             stream.write(piece)
             stream.flush()
     worker.join()
+    if failed:
+        raise failed[0]
     return "".join(pieces).strip()
 
 

@@ -88,7 +88,7 @@ def evaluate_run(run_dir, samples: int = 4, max_new_tokens: int = 64, log=print,
     log(f"qzo: tuned model: held-out loss on {len(held)} examples, {len(prompts)} replies")
     after, tuned = _measure(model, tok, held, bs, prompts, max_new_tokens)
     t = cfg["targets"]
-    lora_only = bool(t["lora"]) and not t["scales"] and not t["dense"]
+    lora_only = bool(t["lora"]) and not t["scales"] and not t["dense"] and not t["norms"]
     if lora_only:
         log("qzo: base model (adapters disabled): held-out loss and replies")
         with params.peft_model.disable_adapter():

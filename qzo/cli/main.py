@@ -101,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     pt.add_argument("--out", help="PNG to write; default RUN/loss.png for one run, loss-compare.png for several")
 
     k = sub.add_parser("cache", help="show or clear qzo's cache of converted models")
-    k.add_argument("--clear", action="store_true", help="delete every cached conversion")
+    k.add_argument("--clear", action="store_true", help="delete what qzo wrote there (converted models, the compiled "
+                   "noise generator); other files in the folder stay")
     return p
 
 
@@ -134,9 +135,10 @@ def _recipes(args) -> int:
 
 
 def _chat(args) -> int:
-    from .chat import chat_loop, load_for_chat, reply, sampling_kwargs
+    from .chat import chat_loop, check_settings, load_for_chat, reply, sampling_kwargs
 
     sampling_kwargs(args.temperature, args.top_p)  # bad values fail before the model loads
+    check_settings(args.max_new_tokens, args.seed)
     sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     model, tok = load_for_chat(args.source, args.checkpoint)
     if args.prompt is not None:
@@ -223,8 +225,11 @@ def _cache(args) -> int:
     from ..cache import cache_dir, clear_cache
 
     if args.clear:
-        freed = clear_cache()
-        print(f"cleared {cache_dir()} ({freed / 2**20:.1f} MiB)")
+        freed, kept = clear_cache()
+        print(f"cleared what qzo wrote in {cache_dir()} ({freed / 2**20:.1f} MiB)")
+        if kept:
+            shown = ", ".join(repr(p.name)[:60] for p in kept[:5]) + (", ..." if len(kept) > 5 else "")
+            print(f"kept {len(kept)} path(s) there that qzo did not write: {shown}")
     else:
         print(cache_dir())
     return 0

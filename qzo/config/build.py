@@ -12,6 +12,7 @@ from ..errors import ConfigError, QzoError, TargetError
 from ..models.load import load
 from ..targets import combine
 from ..targets.dense import dense
+from ..targets.norms import norm_paths
 from ..targets.lora import lora
 from ..targets.scales import scales
 from ..zo.distributed import Distributed
@@ -32,31 +33,40 @@ def build_strategy(cfg: dict):
     return component(STRATEGIES, cfg["optim"]["strategy"], "optim.strategy")
 
 
-def build_rule(cfg: dict):
-    """The update rule ``optim.rule`` names, with ``optim.lr``."""
-    return component(RULES, cfg["optim"]["rule"], "optim.rule", lr=cfg["optim"]["lr"])
+def build_rule(cfg: dict, lr: float | None = None):
+    """The update rule ``optim.rule`` names, with ``optim.lr`` (or ``lr``: what ``optim.lr: auto`` found)."""
+    lr = cfg["optim"]["lr"] if lr is None else lr
+    if lr == "auto":
+        raise QzoError("optim.lr is auto: the training loop finds it (qzo.zo.auto_lr) and passes it as lr=")
+    return component(RULES, cfg["optim"]["rule"], "optim.rule", lr=lr)
 
 
-def total_steps(cfg: dict) -> int:
+def total_steps(cfg: dict, spent_forwards: int = 0) -> int:
     """The run's length in steps: ``train.steps``, or the first step reaching ``train.forwards`` evaluations.
 
     A strategy's forwards per step are fixed (a batched pool of K counts K), so a budget in
-    forwards is a step count known before the run, which the lr schedules need.
+    forwards is a step count known before the run, which the lr schedules need. ``spent_forwards``
+    (an lr range test's, ``optim.lr: auto``) come out of the budget.
     """
     budget = cfg["train"]["forwards"]
     if budget is None:
         return cfg["train"]["steps"]
-    return -(-budget // build_strategy(cfg).forwards_per_step)
+    return max(-(-(budget - spent_forwards) // build_strategy(cfg).forwards_per_step), 1)
 
 
-def build_optimizer(cfg: dict, params, distributed: Distributed | None = None) -> ZO:
-    """The ``qzo.ZO`` a config describes (spread over ranks with ``distributed``)."""
+def build_optimizer(cfg: dict, params, distributed: Distributed | None = None, lr: float | None = None,
+                    spent_forwards: int = 0, schedule: bool = True) -> ZO:
+    """The ``qzo.ZO`` a config describes (spread over ranks with ``distributed``).
+
+    ``lr`` replaces ``optim.lr`` (what ``optim.lr: auto`` found, after ``spent_forwards`` of the budget);
+    ``schedule=False`` builds it with a constant lr (the range test's own steps).
+    """
     o = cfg["optim"]
-    schedule = Schedule(o["schedule"], total_steps=total_steps(cfg), warmup_steps=o["warmup_steps"],
-                        min_ratio=o["min_lr_ratio"])
+    schedule = Schedule(o["schedule"], total_steps=total_steps(cfg, spent_forwards), warmup_steps=o["warmup_steps"],
+                        min_ratio=o["min_lr_ratio"]) if schedule else Schedule()
     normalize = Normalize(o["normalize"], beta=o["normalize_beta"]) if o["normalize"] else None
     try:  # noise_scale's patterns are checked against the trainables, which the config alone does not know
-        return ZO(params, strategy=build_strategy(cfg), rule=build_rule(cfg), eps=o["eps"],
+        return ZO(params, strategy=build_strategy(cfg), rule=build_rule(cfg, lr), eps=o["eps"],
                   seed=cfg["train"]["seed"], schedule=schedule, clip=o["clip"], normalize=normalize,
                   distributed=distributed, noise_scale=o["noise_scale"], noise_scale_steps=o["noise_scale_steps"])
     except TargetError as exc:  # only ParamSet.with_noise raises it while building ZO
@@ -78,8 +88,9 @@ def build_targets(model, cfg: dict, initial_lora=None) -> tuple[ParamSet, dict[s
                              seed=cfg["train"]["seed"], init_from=lc["init_from"] if initial_lora is None else initial_lora)
     if t["scales"]:
         parts["scales"] = scales(model, modules=None if t["scales"] == "all" else t["scales"])
-    if t["dense"]:
-        parts["dense"] = dense(model, modules=t["dense"])
+    if t["dense"] or t["norms"]:  # norms are dense slices too: one part, one dense.safetensors
+        modules = list(t["dense"] or []) + (norm_paths(model, t["norms"]) if t["norms"] else [])
+        parts["dense"] = dense(model, modules=list(dict.fromkeys(modules)))
     params = next(iter(parts.values())) if len(parts) == 1 else combine(*parts.values())
     return params, parts
 
@@ -99,7 +110,8 @@ def load_model_and_targets(cfg: dict, build: bool = True, initial_lora=None):
     m = cfg["model"]
     # bitsandbytes' fused CPU kernel reads a bf16 copy of the block scales: a run that trains
     # scales or dense slices loads the plain path, so they start from the full-precision scales
-    fused = m["cpu_fused_4bit"] and not (cfg["targets"]["scales"] or cfg["targets"]["dense"])
+    t = cfg["targets"]
+    fused = m["cpu_fused_4bit"] and not (t["scales"] or t["dense"] or t["norms"])
     model, tok = load(m["source"], m["quant"], double_quant=m["double_quant"], dtype=m["dtype"],
                       device_map=m["device_map"], max_memory=m["max_memory"], offload_folder=m["offload_folder"],
                       trust_remote_code=m["trust_remote_code"], cpu_fused_4bit=fused,

@@ -64,6 +64,7 @@ DEFAULTS: dict = {
         "lora": True,  # train the LoRA adapters of the lora section
         "scales": None,  # null: off; "all" or module patterns: train their quantization scales (qzo.scales)
         "dense": None,  # null: off; module patterns trained as float32 dense slices (qzo.dense)
+        "norms": None,  # null: off; "all" or module patterns: the normalization layers' gains (qzo.norms)
     },
     "data": {
         "train": "builtin:demo_train",  # JSONL, builtin:NAME, hf:KIND:PATH, hf:NAME[:SPLIT] or hf:NAME:CONFIG:SPLIT
@@ -81,7 +82,7 @@ DEFAULTS: dict = {
         # (strategies: spsa | gv | greedy | ldsd | fzoo | conmezo | per_example; `gv` alone means {name: gv})
         "strategy": {"name": "spsa"},
         "rule": {"name": "sgd"},  # sgd | momentum (beta) | adam (betas, eps) | sign; each takes weight_decay
-        "lr": 1e-3,  # the rule's lr (a schedule scales it per step)
+        "lr": 1e-3,  # the rule's lr (a schedule scales it per step); auto: a range test at the start finds it
         "eps": 1e-2,  # perturbation scale
         "normalize": None,  # null | spread (step / spread of the step's losses, FZOO) | rms (running RMS of the slope)
         "normalize_beta": 0.99,  # normalize rms: decay of the running mean square
@@ -148,7 +149,7 @@ _NULLABLE_BY_TYPE = {
     (dict,): ("model.max_memory", "data.fields", "optim.noise_scale"),
     (float, int): ("optim.clip", "train.early_stop_factor", "train.divergence_factor"),
     (int,): ("optim.noise_scale_steps", "train.forwards", "train.eval_every_forwards", "train.early_stop_patience"),
-    (str, list): ("targets.scales",),
+    (str, list): ("targets.scales", "targets.norms"),
     (list,): ("targets.dense",),
 }
 _NULLABLE_TYPES = {tuple(key.split(".")): types for types, keys in _NULLABLE_BY_TYPE.items() for key in keys}
@@ -198,8 +199,8 @@ def component(family: dict, spec, where: str, **given):
         if key not in params:
             taken = {k: f"config key {v!r}" for k, v in _GIVEN.get(where, {}).items()}
             hint = f" ({key} is {taken[key]})" if key in taken else ""
-            raise ConfigError(f"config key '{where}.{key}' is not a setting of {spec['name']}{hint}; its settings: "
-                              f"{', '.join(params) or 'none'}")
+            raise ConfigError(f"config key '{where}.{_clip(key, 60)}' is not a setting of {spec['name']}{hint}; its "
+                              f"settings: {', '.join(params) or 'none'}")
         default = params[key].default
         if isinstance(default, tuple) and isinstance(value, list):  # YAML has no tuples: betas [0.9, 0.999]
             ok = len(value) == len(default) and all(_type_ok(d, v, ()) for d, v in zip(default, value))
@@ -211,14 +212,18 @@ def component(family: dict, spec, where: str, **given):
                               f"{_brief(value)}")
     try:
         return cls(**given, **settings)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"config key {where!r} ({spec['name']}): {exc}") from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ConfigError(f"config key {where!r} ({spec['name']}): {_clip(exc)}") from None
 
 
 def _brief(value) -> str:
-    """A bad value as one short line (a config value can be huge)."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    """A bad value as one short line (a config value can be huge): at most 80 characters, computed in bounded time
+    (reprlib looks at the first few items of a container, a few levels deep, never all of it)."""
+    try:
+        text = _short_repr(value)
+    except ValueError:  # an int past Python's 4300-digit str() limit
+        text = f"<an int of {value.bit_length()} bits>" if isinstance(value, int) else f"<a {type(value).__name__}>"
+    return _clip(text)
 
 
 def flat_keys(tree: dict = DEFAULTS, prefix: str = "") -> list[str]:
@@ -261,12 +266,12 @@ def merge_config(base: dict, update: dict, where: str = "") -> None:
             continue
         if k not in base:
             valid = [x for x in flat_keys() if x.startswith(where)] if where else list(DEFAULTS)
-            raise ConfigError(f"unknown config key {key!r}; valid keys here: {', '.join(valid)}")
+            raise ConfigError(f"unknown config key {_brief(key)}; valid keys here: {', '.join(valid)}")
         if isinstance(base[k], dict) and isinstance(v, dict):
             merge_config(base[k], v, key + ".")
         elif isinstance(base[k], dict) and key != "model.max_memory":
-            raise ConfigError(f"config key {key!r} is a section; give it a mapping of "
-                              f"{', '.join(base[k])}, not {v!r}")
+            raise ConfigError(f"config key {_brief(key)} is a section; give it a mapping of "
+                              f"{', '.join(base[k])}, not {_brief(v)}")
         else:
             base[k] = v
 
@@ -281,7 +286,7 @@ def config_file(config: str | Path):
     try:
         return recipes.find(str(config))
     except ConfigError:
-        raise ConfigError(f"config {str(config)!r} does not exist: it is neither a file nor a shipped recipe; "
+        raise ConfigError(f"config {_brief(str(config))} does not exist: it is neither a file nor a shipped recipe; "
                           f"the recipes are: {', '.join(recipes.names())} (`qzo recipes` shows each one's "
                           f"model and card)") from None
 
@@ -291,13 +296,18 @@ DEMO_RECIPE = "smollm2-135m/demo"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
-    """Defaults, then the YAML file or shipped recipe (``None``: the demo's), then ``key=value`` overrides; validated."""
+    """Defaults, then the YAML file or shipped recipe (``None``: the demo's), then ``key=value`` overrides; validated.
+
+    The file is read only up to :data:`_MAX_CONFIG_BYTES` and parsed by a loader that refuses
+    YAML whose aliases expand past :data:`_MAX_NODES` values (:func:`_load_yaml`), so a hostile
+    file costs milliseconds, not minutes and gigabytes.
+    """
     cfg = copy.deepcopy(DEFAULTS)
     path = config_file(DEMO_RECIPE if path is None else path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _load_yaml(_read_config(path), str(path)) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_clip(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     merge_config(cfg, data)
@@ -307,19 +317,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
-    """Apply ``section.key=value`` strings; values are parsed as YAML (``1e-3``, ``[a, b]``, ``null``)."""
+    """Apply ``section.key=value`` strings; values are parsed as YAML (``1e-3``, ``[a, b]``, ``null``), by the
+    bounded loader of config files (:func:`_load_yaml`), and at most :data:`_MAX_CONFIG_BYTES` long."""
     valid = flat_keys()
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"--set expects key=value, got {_brief(item)}")
         key, raw = item.split("=", 1)
         key = key.strip()
         if key in MOVED:
             raise moved_error(key)
         if key not in valid and not (key.rsplit(".", 1)[0] in COMPONENTS and key.count(".") == 2):
-            raise ConfigError(f"unknown config key {key!r} in --set; valid keys: {', '.join(valid)}")
+            raise ConfigError(f"unknown config key {_brief(key)} in --set; valid keys: {', '.join(valid)}")
+        if len(raw) > _MAX_CONFIG_BYTES:
+            raise ConfigError(f"--set {key}: the value is {len(raw):,} characters, over the {_MAX_CONFIG_BYTES:,} a "
+                              f"whole config may hold; give {key} a shorter value")
         try:
-            value = yaml.safe_load(raw)
+            value = _load_yaml(raw, f"--set {key}")
         except yaml.YAMLError:
             value = raw
         _set(cfg, key, value)
@@ -347,21 +361,23 @@ def _type_ok(default, value, key: tuple) -> bool:
 
 def _validate_targets(cfg: dict) -> None:
     t = cfg["targets"]
-    if not (t["lora"] or t["scales"] or t["dense"]):
-        raise ConfigError("nothing to train: targets.lora is false and targets.scales / targets.dense are null; "
-                          "turn one on, e.g. --set targets.lora=true")
-    if isinstance(t["scales"], str) and t["scales"] != "all":
-        raise ConfigError(f"config key 'targets.scales' is {t['scales']!r}; give \"all\" or a list of module "
-                          "patterns such as [q_proj, v_proj] or ['model.layers.0.*']")
-    for key in ("scales", "dense"):
+    if not (t["lora"] or t["scales"] or t["dense"] or t["norms"]):
+        raise ConfigError("nothing to train: targets.lora is false and targets.scales / targets.dense / "
+                          "targets.norms are null; turn one on, e.g. --set targets.lora=true")
+    for key in ("scales", "norms"):
+        if isinstance(t[key], str) and t[key] != "all":
+            raise ConfigError(f"config key 'targets.{key}' is {_brief(t[key])}; give \"all\" or a list of module "
+                              "patterns such as [q_proj, v_proj] or ['model.layers.0.*']")
+    for key in ("scales", "dense", "norms"):
         value = t[key]
         if isinstance(value, list) and (not value or not all(isinstance(v, str) and v for v in value)):
             raise ConfigError(f"config key 'targets.{key}' must be null or a non-empty list of module patterns "
-                              f"(strings), got {value!r}")
-    if cfg["optim"]["strategy"]["name"] == "per_example" and (t["scales"] or t["dense"] or not t["lora"]):
+                              f"(strings), got {_brief(value)}")
+    if cfg["optim"]["strategy"]["name"] == "per_example" and (t["scales"] or t["dense"] or t["norms"]
+                                                             or not t["lora"]):
         raise ConfigError("optim.strategy per_example perturbs each row inside the LoRA layers' forward: it trains "
                           "LoRA only (targets.lora true, targets.scales and targets.dense null)")
-    if cfg["optim"]["batched"] and (t["scales"] or t["dense"]):
+    if cfg["optim"]["batched"] and (t["scales"] or t["dense"] or t["norms"]):
         raise ConfigError("config key 'optim.batched' evaluates LoRA candidates inside the forward; it cannot "
                           "batch scale or dense targets: set optim.batched=false or train LoRA only")
 
@@ -370,16 +386,16 @@ def _validate_data(cfg: dict) -> None:
     d = cfg["data"]
     problem = check_fields(d["fields"])
     if problem:
-        raise ConfigError(f"config key 'data.fields' {problem}")
+        raise ConfigError(f"config key 'data.fields' {_clip(problem)}")
     problem = template_problem(d["chat_template"])
     if problem:
-        raise ConfigError(f"config key 'data.chat_template' {problem}")
+        raise ConfigError(f"config key 'data.chat_template' {_clip(problem)}")
     for key in ("train", "eval"):  # an hf: spec's syntax is checked here, before the model loads
         if isinstance(d[key], str) and d[key].startswith("hf:"):
             try:
                 parse_hf(d[key])
             except DataError as exc:
-                raise ConfigError(f"config key 'data.{key}': {exc}") from None
+                raise ConfigError(f"config key 'data.{key}': {_clip(exc)}") from None
     if d["format"] == "text" and cfg["objective"]["kind"] == "reward":
         raise ConfigError("data.format text (raw text, no prompts) cannot be used with objective.kind=reward, which "
                           "generates replies to chats; set data.format to a chat format or "
@@ -389,9 +405,10 @@ def _validate_data(cfg: dict) -> None:
 def _validate_objective(cfg: dict) -> None:
     ob = cfg["objective"]
     if ob["max_new_tokens"] < 1:
-        raise ConfigError(f"config key 'objective.max_new_tokens' must be >= 1, got {ob['max_new_tokens']}")
+        raise ConfigError(f"config key 'objective.max_new_tokens' must be >= 1, got {_brief(ob['max_new_tokens'])}")
     if not ob["temperature"] >= 0:
-        raise ConfigError(f"config key 'objective.temperature' must be >= 0 (0: greedy), got {ob['temperature']}")
+        raise ConfigError(f"config key 'objective.temperature' must be >= 0 (0: greedy), got "
+                          f"{_brief(ob['temperature'])}")
     if ob["kind"] != "reward":
         return
     reward = ob["reward"]
@@ -399,7 +416,7 @@ def _validate_objective(cfg: dict) -> None:
         raise ConfigError("objective.kind is reward but 'objective.reward' is not set; give exact_match, token_f1 "
                           "or module:function, e.g. --set objective.reward=token_f1")
     if reward.strip() not in ("exact_match", "token_f1") and ":" not in reward:
-        raise ConfigError(f"config key 'objective.reward' is {reward!r}; give exact_match, token_f1, "
+        raise ConfigError(f"config key 'objective.reward' is {_brief(reward)}; give exact_match, token_f1, "
                           "module:function or path/to/file.py:function")
     if cfg["data"]["packing"]:
         raise ConfigError("data.packing cannot be used with objective.kind=reward: replies are generated per "
@@ -413,7 +430,7 @@ def _validate_names(cfg: dict) -> None:
     """``lora.target_modules`` and ``train.report_to``: the one string and the names they take."""
     modules = cfg["lora"]["target_modules"]
     if isinstance(modules, str) and modules != ALL_LINEAR:
-        raise ConfigError(f"config key 'lora.target_modules' is {modules!r}; give a list of module names such as "
+        raise ConfigError(f"config key 'lora.target_modules' is {_brief(modules)}; give a list of module names such as "
                           f"[q_proj, v_proj], or {ALL_LINEAR} (every linear layer of the decoder, not the LM head)")
     report_to = cfg["train"]["report_to"]
     if isinstance(report_to, str):  # `--set train.report_to=wandb`: one name; none (transformers' word): []
@@ -421,7 +438,8 @@ def _validate_names(cfg: dict) -> None:
     if isinstance(report_to, list) and all(isinstance(n, str) for n in report_to):  # else: the type check's error
         unknown = [n for n in report_to if n not in REPORTERS]
         if unknown:
-            raise ConfigError(f"config key 'train.report_to' names {', '.join(map(repr, unknown))}; give a list of "
+            raise ConfigError(f"config key 'train.report_to' names "
+                              f"{_clip(', '.join(map(repr, unknown)))}; give a list of "
                               f"{', '.join(REPORTERS)} (any subset; [] for none), e.g. [tensorboard, wandb]")
 
 
@@ -431,6 +449,7 @@ def _validate_components(cfg: dict) -> None:
         section, key = where.split(".")
         spec = cfg[section][key]
         given = {arg: get(cfg, source) for arg, source in _GIVEN.get(where, {}).items()}
+        given = {arg: 1.0 if value == "auto" else value for arg, value in given.items()}  # optim.lr auto: any lr builds
         component(family, spec, where, **given)
         if isinstance(spec, str):
             cfg[section][key] = {"name": spec}
@@ -441,6 +460,8 @@ def validate(cfg: dict) -> dict:
     _validate_names(cfg)
     for dotted in flat_keys():
         if dotted in COMPONENTS:  # their schema is their class: checked by building them, below
+            continue
+        if dotted == "optim.lr" and get(cfg, dotted) == "auto":  # found at the start of the run (qzo.zo.auto_lr)
             continue
         key = tuple(dotted.split("."))
         default, value = get(DEFAULTS, dotted), get(cfg, dotted)
@@ -454,16 +475,17 @@ def validate(cfg: dict) -> dict:
         if not _type_ok(default, value, key):
             kinds = _NULLABLE_TYPES.get(key, ())
             want = type(default).__name__ if default is not None else "/".join(t.__name__ for t in kinds)
-            raise ConfigError(f"config key {dotted!r} must be {want}, got {value!r}")
+            raise ConfigError(f"config key {dotted!r} must be {want}, got {_brief(value)}")
         if isinstance(value, float) and not math.isfinite(value) or (
                 isinstance(value, list) and any(isinstance(v, float) and not math.isfinite(v) for v in value)):
-            raise ConfigError(f"config key {dotted!r} must be a finite number, got {value!r}")
+            raise ConfigError(f"config key {dotted!r} must be a finite number, got {_brief(value)}")
         if key in _CHOICES and value not in _CHOICES[key]:
-            raise ConfigError(f"config key {dotted!r} is {value!r}; choose one of {', '.join(map(str, _CHOICES[key]))}")
+            raise ConfigError(f"config key {dotted!r} is {_brief(value)}; choose one of "
+                              f"{', '.join(map(str, _CHOICES[key]))}")
         if key in _POSITIVE and not value > 0:
-            raise ConfigError(f"config key {dotted!r} must be > 0, got {value}")
+            raise ConfigError(f"config key {dotted!r} must be > 0, got {_brief(value)}")
         if key in _AT_LEAST_ONE and value < 1:
-            raise ConfigError(f"config key {dotted!r} must be >= 1, got {value}")
+            raise ConfigError(f"config key {dotted!r} must be >= 1, got {_brief(value)}")
     _validate_components(cfg)
     _validate_targets(cfg)
     _validate_data(cfg)
@@ -472,44 +494,207 @@ def validate(cfg: dict) -> dict:
         raise ConfigError("config key 'lora.target_modules' is empty; name at least one layer, e.g. [q_proj, v_proj]")
     init = cfg["lora"]["init_from"]
     if init is not None and (not init.strip() or not cfg["targets"]["lora"]):
-        raise ConfigError(f"config key 'lora.init_from' is {init!r}: give the path of a PEFT adapter folder, a qzo run or "
+        raise ConfigError(f"config key 'lora.init_from' is {_brief(init)}: give the path of a PEFT adapter folder, a qzo run or "
                           "one of its checkpoints, with targets.lora true (it sets the adapters' starting values), or null")
     o = cfg["optim"]
     for key, low in (("warmup_steps", 0), ("min_lr_ratio", 0)):
         if o[key] < low:
-            raise ConfigError(f"config key 'optim.{key}' must be >= {low}, got {o[key]}")
+            raise ConfigError(f"config key 'optim.{key}' must be >= {low}, got {_brief(o[key])}")
     if o["min_lr_ratio"] > 1:
-        raise ConfigError(f"config key 'optim.min_lr_ratio' must be <= 1 (the final lr / lr), got {o['min_lr_ratio']}")
+        raise ConfigError(f"config key 'optim.min_lr_ratio' must be <= 1 (the final lr / lr), got "
+                          f"{_brief(o['min_lr_ratio'])}")
     strategy = STRATEGIES[o["strategy"]["name"]]
     if o["batched"] and strategy.pool_arg is None:
         pools = ", ".join(n for n, c in STRATEGIES.items() if c.pool_arg)
         raise ConfigError(f"config key 'optim.batched' applies to pool strategies ({pools}), not {strategy.name}")
     if not 0 <= o["normalize_beta"] < 1:
-        raise ConfigError(f"config key 'optim.normalize_beta' must be in [0, 1), got {o['normalize_beta']}")
+        raise ConfigError(f"config key 'optim.normalize_beta' must be in [0, 1), got {_brief(o['normalize_beta'])}")
     patience, factor = cfg["train"]["early_stop_patience"], cfg["train"]["early_stop_factor"]
     if factor is not None and not factor > 1:
         raise ConfigError(f"config key 'train.early_stop_factor' must be > 1 (a loss that many times the best) or "
-                          f"null, got {factor}")
+                          f"null, got {_brief(factor)}")
     divergence, backoff = cfg["train"]["divergence_factor"], cfg["train"]["divergence_backoff"]
     if divergence is not None and not divergence > 1:
         raise ConfigError(f"config key 'train.divergence_factor' must be > 1 (a loss that many times its running "
-                          f"mean is undone) or null (off), got {divergence}")
+                          f"mean is undone) or null (off), got {_brief(divergence)}")
     if not 0 < backoff <= 1:
         raise ConfigError(f"config key 'train.divergence_backoff' must be in (0, 1] (the lr is multiplied by it at "
-                          f"every undone step), got {backoff}")
+                          f"every undone step), got {_brief(backoff)}")
     if patience is not None and patience < 1:
-        raise ConfigError(f"config key 'train.early_stop_patience' must be >= 1 or null, got {patience}")
+        raise ConfigError(f"config key 'train.early_stop_patience' must be >= 1 or null, got {_brief(patience)}")
     for key in ("forwards", "eval_every_forwards"):
         if cfg["train"][key] is not None and cfg["train"][key] < 1:
-            raise ConfigError(f"config key 'train.{key}' must be >= 1 or null, got {cfg['train'][key]}")
+            raise ConfigError(f"config key 'train.{key}' must be >= 1 or null, got {_brief(cfg['train'][key])}")
     if o["clip"] is not None and not o["clip"] > 0:
-        raise ConfigError(f"config key 'optim.clip' must be > 0 or null, got {o['clip']}")
+        raise ConfigError(f"config key 'optim.clip' must be > 0 or null, got {_brief(o['clip'])}")
     for pattern, scale in (o["noise_scale"] or {}).items():
         if not isinstance(pattern, str) or isinstance(scale, bool) or not isinstance(scale, (int, float)) \
                 or not scale >= 0:
             raise ConfigError(f"config key 'optim.noise_scale' maps name patterns to scales >= 0, e.g. "
-                              f"{{'*lora_A*': 0}}; got {pattern!r}: {scale!r}")
+                              f"{{'*lora_A*': 0}}; got {_brief(pattern)}: {_brief(scale)}")
     if o["noise_scale_steps"] is not None and (o["noise_scale_steps"] < 0 or not o["noise_scale"]):
         raise ConfigError(f"config key 'optim.noise_scale_steps' must be >= 0 and needs optim.noise_scale, got "
-                          f"{o['noise_scale_steps']} with noise_scale {o['noise_scale']}")
+                          f"{_brief(o['noise_scale_steps'])} with noise_scale {_brief(o['noise_scale'])}")
     return cfg
+
+
+# --- bounded reading of YAML and of bad values ---------------------------------------------------------------
+
+#: the largest config file (and ``--set`` value) read, in bytes: the shipped recipes are 1-3 KB, and the pure-Python
+#: YAML parser takes about 0.6 s a MiB (35 s for a 55 MB file)
+_MAX_CONFIG_BYTES = 1 << 20
+#: the most values a config's YAML may stand for, aliases expanded (the shipped recipes have under 200); a
+#: 341-byte nest of aliases stands for hundreds of millions, which every walk of the config would then visit
+_MAX_NODES = 10_000
+
+
+def _short_repr(value) -> str:
+    """How :func:`_brief` shows a value: the first few items of a container, a few levels deep, never all of it."""
+    import reprlib
+
+    short = reprlib.Repr()  # (its keyword arguments are Python 3.12's)
+    short.maxlevel, short.maxstring, short.maxlong, short.maxother = 3, 70, 40, 70
+    short.maxtuple = short.maxlist = short.maxarray = short.maxdict = short.maxset = short.maxfrozenset = 6
+    short.maxdeque = 6
+    return short.repr(value)
+
+
+def _clip(text, limit: int = 300) -> str:
+    """``text`` (or an error) as one line of at most ``limit`` characters."""
+    line = " ".join(str(text).split("\n"))
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _read_config(path: Path) -> str:
+    """The text of a config file, refused (:class:`ConfigError`) past :data:`_MAX_CONFIG_BYTES` before it is read
+    whole, naming the value that makes it so large when a quick look finds it (:func:`_largest_value`)."""
+    size = path.stat().st_size
+    if size > _MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {path} is {size / 2**20:.1f} MiB, over the {_MAX_CONFIG_BYTES >> 20} MiB qzo reads "
+                          f"(a config is a few KB){_largest_value(path)}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {path} is not UTF-8 text ({_clip(exc, 120)}); save it as UTF-8") from None
+
+
+def _largest_value(path: Path) -> str:
+    """``": its value data.system_prompt alone is N characters; shorten it"`` for an oversized config, from libyaml's
+    event stream (C, about 0.5 s for 50 MB; nothing is composed or built). The look gives up, saying nothing, without
+    libyaml, past 256 MiB, 5 s, or 64 levels of nesting (where libyaml's parser slows down quadratically)."""
+    import time
+
+    loader = getattr(yaml, "CSafeLoader", None)
+    if loader is None or path.stat().st_size > 256 << 20:
+        return ""
+    stack: list[list] = []  # per open collection: [is a mapping, its current key, a key comes next]
+    best, where, end = 0, "", time.monotonic() + 5
+    try:
+        with open(path, "rb") as f:
+            for i, event in enumerate(yaml.parse(f, Loader=loader)):
+                if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                    stack.append([isinstance(event, yaml.MappingStartEvent), None, True])
+                    if len(stack) > 64:
+                        return ""
+                    continue
+                if isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                    stack.pop()
+                elif isinstance(event, yaml.ScalarEvent):
+                    if stack and stack[-1][0] and stack[-1][2]:
+                        stack[-1][1] = event.value[:40]
+                    elif len(event.value) > best:
+                        best = len(event.value)
+                        where = ".".join(str(s[1]) for s in stack if s[0] and s[1] is not None)
+                elif not isinstance(event, yaml.AliasEvent):
+                    continue
+                if stack and stack[-1][0]:  # a key or a value of the mapping is complete: the other comes next
+                    stack[-1][2] = not stack[-1][2]
+                if i % 1024 == 0 and time.monotonic() > end:
+                    return ""
+    except (yaml.YAMLError, OSError):
+        return ""
+    if best < _MAX_CONFIG_BYTES // 2 or not where:
+        return "; shorten its long values"
+    return f": its value {_clip(where, 80)} alone is {best:,} characters; shorten it"
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, refusing a document that stands for more than :data:`_MAX_NODES` values.
+
+    An alias (``*a``) makes the constructor reuse its anchor's value, so a few hundred bytes of
+    nested aliases stand for billions of values: anything that walks the result (a repr in an
+    error message, a copy, a dump) then runs for minutes and fills memory. The composed node graph
+    (aliases still shared) is measured as construction would expand it, before anything is built.
+    """
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None and _expanded_nodes(node) > _MAX_NODES:
+            raise ConfigError(f"{self.name}: its YAML stands for over {_MAX_NODES:,} values once its aliases (*name) "
+                              "are expanded (a config holds a few hundred); write the values out instead of nesting "
+                              "aliases")
+        return node
+
+    def construct_yaml_int(self, node):
+        # an int longer than any setting needs: float() of it (an lr, an eps) would overflow, and past 4300 digits
+        # even int() refuses
+        if len(node.value) > 64:
+            raise ConfigError(f"{self.name}: the number {node.value[:20]}... is {len(node.value):,} characters long; "
+                              "no config value needs a number that long")
+        return super().construct_yaml_int(node)
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
+
+
+def _expanded_nodes(root) -> int:
+    """How many values ``root`` stands for with every alias expanded (counting stops past :data:`_MAX_NODES`);
+    a node that contains itself (``&a [*a]``) counts as over the limit. Iterative: no recursion limit to meet."""
+    over = _MAX_NODES + 1
+
+    def children(node):
+        if isinstance(node, yaml.SequenceNode):
+            return iter(node.value)
+        if isinstance(node, yaml.MappingNode):
+            return (n for pair in node.value for n in pair)
+        return iter(())
+
+    sizes: dict[int, int] = {}
+    on_path = {id(root)}
+    stack = [(root, children(root), [1])]
+    while stack:
+        node, todo, count = stack[-1]
+        child = next(todo, None)
+        if child is None:
+            stack.pop()
+            on_path.discard(id(node))
+            sizes[id(node)] = count[0]
+            if stack:
+                stack[-1][2][0] += count[0]
+                if stack[-1][2][0] >= over:
+                    return over
+            continue
+        if id(child) in on_path:
+            return over  # an alias inside its own anchor: endless
+        if id(child) in sizes:
+            count[0] += sizes[id(child)]
+            if count[0] >= over:
+                return over
+            continue
+        on_path.add(id(child))
+        stack.append((child, children(child), [1]))
+    return sizes[id(root)]
+
+
+def _load_yaml(text: str, where: str):
+    """``yaml.safe_load(text)`` through :class:`_BoundedLoader`; nesting past Python's recursion limit is a
+    :class:`ConfigError` naming ``where`` (a :class:`yaml.YAMLError` is the caller's)."""
+    loader = _BoundedLoader(text)
+    loader.name = where
+    try:
+        return loader.get_single_data()
+    except RecursionError:
+        raise ConfigError(f"{where}: its YAML nests too deep for qzo to read (a config is a few levels deep); "
+                          "flatten it") from None
+    finally:
+        loader.dispose()

@@ -24,10 +24,20 @@ same template (it is saved with the tokenizer).
 :func:`check_renders` catches what a template silently drops: tool calls, ``tool``
 messages and ``tools`` schemas the template does not render (or raises on) are an error
 naming the example and the fix, instead of a model trained on chats with parts missing.
+
+A template is a program (jinja loops), and a file from anywhere may loop for hours
+(``{% for i in range(100000) %}{% for j in range(100000) %}``): :func:`render` gives one chat
+:data:`RENDER_SECONDS` and then stops the template with a :class:`DataError` naming it (and a
+template file over :data:`TEMPLATE_BYTES` is refused before it is read).
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
 
 from ..errors import DataError
@@ -111,17 +121,35 @@ QWEN25 = (
 BUILTIN = {"chatml": CHATML, "llama3": LLAMA3, "qwen2.5": QWEN25}
 """Built-in chat templates by ``data.chat_template`` name."""
 
+#: the longest one chat may take to render, in seconds. The built-ins render a short chat in under 0.1 ms and 16
+#: messages of 4 MiB in 0.13 s (2-core Xeon), so a template still running after this loops without end (or nearly)
+RENDER_SECONDS = 10.0
+
+#: the largest chat template file read: the built-ins are under 3 KB, Llama 3.1's own (with tools) 4 KB
+TEMPLATE_BYTES = 1 << 20
+
+# template text -> how the user named it (data.chat_template), for the error that stops it
+_NAMES: dict[str, str] = {value: f"the built-in chat template {name!r}" for name, value in BUILTIN.items()}
+
 
 def template_problem(value) -> str | None:
     """What is wrong with a ``data.chat_template`` value (``None`` if nothing); config validation names the key."""
     if value is None or value in BUILTIN:
         return None
     if not isinstance(value, str) or not value.strip():
-        return f"must be null, a built-in name ({', '.join(BUILTIN)}) or a path to a jinja file; got {value!r}"
-    if not Path(value).expanduser().is_file():
-        return (f"is {value!r}: neither a built-in template ({', '.join(BUILTIN)}) nor an existing file; give one "
+        return f"must be null, a built-in name ({', '.join(BUILTIN)}) or a path to a jinja file; got {value!r:.80}"
+    if not _is_file(value):
+        shown = repr(value) if len(value) <= 80 else repr(value[:77]) + "..."
+        return (f"is {shown}: neither a built-in template ({', '.join(BUILTIN)}) nor an existing file; give one "
                 "of those names or the path of a jinja chat template (e.g. templates/mine.jinja)")
     return None
+
+
+def _is_file(value: str) -> bool:
+    try:
+        return Path(value).expanduser().is_file()
+    except (OSError, ValueError):  # a name too long for the filesystem, a NUL byte: no file of that name
+        return False
 
 
 def resolve_template(value: str) -> str:
@@ -131,7 +159,12 @@ def resolve_template(value: str) -> str:
         raise DataError(f"data.chat_template {problem}")
     if value in BUILTIN:
         return BUILTIN[value]
-    text = Path(value).expanduser().read_text(encoding="utf-8")
+    path = Path(value).expanduser()
+    if path.stat().st_size > TEMPLATE_BYTES:  # before reading it whole
+        raise DataError(f"data.chat_template {value!r} is {path.stat().st_size / 2**20:.1f} MiB, over the "
+                        f"{TEMPLATE_BYTES >> 20} MiB a chat template may be (they are a few KB); point it at the "
+                        "template's jinja file")
+    text = path.read_text(encoding="utf-8")
     if "messages" not in text:
         raise DataError(f"data.chat_template {value!r} does not look like a chat template: it never reads "
                         "`messages`; see https://huggingface.co/docs/transformers/chat_templating_writing")
@@ -142,13 +175,23 @@ def set_chat_template(tok, value: str | None) -> None:
     """Put ``data.chat_template`` on the tokenizer (``null``: keep the tokenizer's own)."""
     if value is not None:
         tok.chat_template = resolve_template(value)
+        _NAMES.setdefault(tok.chat_template, f"the chat template {value!r} (data.chat_template)")
 
 
 def render(tok, messages: list[dict], generation_prompt: bool, tools: list[dict] | None = None,
            where: str = "chat") -> str:
-    """The template's text of ``messages``; a template that raises is a :class:`DataError` naming ``where``."""
+    """The template's text of ``messages``; a template that raises, or runs past :data:`RENDER_SECONDS`, is a
+    :class:`DataError` naming ``where`` (and, for the second, the template)."""
     try:
-        return tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
+        with _deadline(RENDER_SECONDS):
+            return tok.apply_chat_template(messages, tools=tools, tokenize=False,
+                                           add_generation_prompt=generation_prompt)
+    except _TooSlow:
+        template = getattr(tok, "chat_template", None)
+        name = (_NAMES.get(template) if isinstance(template, str) else None) or "the tokenizer's own chat template"
+        raise DataError(f"{where}: {name} was stopped after {RENDER_SECONDS:g} s on one chat (a chat "
+                        "renders in milliseconds: it loops without end, or nearly); fix its loops, or set "
+                        f"data.chat_template to a built-in ({', '.join(BUILTIN)})") from None
     except Exception as exc:  # jinja's TemplateError (raise_exception in the template), TypeError, ...
         roles = sorted({m["role"] for m in messages})
         raise DataError(f"{where}: the chat template cannot render this chat (roles {', '.join(roles)}): "
@@ -176,3 +219,50 @@ def check_renders(tok, messages: list[dict], tools: list[dict] | None, full: str
         elif m["role"] == "tool" and m["content"].strip() and m["content"] not in full:
             raise DataError(f"{where}: message {i} is a tool message but the chat template does not render its "
                             f"content; {fix}")
+
+
+class _TooSlow(BaseException):
+    """Raised inside a template that ran past its time (caught by :func:`render`); a BaseException, as
+    KeyboardInterrupt is, so that no ``except Exception`` on the way (jinja's, transformers') swallows it."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float):
+    """Raise :class:`_TooSlow` in the code of the ``with`` body once it has run ``seconds``.
+
+    In the main thread a ``SIGALRM`` timer interrupts it (free while nothing is late; the timer a
+    caller had set is put back); elsewhere, where signals cannot be handled, a trace function
+    checks the clock (slower, and only there).
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        end = time.monotonic() + seconds
+
+        def trace(frame, event, arg):
+            if time.monotonic() > end:
+                raise _TooSlow
+            return trace
+
+        before = sys.gettrace()
+        sys.settrace(trace)
+        try:
+            yield
+        finally:
+            sys.settrace(before)
+        return
+    armed = [True]
+
+    def late(signum, frame):
+        if armed[0]:  # not after the body is done, in the moment before the timer is stopped
+            raise _TooSlow
+
+    start = time.monotonic()
+    handler = signal.signal(signal.SIGALRM, late)
+    outer, interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        armed[0] = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, handler)
+        if outer:  # a caller's timer: what is left of it
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 1e-3), interval)

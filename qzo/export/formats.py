@@ -80,8 +80,9 @@ def export(run_dir, fmt: str, out=None, base=None, dtype: str = "bfloat16", log=
     if out.exists():
         raise QzoError(f"export destination {str(out)!r} already exists; remove it or pass --out elsewhere")
     targets = cfg["targets"]
-    if fmt in ("peft", "gguf-lora") and (not targets["lora"] or targets["scales"] or targets["dense"]):
-        trained = [k for k in ("lora", "scales", "dense") if targets[k]]
+    if fmt in ("peft", "gguf-lora") and (not targets["lora"] or targets["scales"] or targets["dense"]
+                                         or targets["norms"]):
+        trained = [k for k in ("lora", "scales", "dense", "norms") if targets[k]]
         raise QzoError(f"--{fmt} writes a LoRA adapter, but this run trained {', '.join(trained)}; an adapter "
                        "cannot hold scales or dense slices: use --merged (a plain model), --gguf or --quantized")
     if fmt == "quantized" and cfg["model"]["quant"] not in ("nf4", "fp4"):
@@ -211,7 +212,7 @@ def _write_merged(folder: Path, cfg: dict, trainables: dict, base, dtype: torch.
 
 def _write_quantized(folder: Path, cfg: dict, trainables: dict, base, out: Path) -> None:
     model, tok, params, parts = _load_base(cfg, base, lora=False)
-    if cfg["targets"]["scales"] or cfg["targets"]["dense"]:
+    if cfg["targets"]["scales"] or cfg["targets"]["dense"] or cfg["targets"]["norms"]:
         _load_values(params, trainables)
     qc = model.config.quantization_config
     qc.llm_int8_enable_fp32_cpu_offload = False  # a training-time placement choice, not part of the model

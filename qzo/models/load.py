@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from ..cache import cache_dir
+from ..cache import TMP_PREFIX, cache_folder, record, recorded
 from ..errors import ModelSourceError, QzoError, check_choice
 from .bnb import QUANTS, choose_cpu_path, is_quantized_tensor
 from .host_embedding import keep_input_embedding_on_host
@@ -125,20 +125,21 @@ def _gguf_cache_folder(path: Path) -> Path:
     st = path.stat()
     # "16bit": the folder format (float32 folders, written before, are left for `qzo cache --clear`)
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}|16bit".encode()).hexdigest()[:16]
-    return cache_dir() / "gguf" / f"{path.stem}-{key}"
+    return cache_folder("gguf") / f"{path.stem}-{key}"  # refuses a cache folder others may write
 
 
 def _convert_gguf(path: Path) -> Path:
     """Dequantize a GGUF once into a cached model folder (written atomically)."""
     target = _gguf_cache_folder(path)
     if (target / "config.json").is_file():
+        if recorded(target) is None:  # converted before qzo recorded its cache entries: qzo's, at qzo's own name
+            record(target, source=str(path))
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a model folder in %s (once; later loads reuse it)", path, target)
     print(f"qzo: converting {path.name} once into the cache at {target}", flush=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=target.parent))  # `qzo cache --clear` removes a killed one
     try:
         try:
             # transformers' bars miss most of the wait: none for the tokenizer (7.8 s for the
@@ -161,6 +162,7 @@ def _convert_gguf(path: Path) -> Path:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
         _publish(tmp, target)
+        record(target, source=str(path))  # what `qzo cache --clear` may remove
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -19,9 +19,13 @@ runs it, not of the one that built the wheel.
 
 The library is cached under ``<qzo cache>/native/``, keyed by the source, the compiler's
 version and this CPU's feature flags, so a shared home directory never loads a library built
-for another CPU. Where no compiler is found or the build fails, qzo says so once and uses the
-reference. ``QZO_CPU_NOISE=reference`` forces the reference; ``QZO_CPU_NOISE=native`` makes a
-failed build an error instead of a fallback.
+for another CPU. A library is code run in-process, so it is loaded only after checks: the
+cache folder must be private to this user (:func:`qzo.cache.cache_folder`: a folder others may
+write is refused, naming the ``chmod``), and the file must have the SHA-256 recorded beside it
+when it was built (``noise_philox-<key>.so.qzo``); one that does not (changed since, or built
+before records existed) is rebuilt, never loaded. Where no compiler is found or the build fails,
+qzo says so once and uses the reference. ``QZO_CPU_NOISE=reference`` forces the reference;
+``QZO_CPU_NOISE=native`` makes a failed build an error instead of a fallback.
 """
 
 from __future__ import annotations
@@ -75,28 +79,45 @@ def _cpu_flags() -> str:
 
 
 def _library_path(cc: str) -> Path:
-    from ..cache import cache_dir
+    from ..cache import cache_folder
 
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(
         b"\0".join(s.encode() for s in (_SOURCE.read_text(), " ".join(_FLAGS), version, _cpu_flags(), platform.machine()))
     ).hexdigest()[:16]
-    return cache_dir() / "native" / f"noise_philox-{key}.so"
+    return cache_folder("native") / f"noise_philox-{key}.so"  # refuses a cache folder others may write
 
 
 def _build(cc: str, target: Path) -> None:
-    """Compile into a temporary file beside ``target`` and rename it in: concurrent builds never see half a file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    """Compile into a temporary file beside ``target`` and rename it in (concurrent builds never see half a file),
+    then record its SHA-256 beside it (``target.qzo``), which :func:`_verified` checks before every load."""
+    from ..cache import TMP_PREFIX, file_sha256, record
+
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         done = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed ({done.returncode}): {done.stderr.strip()[:500]}")
+        os.chmod(tmp, 0o755)  # the linker's mode follows the umask: group-writable under umask 002
+        digest = file_sha256(Path(tmp))
         os.replace(tmp, target)
+        record(target, sha256=digest)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _verified(path: Path) -> bool:
+    """Whether ``path`` is a library this user's qzo built: a private regular file (no link) whose SHA-256 is the
+    one recorded when it was built."""
+    from ..cache import check_private, file_sha256, recorded
+
+    want = recorded(path)
+    if want is None or not path.is_file() or path.is_symlink():
+        return False
+    check_private(path)  # a file others may write is an error, not a rebuild: someone changed its mode
+    return want.get("sha256") == file_sha256(path)
 
 
 def _load():
@@ -106,8 +127,11 @@ def _load():
     if cc is None:
         raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
     path = _library_path(cc)
-    if not path.exists():
+    if not _verified(path):  # missing, changed since it was built, or from before records: built again
         _build(cc, path)
+        if not _verified(path):
+            raise RuntimeError(f"{path} does not match the SHA-256 recorded when it was built (another process "
+                               "changed it); not loading it")
     lib = ctypes.CDLL(str(path))
     fn = lib.qzo_philox_uniforms
     fn.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
@@ -125,15 +149,20 @@ def available() -> bool:
         try:
             _load()
         except Exception as exc:  # any build or load failure means the reference, said once
+            from ..cache import CacheError
+
             _error = f"{type(exc).__name__}: {exc}"
+            refused = isinstance(exc, CacheError)  # a cache others may write: the message says how to fix it
+            fix = "Make the cache private as it says" if refused else "Install a C compiler (e.g. apt install gcc)"
             if mode == "native":
                 raise RuntimeError(
-                    f"QZO_CPU_NOISE=native, but the compiled CPU noise generator could not be built: {_error}. "
-                    "Install a C compiler (e.g. apt install gcc) or unset QZO_CPU_NOISE to fall back to the reference."
+                    f"QZO_CPU_NOISE=native, but the compiled CPU noise generator "
+                    f"{'cannot be loaded' if refused else 'could not be built'}: {_error}. {fix}, or unset "
+                    "QZO_CPU_NOISE to fall back to the reference."
                 ) from exc
             print(
                 f"qzo: the compiled CPU noise generator is unavailable ({_error}); using the pure-torch reference "
-                "(same values, about 30x slower per value). Install a C compiler to speed up scales/dense runs.",
+                f"(same values, about 30x slower per value). {fix} to speed up scales/dense runs.",
                 file=sys.stderr,
             )
     return _lib is not None

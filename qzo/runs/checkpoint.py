@@ -18,6 +18,13 @@ A write that fails (a full disk, a read-only or unwritable folder, a quota) rais
 :class:`RunDirError` naming the path and the reason, after removing what it had written:
 a checkpoint's temp folder, a text file's temp file. :func:`check_writable` tries a folder
 before a run starts, so an unwritable ``out_dir`` is an error before the model loads.
+
+Nothing qzo writes in a run folder goes through a link planted there (``ln -s ~/victim RUN/.lock``
+would otherwise truncate the victim): a file written in place (the lock, the step logs) is opened
+by :func:`open_run_file` (``O_NOFOLLOW``, a regular file with one name, or refused); a file
+rewritten whole is a temp file (``O_EXCL``) renamed over the name (:func:`atomic_write_text`), so a
+link there is replaced, never followed; a sub-folder is taken by :func:`run_folder` (a link is
+refused) and removed by :func:`remove_path` (a link is unlinked, never what it points to).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import warnings
 from pathlib import Path
@@ -40,7 +48,8 @@ from ..errors import QzoError
 
 __all__ = ["lora_values", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "atomic_write_text",
            "verify_checkpoint", "CheckpointError", "find_checkpoint", "best_step", "record_best", "CHOICES_HELP",
-           "remove_partial_writes", "RunDirError", "check_writable", "write_error"]
+           "remove_partial_writes", "RunDirError", "check_writable", "write_error", "open_run_file", "run_folder",
+           "remove_path"]
 
 #: what ``--checkpoint`` takes in ``qzo eval``, ``qzo chat`` and ``qzo export``
 CHOICES_HELP = "last (default: the newest that verifies), best (lowest held-out loss) or step-N"
@@ -133,6 +142,82 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _planted(path, what: str, fix: str = "remove it") -> RunDirError:
+    return RunDirError(errno.ELOOP, f"refusing to write {path}: it is {what}; qzo writes only its own regular files "
+                                    f"in a run folder, never through a link; {fix} and run again")
+
+
+def _link(path) -> str:
+    try:
+        return f"a symbolic link (to {os.readlink(path)!r})"
+    except OSError:
+        return "a symbolic link"
+
+
+def open_run_file(path, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` of a file in a run folder that is written in place (the lock, a step log), never through a link.
+
+    ``O_NOFOLLOW`` refuses a symbolic link at ``path``; ``O_NONBLOCK`` keeps a planted fifo from
+    blocking the open; what opens must be a regular file with one name (a hard link's other name
+    would be written too). Anything else is a :class:`RunDirError` naming the path. Returns the
+    descriptor (blocking again).
+    """
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _planted(path, _link(path)) from None
+        if exc.errno in (errno.ENXIO, errno.EISDIR):  # a fifo without a reader, a folder
+            raise _planted(path, "not a regular file") from None
+        raise write_error(path, exc) or exc from None
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = _planted(path, "not a regular file")
+    elif st.st_nlink > 1:
+        problem = _planted(path, f"a file with {st.st_nlink} names (hard links), which an in-place write would change "
+                                 "under all of them", f"replace it with a copy (cp {path} {path}.new && mv {path}.new "
+                                                      f"{path})")
+    if problem is not None:
+        os.close(fd)
+        raise problem
+    os.set_blocking(fd, True)
+    return fd
+
+
+def run_folder(path) -> Path:
+    """The folder ``path`` inside a run folder (``checkpoints/``), created if missing; a link or a file there is
+    refused (:class:`RunDirError`): writing into it would write wherever it points."""
+    path = Path(path)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise write_error(path, exc) or exc from None
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise _planted(path, _link(path))
+    if not stat.S_ISDIR(st.st_mode):
+        raise _planted(path, "not a folder")
+    return path
+
+
+def remove_path(path) -> None:
+    """Delete a file, a folder tree or a link (the link itself, never what it points to); a missing path is fine."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path, ignore_errors=True)  # unlinks the links inside it, follows none
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def _digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -185,7 +270,8 @@ def save_checkpoint(run_dir: Path, step: int, trainables: dict, optimizer_state:
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:06d}"
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        run_folder(root)  # a planted link is refused, not written through
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=root))
     except OSError as exc:
         raise write_error(final, exc) or exc from None
@@ -205,11 +291,12 @@ def save_checkpoint(run_dir: Path, step: int, trainables: dict, optimizer_state:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         _fsync(tmp / "meta.json")
         _fsync(tmp)
-        if final.exists():  # an identical step re-saved (e.g. after a resume): replace it whole
+        if os.path.lexists(final):  # an identical step re-saved (e.g. after a resume): replace it whole
             old = root / f".old-step-{step:06d}"
+            remove_path(old)
             os.replace(final, old)
             os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_path(old)
         else:
             os.replace(tmp, final)
         _fsync(root)
@@ -309,12 +396,12 @@ def remove_partial_writes(run_dir: Path) -> list[str]:
     run_dir = Path(run_dir)
     root = run_dir / "checkpoints"
     partial = ([p for p in root.iterdir() if p.is_dir() and p.name.startswith((".tmp-", ".old-"))]
-               if root.is_dir() else [])
+               if root.is_dir() and not root.is_symlink() else [])  # a planted link: nothing deleted through it
     texts = ("config.yaml", "steps.jsonl", "metrics.jsonl", "summary.json", "best.json", "data.json")
     partial += [p for p in run_dir.iterdir() if p.name in (".best-tmp", ".best-old", ".final-tmp", ".adapter-old")
                 or (p.is_file() and any(p.name.startswith(f".{t}.") for t in texts))] if run_dir.is_dir() else []
     for p in partial:
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        remove_path(p)
     return [str(p.relative_to(run_dir)) for p in partial]
 
 
@@ -365,11 +452,13 @@ def prune_checkpoints(run_dir: Path, keep: int, newest_good: Path | None = None,
     mark as ``best``), so nothing is read back: otherwise the newest checkpoint that verifies
     is looked up, which hashes every tensor file.
     """
+    if (Path(run_dir) / "checkpoints").is_symlink():  # a planted link: nothing is deleted through it
+        return
     good = Path(newest_good) if newest_good is not None else latest_checkpoint(run_dir, log=lambda _: None)
     best = best if best is not None else best_step(run_dir)
     for old in list_checkpoints(run_dir)[:-keep]:
         if old != good and not (best and old.name == f"step-{best['step']:06d}"):
-            shutil.rmtree(old, ignore_errors=True)
+            remove_path(old)
 
 
 def lora_values(path: Path) -> "InitialValues":

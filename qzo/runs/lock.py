@@ -4,7 +4,13 @@ Two processes writing one run directory would interleave their step logs and ove
 each other's checkpoints. ``RUN/.lock`` is held with ``flock`` for as long as the run
 trains: the kernel drops it when the process ends in any way (``kill -9`` included), so a
 crashed run never leaves a stale lock behind, and no pid file has to be trusted. The file
-itself stays (it records who held it last, for the error message); only the lock matters.
+itself stays (it records who held it last, for the error message); only the lock matters. It is
+opened by :func:`qzo.runs.checkpoint.open_run_file`: a link planted at ``RUN/.lock`` is refused,
+never followed (it would truncate whatever it points to).
+
+The lock is also what makes a folder a qzo run folder: a new run takes it before writing
+anything else, so a folder without qzo's ``.lock`` (:func:`RunLock.marks`) is not one, and
+``qzo train`` refuses to write a new run into it (:func:`qzo.runs.writer.claim_run_dir`).
 """
 
 from __future__ import annotations
@@ -12,9 +18,11 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 from pathlib import Path
 
 from ..errors import QzoError
+from .checkpoint import open_run_file
 
 __all__ = ["RunLock", "RunInUseError"]
 
@@ -39,7 +47,7 @@ class RunLock:
 
         if run_dir is not None:
             self.path = Path(run_dir) / ".lock"
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_run_file(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -51,6 +59,27 @@ class RunLock:
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
         self._fd = fd
         return self
+
+    @staticmethod
+    def marks(run_dir, alone: bool = False) -> bool:
+        """Whether ``run_dir`` holds a lock file qzo wrote: a regular file (not a link) with the ``{"pid", "host"}``
+        its holder writes, or empty where it is the folder's only file (``alone``: a start killed between creating
+        the file and writing it)."""
+        path = Path(run_dir) / ".lock"
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > 4096:
+                return False
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return False
+        if not text:
+            return alone
+        try:
+            info = json.loads(text)
+        except ValueError:
+            return False
+        return isinstance(info, dict) and {"pid", "host"} <= set(info)
 
     def _holder(self) -> str:
         try:

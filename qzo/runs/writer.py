@@ -8,6 +8,10 @@ writes the loop makes (:class:`RunWriter`) and the rules they keep:
   line a kill tore is dropped when a resume cuts the logs to its checkpoint;
 * a folder (``best/``, the final ``adapter/``) is written whole into a temp folder, then
   swapped in by renames, so a failed write leaves the previous values in place;
+* nothing is written through a link planted in the folder (:mod:`qzo.runs.checkpoint`'s
+  ``open_run_file``, ``remove_path``), and a folder is a run folder only by qzo's mark, the
+  lock file a new run writes first (:func:`new_run_dir`): ``out_dir`` pointing at a user's own
+  files is refused untouched, and a second start on a live run is refused before it writes a byte;
 * one process writes: under ``torchrun`` rank 0's :class:`RunWriter` writes and every other
   rank's is silent, so the loop calls the same methods on every rank without a rank test.
 """
@@ -16,25 +20,25 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from datetime import datetime
 from pathlib import Path
 
 import yaml
 
-from .checkpoint import (RunDirError, atomic_write_text, best_step, latest_checkpoint, prune_checkpoints, record_best,
-                         save_checkpoint, write_error)
+from .checkpoint import (RunDirError, atomic_write_text, best_step, latest_checkpoint, open_run_file, prune_checkpoints,
+                         record_best, remove_path, save_checkpoint, write_error)
+from .lock import RunLock
 from ..errors import QzoError
 from ..zo.params import ParamSet
 from ..targets.base import save_parts
 
 __all__ = ["RunWriter", "new_run_dir", "write_final_values", "append_jsonl", "truncate_jsonl", "write_into",
-           "swap_in", "disk_full"]
+           "swap_in", "disk_full", "claim_run_dir"]
 
 
 def append_jsonl(path: Path, record: dict) -> None:
     """One line more; a write that fails (a full disk) is cut back off, so no half line stays behind."""
-    with open(path, "a", encoding="utf-8") as f:
+    with os.fdopen(open_run_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8") as f:
         size = f.tell()
         try:
             f.write(json.dumps(record) + "\n")
@@ -50,10 +54,12 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     A line that does not parse is the one a kill tore in half while it was written (always
     the last): it is dropped with the steps past the checkpoint.
     """
-    if not path.is_file():
+    if not os.path.lexists(path):
         return
+    with os.fdopen(open_run_file(path, os.O_RDONLY), encoding="utf-8") as f:  # a planted link is refused
+        text = f.read()
     keep = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             if line.strip() and json.loads(line)["step"] <= last_step:
                 keep.append(line)
@@ -65,12 +71,12 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
 def write_into(tmp: Path, write, what: str) -> None:
     """``write()`` into the fresh temp folder ``tmp``; one that fails (a full disk) leaves no ``tmp`` behind and
     raises a :class:`RunDirError` naming ``what`` was written."""
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_path(tmp)
     try:
         tmp.mkdir()
         write()
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp)
         error = write_error(what, exc)
         if error is not None:
             raise error from None
@@ -78,13 +84,14 @@ def write_into(tmp: Path, write, what: str) -> None:
 
 
 def swap_in(src: Path, dest: Path) -> None:
-    """Move ``src`` (a file or folder) to ``dest``, replacing a folder there whole (renames only: nothing is copied)."""
-    if src.is_dir() and dest.exists():
+    """Move ``src`` (a file or folder) to ``dest``, replacing a folder there whole (renames only: nothing is copied;
+    a link at ``dest`` is replaced, never followed)."""
+    if src.is_dir() and os.path.lexists(dest):
         old = dest.parent / f".{dest.name}-old"
-        shutil.rmtree(old, ignore_errors=True)
+        remove_path(old)
         os.replace(dest, old)
         os.replace(src, dest)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_path(old)
     else:
         os.replace(src, dest)
 
@@ -95,32 +102,70 @@ def write_final_values(parts: dict[str, ParamSet], run_dir: Path) -> None:
     save_parts(parts.values(), run_dir)
 
 
+# what a start that never trained leaves (a killed start, a refused one), with atomic_write_text's temp files
+_UNSTARTED = {".lock", "config.yaml", "steps.jsonl", "data.json"}
+
+
 def _unstarted(run_dir: Path) -> bool:
     """A run folder that a killed ``qzo train`` created but never trained: nothing in it is worth keeping."""
     names = {p.name for p in run_dir.iterdir()}
     steps = run_dir / "steps.jsonl"
-    return names <= {"config.yaml", "steps.jsonl", ".lock", "data.json"} and (not steps.is_file() or
-                                                                            steps.stat().st_size == 0)
+    return (all(n in _UNSTARTED or n.startswith((".config.yaml.", ".data.json.")) for n in names)
+            and (not os.path.lexists(steps) or os.lstat(steps).st_size == 0))
 
 
-def new_run_dir(cfg: dict, config_path) -> Path:
+def claim_run_dir(run_dir: Path, lock: RunLock) -> None:
+    """Make ``run_dir`` this process's new run folder, holding ``lock``, before a byte of the run is written.
+
+    The lock is taken first: in an empty (or new) folder it is qzo's mark (:meth:`RunLock.marks`),
+    and a folder that holds files but no mark is not a qzo run (a user's own files) and is
+    refused untouched. In a run folder a live run holds it, and the start is refused
+    (:class:`~qzo.runs.lock.RunInUseError`) before anything of that run is overwritten. Under
+    the lock, a folder whose run has started is refused (resume it instead); one a killed start
+    left unstarted is reused.
+    """
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        names = os.listdir(run_dir)
+    except (FileExistsError, NotADirectoryError):
+        raise QzoError(f"out_dir {str(run_dir)!r} is a file, not a folder; choose a folder with --set "
+                       "out_dir=...") from None
+    if names and not RunLock.marks(run_dir, alone=names == [".lock"]):
+        shown = ", ".join(repr(n)[:40] for n in sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+        raise QzoError(f"out_dir {str(run_dir)!r} holds files ({shown}) and is not a qzo run folder (no .lock written "
+                       "by qzo); qzo writes a new run only into an empty or new folder: choose another with --set "
+                       "out_dir=..., or empty this one")
+    lock.acquire(run_dir)  # in an empty folder: the first byte, and qzo's mark
+    if not _unstarted(run_dir):
+        raise QzoError(f"out_dir {str(run_dir)!r} already exists and holds a run; continue it with "
+                       f"`qzo train --resume {run_dir}` or choose another with --set out_dir=...")
+
+
+def new_run_dir(cfg: dict, config_path, lock: RunLock | None = None) -> Path:
     """Create the folder of a new run (``out_dir``, or ``runs/<config>-<time>``) with its config and empty step log.
 
-    An ``out_dir`` that holds a run is refused (resume it instead); one a killed start left
-    unstarted is reused. Sets ``cfg["out_dir"]`` to the folder.
+    The folder is claimed first (:func:`claim_run_dir`: ``lock``, qzo's mark, then the check
+    that no run started there), so a refused start has written nothing. Sets
+    ``cfg["out_dir"]`` to the folder; ``lock`` is held on return (``None``: a lock of its own,
+    released at once: for callers that train nothing).
     """
     if cfg["out_dir"]:
         run_dir = Path(cfg["out_dir"])
-        if run_dir.exists() and any(run_dir.iterdir()) and not _unstarted(run_dir):
-            raise QzoError(f"out_dir {str(run_dir)!r} already exists and is not empty; continue it with "
-                           f"`qzo train --resume {run_dir}` or choose another with --set out_dir=...")
     else:
         name = Path(config_path).stem if config_path else "demo"
         run_dir = Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg["out_dir"] = str(run_dir)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
-    (run_dir / "steps.jsonl").touch()
+    held = lock if lock is not None else RunLock()
+    try:
+        claim_run_dir(run_dir, held)
+        cfg["out_dir"] = str(run_dir)
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        os.close(open_run_file(run_dir / "steps.jsonl", os.O_WRONLY | os.O_CREAT))
+    except BaseException:
+        if lock is None:
+            held.release()
+        raise
+    if lock is None:
+        held.release()
     return run_dir
 
 

@@ -3,33 +3,21 @@
 * :mod:`qzo.targets.lora`: LoRA adapters (peft's layers, saved as a PEFT adapter folder);
 * :mod:`qzo.targets.scales`: the quantization scales of 4/8-bit layers (QZO);
 * :mod:`qzo.targets.dense`: chosen modules as float32 dense slices;
+* :mod:`qzo.targets.norms`: the normalization layers' gains (dense slices picked for you);
+* :mod:`qzo.targets.candidates`: LoRA candidates evaluated inside one stacked forward;
 * :mod:`qzo.targets.base`: what they share (picking modules, the ``ModuleTargets`` base,
   :func:`combine`);
-* :mod:`qzo.targets.files`: one save/load API for every kind (:func:`save`, :func:`load`);
-* :mod:`qzo.models.bnb`: every touch of bitsandbytes' internals in qzo (what a layer is,
-  its codes and scales, the one dequantizer, the CPU 4-bit path), used by the loader and
-  the streamer as well.
+* :mod:`qzo.targets.files`: one save/load API for every kind (:func:`save`, :func:`load`).
 
-The builders are ``qzo.lora``, ``qzo.scales`` and ``qzo.dense`` at the top level; each
-returns a :class:`qzo.ParamSet`, the only thing the optimizer core (``qzo.zo.optim``) sees, so
-nothing here is imported by the optimizer and nothing in the optimizer knows a model.
-The modules' former paths (``qzo.lora``, ``qzo.scales``, ``qzo.dense``, ``qzo.models.bnb`` as
-modules) still import: ``qzo/__init__.py`` registers them as aliases of these.
+The builders are ``qzo.lora``, ``qzo.scales``, ``qzo.dense`` and ``qzo.norms`` at the top level;
+each returns a :class:`qzo.ParamSet`, the only thing the optimizer core (``qzo.zo``) sees, so
+nothing here is imported by the optimizer and nothing in the optimizer knows a model. Every
+touch of bitsandbytes' internals is :mod:`qzo.models.bnb`.
 """
 
 from ..errors import TargetError
-from .base import (
-                   FILE_NAMES,
-                   ModuleTargets,
-                   Targets,
-                   clean_path,
-                   combine,
-                   is_quantized,
-                   kind_of,
-                   read_checkpoint,
-                   select_modules,
-                   unwrap_peft,
-)
+from .base import (FILE_NAMES, ModuleTargets, Targets, clean_path, combine, is_quantized, kind_of, read_checkpoint,
+                   select_modules, unwrap_peft)
 from .files import load, save
 
 __all__ = ["TargetError", "ModuleTargets", "Targets", "combine", "is_quantized", "clean_path", "unwrap_peft",

@@ -27,16 +27,8 @@ import torch
 from ..models.bnb import dequantized_weight
 from ..noise.contract import stream_id
 from ..zo.params import Trainable
-from .base import (
-    ModuleTargets,
-    TargetError,
-    _parent,
-    clean_path,
-    is_quantized,
-    read_checkpoint,
-    select_modules,
-    unwrap_peft,
-)
+from .base import (ModuleTargets, TargetError, _parent, clean_path, is_quantized, read_checkpoint, select_modules,
+                   unwrap_peft)
 
 __all__ = ["dense", "DenseParams", "load_dense"]
 

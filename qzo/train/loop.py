@@ -25,6 +25,7 @@ resumed from a checkpoint produces the same bytes as one that never stopped.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -33,33 +34,21 @@ from pathlib import Path
 
 from ..config.build import build_optimizer, describe_targets, load_model_and_targets, total_steps
 from ..config.schema import load_config
-from ..data.dataset import (
-    Batcher,
-    ChatDataset,
-    check_data_unchanged,
-    data_record,
-    datasets_from_config,
-    eval_loss,
-    model_input_device,
-)
+from ..data.dataset import (Batcher, ChatDataset, check_data_unchanged, data_record, datasets_from_config, eval_loss,
+                            model_input_device)
 from ..data.loss import CausalLMLoss
 from ..data.objectives import RewardLoss, load_reward
-from ..errors import NonFiniteLossError
-from ..runs.checkpoint import (
-    best_step,
-    check_writable,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    lora_values,
-    remove_partial_writes,
-)
+from ..errors import NonFiniteLossError, QzoError
+from ..runs.checkpoint import (best_step, check_writable, latest_checkpoint, list_checkpoints, load_checkpoint,
+                               lora_values, remove_partial_writes)
 from ..runs.lock import RunLock
 from ..runs.reader import load_run_config
 from ..runs.writer import RunWriter, disk_full, new_run_dir
+from ..zo.auto_lr import LrSearch, find_lr
 from ..zo.distributed import Distributed, init_from_env
 from ..zo.optim import ZO
 from ..zo.params import ParamSet
+from .budget import check_budget
 from .guard import DivergenceGuard
 from .stop_signals import GracefulStop
 
@@ -87,6 +76,7 @@ class Session:
     guard: DivergenceGuard | None = None  # train.divergence_factor: undoes a step whose loss blows up (qzo.train.guard)
     evals_since_best: int = 0  # held-out evaluations after the best one (train.early_stop_patience counts them)
     out: RunWriter | None = None  # the run folder's writes (silent on ranks other than 0)
+    spent_forwards: int = 0  # forwards of the budget spent before step 1 (optim.lr auto's range test)
 
     def __post_init__(self):
         if self.out is None:
@@ -128,10 +118,12 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
         ob = cfg["objective"]
         # loaded once, before the model: a bad objective.reward fails in seconds, not after the load
         reward_fn = load_reward(ob["reward"]) if ob["kind"] == "reward" else None
+        check_budget(cfg)  # what cannot fit is refused before the model loads (qzo.train.budget)
         log(f"qzo: loading {cfg['model']['source']} ({cfg['model']['quant']})")
         local = _load_config(cfg, dist, run_dir if resume else None)
         model, tok, params, parts = load_model_and_targets(local, initial_lora=_initial_lora(local["lora"]["init_from"]))
         train_ds, eval_ds = datasets_from_config(cfg, tok)
+        check_budget(cfg, train_ds, eval_ds)  # and the batches' widths, once the data is tokenized
         dropped = f", {train_ds.dropped} dropped: no assistant token within train.max_len" if train_ds.dropped else ""
         packed = f" packed into {len(train_ds)} rows" if train_ds.row_len else ""
         log(f"qzo: {train_ds.num_examples} training examples{packed}, {len(eval_ds)} held-out{dropped}; "
@@ -139,17 +131,22 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
         data = data_record(cfg, train_ds, eval_ds) if writer else None
         if run_dir is None:
             if writer:
-                run_dir = new_run_dir(cfg, config_path)
-                lock.acquire(run_dir)
+                run_dir = new_run_dir(cfg, config_path, lock)  # takes the lock before its first byte
                 RunWriter(run_dir).write_json("data.json", data)
             run_dir = Path(_from_rank0(dist, str(run_dir) if writer else None))  # every rank: rank 0's folder
             cfg["out_dir"] = str(run_dir)
         elif writer and not check_data_unchanged(run_dir, data):  # refuses a data file changed since the start
             RunWriter(run_dir).write_json("data.json", data)  # a run from before data.json
-        opt = build_optimizer(cfg, params, dist)
         batcher = Batcher(train_ds, cfg["train"]["batch_size"], cfg["train"]["seed"], tok.pad_token_id)
-        session = Session(cfg, run_dir, model, tok, params, parts, opt, train_ds, eval_ds, batcher, reward_fn, lock,
-                          dist=dist, guard=DivergenceGuard.from_config(t, opt))
+        session = Session(cfg, run_dir, model, tok, params, parts, None, train_ds, eval_ds, batcher, reward_fn, lock,
+                          dist=dist)
+        lr = None
+        if cfg["optim"]["lr"] == "auto":
+            search = _auto_lr(session, resume is not None, log)
+            lr, session.spent_forwards = search.lr, search.forwards
+        opt = session.opt = build_optimizer(cfg, params, dist, lr=lr, spent_forwards=session.spent_forwards)
+        opt.forwards = session.spent_forwards  # the range test's forwards count in the run's (a checkpoint's replace them)
+        session.guard = DivergenceGuard.from_config(t, opt)
         if resume is not None:
             ckpt = None
             if writer:
@@ -177,6 +174,28 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
     except BaseException:
         lock.release()
         raise
+
+
+def _auto_lr(s: Session, resuming: bool, log) -> LrSearch:
+    """``optim.lr: auto``: the lr a range test on the first batch finds (``qzo.zo.auto_lr``), tested once per
+    run and kept in ``auto_lr.json``, which a resume reads back (a test from resumed values would differ)."""
+    path = s.run_dir / "auto_lr.json"
+    if resuming:
+        if not path.is_file():
+            raise QzoError(f"{s.run_dir} was started with optim.lr auto but has no auto_lr.json (the lr its steps "
+                           "used); it cannot resume bit-exactly: start a new run")
+        try:
+            return LrSearch.from_json(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise QzoError(f"{path}: not the lr record qzo wrote ({exc}); start a new run") from None
+    device = model_input_device(s.model)
+    search = find_lr(s.params, lambda lr: build_optimizer(s.cfg, s.params, s.dist, lr=lr, schedule=False),
+                     objective_closure(s, 1, device))
+    blew = f"steps blow up at lr {search.blowup_lr:.3g}" if search.blowup_lr else "no step blew up"
+    log(f"qzo: optim.lr auto: a range test of {search.forwards} forwards on the first batch: {blew}; training at "
+        f"lr {search.lr:.3g}")
+    s.out.write_json("auto_lr.json", search.to_json())
+    return search
 
 
 def _load_config(cfg: dict, dist: Distributed | None, resuming: Path | None) -> dict:
@@ -251,7 +270,7 @@ def objective_closure(s: Session, step: int, device):
 def run(s: Session, log=print, progress: Progress | None = None) -> dict:
     """Train to ``train.steps`` (or ``train.forwards``) from wherever the session stands; returns the summary."""
     t = s.cfg["train"]
-    steps = total_steps(s.cfg)
+    steps = total_steps(s.cfg, s.spent_forwards)
     device = model_input_device(s.model)
     first_step = s.opt.steps + 1
     from ..runs.metrics import open_reporters

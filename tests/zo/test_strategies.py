@@ -439,3 +439,50 @@ def test_noise_scale_errors_name_the_problem(tiny_llama_pair):
         qzo.ZO(params, noise_scale={"*lora_*": 0})
     with pytest.raises(ValueError, match="no noise_scale was given"):
         qzo.ZO(params, noise_scale_steps=3)
+
+
+@pytest.mark.parametrize("memory,unit", [(True, False), (False, True), (True, True)])
+def test_gv_memory_and_unit_direction_equal_the_plain_reference(memory, unit, tiny_llama_pair, tiny_batch):
+    """The authors' GV (pool 2 with the best seed kept and re-scored) and a unit-norm v, against dense z's."""
+    (model_a, params_a), (model_b, params_b) = tiny_llama_pair
+    init = params_a.state_dict()
+    params_b.load_state_dict(init)
+    opt = qzo.ZO(params_a, strategy=qzo.GV(pool=2, memory=memory, unit=unit), rule=qzo.SGD(lr=1e-2), eps=1e-2,
+                 seed=5)
+    plain = PlainZO([(t.name, t.tensor) for t in params_b], "gv", "sgd", lr=1e-2, eps=1e-2, seed=5, pool=2,
+                    memory=memory, unit=unit)
+    for step in range(1, 6):
+        opt.step(lambda: model_a(**tiny_batch).loss)
+        plain.step(lambda: model_b(**tiny_batch).loss, step)
+        seeds, losses = plain.log[-1]
+        assert opt.last_record.seeds == seeds and opt.last_record.losses == pytest.approx(losses, rel=1e-4, abs=1e-5)
+        if memory and step > 1:  # the last step's best seed is scored again, one new seed beside it
+            assert seeds[0] in plain.log[-2][0] and len(set(seeds)) == 2
+    assert opt.forwards == 5 * 4  # the kept seed's score is an evaluation like the others
+    _assert_moved_alike_and_reset(params_a, params_b, init, rel=3e-2)
+
+
+def test_gv_memory_resumes_bit_exactly(tiny_llama_pair, tiny_batch):
+    (model, params), _ = tiny_llama_pair
+    init = params.state_dict()
+
+    def run(steps, state=None):
+        opt = qzo.ZO(params, strategy=qzo.GV(pool=2, memory=True), rule=qzo.SGD(lr=1e-2), eps=1e-2, seed=5)
+        if state is not None:
+            opt.load_state_dict(state)
+        for _ in range(steps):
+            opt.step(lambda: model(**tiny_batch).loss)
+        return opt
+
+    params.load_state_dict(init)
+    full = run(4)
+    want = {k: v.clone() for k, v in params.state_dict().items()}
+    params.load_state_dict(init)
+    half = run(2)
+    state = half.state_dict()
+    assert state["strategy"]["kept"] == half.strategy.kept is not None
+    run(2, state)
+    for k, v in params.state_dict().items():
+        assert torch.equal(v, want[k])
+    assert full.strategy.kept is not None
+    params.load_state_dict(init)

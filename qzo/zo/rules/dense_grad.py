@@ -118,7 +118,6 @@ class Momentum(DenseRule):
 
     name = "momentum"
 
-
     state_names = ("momentum",)
     kernel_rule = "momentum"
 
@@ -148,7 +147,6 @@ class Adam(DenseRule):
     """
 
     name = "adam"
-
 
     state_names = ("exp_avg", "exp_avg_sq")
     kernel_rule = "adam"
@@ -185,7 +183,6 @@ class Sign(DenseRule):
     """
 
     name = "sign"
-
 
     kernel_rule = "sign"
 

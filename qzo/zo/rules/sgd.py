@@ -23,7 +23,6 @@ class SGD(Rule):
 
     name = "sgd"
 
-
     def update_terms(self, est: Estimate, lr: float) -> tuple[float, list[int], list[float], float]:
         """``(scale, seeds, coefs, mu_coef)`` of the one pass taking theta + applied to theta'."""
         scale = 1.0 - lr * self.weight_decay

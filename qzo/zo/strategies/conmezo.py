@@ -54,7 +54,6 @@ class ConMeZO(Strategy):
 
     name = "conmezo"
 
-
     forwards_per_step = 2
     dense_state_copies = 1  # the momentum
 

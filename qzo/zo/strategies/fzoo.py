@@ -57,7 +57,6 @@ class FZOO(Strategy):
     name = "fzoo"
     pool_arg = "probes"
 
-
     def __init__(self, probes: int = 4, baseline: str = "theta", batched: bool = False):
         if baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")

@@ -53,7 +53,6 @@ class LDSD(Strategy):
     name = "ldsd"
     pool_arg = "candidates"
 
-
     dense_state_copies = 1  # mu
 
     def __init__(self, candidates: int = 8, sigma: float = 1.0, lr_mu: float = 4e-2, batched: bool = False):
