@@ -12,8 +12,8 @@ from ..errors import ConfigError, QzoError, TargetError
 from ..models.load import load
 from ..targets import combine
 from ..targets.dense import dense
-from ..targets.norms import norm_paths
 from ..targets.lora import lora
+from ..targets.norms import norm_paths
 from ..targets.scales import scales
 from ..zo.distributed import Distributed
 from ..zo.normalize import Normalize

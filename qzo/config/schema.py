@@ -32,6 +32,7 @@ from ..targets.lora import ALL_LINEAR
 from ..zo.normalize import NORMALIZATIONS
 from ..zo.rules import RULES
 from ..zo.strategies import STRATEGIES
+from .reading import MAX_CONFIG_BYTES, clip, load_yaml, read_config, short_repr
 
 __all__ = ["REPORTERS", "DEFAULTS", "load_config", "config_file", "merge_config", "apply_overrides", "validate", "flat_keys",
            "get"]
@@ -199,7 +200,7 @@ def component(family: dict, spec, where: str, **given):
         if key not in params:
             taken = {k: f"config key {v!r}" for k, v in _GIVEN.get(where, {}).items()}
             hint = f" ({key} is {taken[key]})" if key in taken else ""
-            raise ConfigError(f"config key '{where}.{_clip(key, 60)}' is not a setting of {spec['name']}{hint}; its "
+            raise ConfigError(f"config key '{where}.{clip(key, 60)}' is not a setting of {spec['name']}{hint}; its "
                               f"settings: {', '.join(params) or 'none'}")
         default = params[key].default
         if isinstance(default, tuple) and isinstance(value, list):  # YAML has no tuples: betas [0.9, 0.999]
@@ -213,17 +214,17 @@ def component(family: dict, spec, where: str, **given):
     try:
         return cls(**given, **settings)
     except (ValueError, TypeError, OverflowError) as exc:
-        raise ConfigError(f"config key {where!r} ({spec['name']}): {_clip(exc)}") from None
+        raise ConfigError(f"config key {where!r} ({spec['name']}): {clip(exc)}") from None
 
 
 def _brief(value) -> str:
     """A bad value as one short line (a config value can be huge): at most 80 characters, computed in bounded time
     (reprlib looks at the first few items of a container, a few levels deep, never all of it)."""
     try:
-        text = _short_repr(value)
+        text = short_repr(value)
     except ValueError:  # an int past Python's 4300-digit str() limit
         text = f"<an int of {value.bit_length()} bits>" if isinstance(value, int) else f"<a {type(value).__name__}>"
-    return _clip(text)
+    return clip(text)
 
 
 def flat_keys(tree: dict = DEFAULTS, prefix: str = "") -> list[str]:
@@ -298,16 +299,16 @@ DEMO_RECIPE = "smollm2-135m/demo"
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
     """Defaults, then the YAML file or shipped recipe (``None``: the demo's), then ``key=value`` overrides; validated.
 
-    The file is read only up to :data:`_MAX_CONFIG_BYTES` and parsed by a loader that refuses
-    YAML whose aliases expand past :data:`_MAX_NODES` values (:func:`_load_yaml`), so a hostile
+    The file is read only up to :data:`MAX_CONFIG_BYTES` and parsed by a loader that refuses
+    YAML whose aliases expand past :data:`qzo.config.reading.MAX_NODES` values (:func:`load_yaml`), so a hostile
     file costs milliseconds, not minutes and gigabytes.
     """
     cfg = copy.deepcopy(DEFAULTS)
     path = config_file(DEMO_RECIPE if path is None else path)
     try:
-        data = _load_yaml(_read_config(path), str(path)) or {}
+        data = load_yaml(read_config(path), str(path)) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {_clip(exc)}") from None
+        raise ConfigError(f"{path}: not valid YAML: {clip(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     merge_config(cfg, data)
@@ -318,7 +319,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
     """Apply ``section.key=value`` strings; values are parsed as YAML (``1e-3``, ``[a, b]``, ``null``), by the
-    bounded loader of config files (:func:`_load_yaml`), and at most :data:`_MAX_CONFIG_BYTES` long."""
+    bounded loader of config files (:func:`load_yaml`), and at most :data:`MAX_CONFIG_BYTES` long."""
     valid = flat_keys()
     for item in overrides:
         if "=" not in item:
@@ -329,11 +330,11 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
             raise moved_error(key)
         if key not in valid and not (key.rsplit(".", 1)[0] in COMPONENTS and key.count(".") == 2):
             raise ConfigError(f"unknown config key {_brief(key)} in --set; valid keys: {', '.join(valid)}")
-        if len(raw) > _MAX_CONFIG_BYTES:
-            raise ConfigError(f"--set {key}: the value is {len(raw):,} characters, over the {_MAX_CONFIG_BYTES:,} a "
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"--set {key}: the value is {len(raw):,} characters, over the {MAX_CONFIG_BYTES:,} a "
                               f"whole config may hold; give {key} a shorter value")
         try:
-            value = _load_yaml(raw, f"--set {key}")
+            value = load_yaml(raw, f"--set {key}")
         except yaml.YAMLError:
             value = raw
         _set(cfg, key, value)
@@ -386,16 +387,16 @@ def _validate_data(cfg: dict) -> None:
     d = cfg["data"]
     problem = check_fields(d["fields"])
     if problem:
-        raise ConfigError(f"config key 'data.fields' {_clip(problem)}")
+        raise ConfigError(f"config key 'data.fields' {clip(problem)}")
     problem = template_problem(d["chat_template"])
     if problem:
-        raise ConfigError(f"config key 'data.chat_template' {_clip(problem)}")
+        raise ConfigError(f"config key 'data.chat_template' {clip(problem)}")
     for key in ("train", "eval"):  # an hf: spec's syntax is checked here, before the model loads
         if isinstance(d[key], str) and d[key].startswith("hf:"):
             try:
                 parse_hf(d[key])
             except DataError as exc:
-                raise ConfigError(f"config key 'data.{key}': {_clip(exc)}") from None
+                raise ConfigError(f"config key 'data.{key}': {clip(exc)}") from None
     if d["format"] == "text" and cfg["objective"]["kind"] == "reward":
         raise ConfigError("data.format text (raw text, no prompts) cannot be used with objective.kind=reward, which "
                           "generates replies to chats; set data.format to a chat format or "
@@ -439,7 +440,7 @@ def _validate_names(cfg: dict) -> None:
         unknown = [n for n in report_to if n not in REPORTERS]
         if unknown:
             raise ConfigError(f"config key 'train.report_to' names "
-                              f"{_clip(', '.join(map(repr, unknown)))}; give a list of "
+                              f"{clip(', '.join(map(repr, unknown)))}; give a list of "
                               f"{', '.join(REPORTERS)} (any subset; [] for none), e.g. [tensorboard, wandb]")
 
 
@@ -536,165 +537,3 @@ def validate(cfg: dict) -> dict:
         raise ConfigError(f"config key 'optim.noise_scale_steps' must be >= 0 and needs optim.noise_scale, got "
                           f"{_brief(o['noise_scale_steps'])} with noise_scale {_brief(o['noise_scale'])}")
     return cfg
-
-
-# --- bounded reading of YAML and of bad values ---------------------------------------------------------------
-
-#: the largest config file (and ``--set`` value) read, in bytes: the shipped recipes are 1-3 KB, and the pure-Python
-#: YAML parser takes about 0.6 s a MiB (35 s for a 55 MB file)
-_MAX_CONFIG_BYTES = 1 << 20
-#: the most values a config's YAML may stand for, aliases expanded (the shipped recipes have under 200); a
-#: 341-byte nest of aliases stands for hundreds of millions, which every walk of the config would then visit
-_MAX_NODES = 10_000
-
-
-def _short_repr(value) -> str:
-    """How :func:`_brief` shows a value: the first few items of a container, a few levels deep, never all of it."""
-    import reprlib
-
-    short = reprlib.Repr()  # (its keyword arguments are Python 3.12's)
-    short.maxlevel, short.maxstring, short.maxlong, short.maxother = 3, 70, 40, 70
-    short.maxtuple = short.maxlist = short.maxarray = short.maxdict = short.maxset = short.maxfrozenset = 6
-    short.maxdeque = 6
-    return short.repr(value)
-
-
-def _clip(text, limit: int = 300) -> str:
-    """``text`` (or an error) as one line of at most ``limit`` characters."""
-    line = " ".join(str(text).split("\n"))
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def _read_config(path: Path) -> str:
-    """The text of a config file, refused (:class:`ConfigError`) past :data:`_MAX_CONFIG_BYTES` before it is read
-    whole, naming the value that makes it so large when a quick look finds it (:func:`_largest_value`)."""
-    size = path.stat().st_size
-    if size > _MAX_CONFIG_BYTES:
-        raise ConfigError(f"config {path} is {size / 2**20:.1f} MiB, over the {_MAX_CONFIG_BYTES >> 20} MiB qzo reads "
-                          f"(a config is a few KB){_largest_value(path)}")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"config {path} is not UTF-8 text ({_clip(exc, 120)}); save it as UTF-8") from None
-
-
-def _largest_value(path: Path) -> str:
-    """``": its value data.system_prompt alone is N characters; shorten it"`` for an oversized config, from libyaml's
-    event stream (C, about 0.5 s for 50 MB; nothing is composed or built). The look gives up, saying nothing, without
-    libyaml, past 256 MiB, 5 s, or 64 levels of nesting (where libyaml's parser slows down quadratically)."""
-    import time
-
-    loader = getattr(yaml, "CSafeLoader", None)
-    if loader is None or path.stat().st_size > 256 << 20:
-        return ""
-    stack: list[list] = []  # per open collection: [is a mapping, its current key, a key comes next]
-    best, where, end = 0, "", time.monotonic() + 5
-    try:
-        with open(path, "rb") as f:
-            for i, event in enumerate(yaml.parse(f, Loader=loader)):
-                if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-                    stack.append([isinstance(event, yaml.MappingStartEvent), None, True])
-                    if len(stack) > 64:
-                        return ""
-                    continue
-                if isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-                    stack.pop()
-                elif isinstance(event, yaml.ScalarEvent):
-                    if stack and stack[-1][0] and stack[-1][2]:
-                        stack[-1][1] = event.value[:40]
-                    elif len(event.value) > best:
-                        best = len(event.value)
-                        where = ".".join(str(s[1]) for s in stack if s[0] and s[1] is not None)
-                elif not isinstance(event, yaml.AliasEvent):
-                    continue
-                if stack and stack[-1][0]:  # a key or a value of the mapping is complete: the other comes next
-                    stack[-1][2] = not stack[-1][2]
-                if i % 1024 == 0 and time.monotonic() > end:
-                    return ""
-    except (yaml.YAMLError, OSError):
-        return ""
-    if best < _MAX_CONFIG_BYTES // 2 or not where:
-        return "; shorten its long values"
-    return f": its value {_clip(where, 80)} alone is {best:,} characters; shorten it"
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """PyYAML's SafeLoader, refusing a document that stands for more than :data:`_MAX_NODES` values.
-
-    An alias (``*a``) makes the constructor reuse its anchor's value, so a few hundred bytes of
-    nested aliases stand for billions of values: anything that walks the result (a repr in an
-    error message, a copy, a dump) then runs for minutes and fills memory. The composed node graph
-    (aliases still shared) is measured as construction would expand it, before anything is built.
-    """
-
-    def get_single_node(self):
-        node = super().get_single_node()
-        if node is not None and _expanded_nodes(node) > _MAX_NODES:
-            raise ConfigError(f"{self.name}: its YAML stands for over {_MAX_NODES:,} values once its aliases (*name) "
-                              "are expanded (a config holds a few hundred); write the values out instead of nesting "
-                              "aliases")
-        return node
-
-    def construct_yaml_int(self, node):
-        # an int longer than any setting needs: float() of it (an lr, an eps) would overflow, and past 4300 digits
-        # even int() refuses
-        if len(node.value) > 64:
-            raise ConfigError(f"{self.name}: the number {node.value[:20]}... is {len(node.value):,} characters long; "
-                              "no config value needs a number that long")
-        return super().construct_yaml_int(node)
-
-
-_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
-
-
-def _expanded_nodes(root) -> int:
-    """How many values ``root`` stands for with every alias expanded (counting stops past :data:`_MAX_NODES`);
-    a node that contains itself (``&a [*a]``) counts as over the limit. Iterative: no recursion limit to meet."""
-    over = _MAX_NODES + 1
-
-    def children(node):
-        if isinstance(node, yaml.SequenceNode):
-            return iter(node.value)
-        if isinstance(node, yaml.MappingNode):
-            return (n for pair in node.value for n in pair)
-        return iter(())
-
-    sizes: dict[int, int] = {}
-    on_path = {id(root)}
-    stack = [(root, children(root), [1])]
-    while stack:
-        node, todo, count = stack[-1]
-        child = next(todo, None)
-        if child is None:
-            stack.pop()
-            on_path.discard(id(node))
-            sizes[id(node)] = count[0]
-            if stack:
-                stack[-1][2][0] += count[0]
-                if stack[-1][2][0] >= over:
-                    return over
-            continue
-        if id(child) in on_path:
-            return over  # an alias inside its own anchor: endless
-        if id(child) in sizes:
-            count[0] += sizes[id(child)]
-            if count[0] >= over:
-                return over
-            continue
-        on_path.add(id(child))
-        stack.append((child, children(child), [1]))
-    return sizes[id(root)]
-
-
-def _load_yaml(text: str, where: str):
-    """``yaml.safe_load(text)`` through :class:`_BoundedLoader`; nesting past Python's recursion limit is a
-    :class:`ConfigError` naming ``where`` (a :class:`yaml.YAMLError` is the caller's)."""
-    loader = _BoundedLoader(text)
-    loader.name = where
-    try:
-        return loader.get_single_data()
-    except RecursionError:
-        raise ConfigError(f"{where}: its YAML nests too deep for qzo to read (a config is a few levels deep); "
-                          "flatten it") from None
-    finally:
-        loader.dispose()

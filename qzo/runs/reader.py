@@ -12,10 +12,11 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import find_checkpoint, load_checkpoint
 from ..config.build import load_model_and_targets, total_steps
+from ..config.reading import clip, load_yaml, read_config
 from ..config.schema import DEFAULTS, ConfigError, merge_config, validate
 from ..errors import QzoError
+from .checkpoint import find_checkpoint, load_checkpoint
 
 __all__ = ["RESUMABLE_KEYS", "is_run_dir", "load_run_config", "load_run_model"]
 
@@ -36,7 +37,18 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> dict:
                        "pass the folder a previous `qzo train` wrote")
     # a run written before a key existed resumes with that key's default (the behaviour it ran with)
     base = copy.deepcopy(DEFAULTS)
-    merge_config(base, yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+    path = run_dir / "config.yaml"
+    if path.is_symlink():
+        raise QzoError(f"{path} is a symbolic link; a run's config.yaml is a file qzo wrote: restore it from a backup "
+                       "or start a new run")
+    try:  # bounded like any config (qzo.config.reading): a planted file cannot run away with time or memory
+        data = load_yaml(read_config(path), str(path)) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({clip(exc, 200)}); restore the file qzo wrote") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a run's config must be a mapping of sections, not {type(data).__name__}; restore "
+                          "the file qzo wrote")
+    merge_config(base, data)
     for item in overrides or []:
         key = item.split("=", 1)[0].strip()
         if key not in RESUMABLE_KEYS:

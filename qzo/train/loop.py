@@ -29,8 +29,8 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Protocol
 from pathlib import Path
+from typing import Protocol
 
 from ..config.build import build_optimizer, describe_targets, load_model_and_targets, total_steps
 from ..config.schema import load_config
