@@ -84,8 +84,9 @@ def build_targets(model, cfg: dict, initial_lora=None) -> tuple[ParamSet, dict[s
     t, parts = cfg["targets"], {}
     if t["lora"]:
         lc = cfg["lora"]
+        start = lc["init_from"] if initial_lora is None else initial_lora
         parts["lora"] = lora(model, r=lc["r"], alpha=lc["alpha"], target_modules=lc["target_modules"],
-                             seed=cfg["train"]["seed"], init_from=lc["init_from"] if initial_lora is None else initial_lora)
+                             seed=cfg["train"]["seed"], init_from=start)
     if t["scales"]:
         parts["scales"] = scales(model, modules=None if t["scales"] == "all" else t["scales"])
     if t["dense"] or t["norms"]:  # norms are dense slices too: one part, one dense.safetensors

@@ -34,8 +34,8 @@ from ..zo.rules import RULES
 from ..zo.strategies import STRATEGIES
 from .reading import MAX_CONFIG_BYTES, clip, load_yaml, read_config, short_repr
 
-__all__ = ["REPORTERS", "DEFAULTS", "load_config", "config_file", "merge_config", "apply_overrides", "validate", "flat_keys",
-           "get"]
+__all__ = ["REPORTERS", "DEFAULTS", "load_config", "config_file", "merge_config", "apply_overrides", "validate",
+           "flat_keys", "get"]
 
 #: the trackers ``train.report_to`` may name, with the command that installs each (qzo.runs.metrics drives them)
 REPORTERS = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb", "mlflow": "pip install mlflow"}

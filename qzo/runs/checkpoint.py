@@ -30,7 +30,6 @@ refused) and removed by :func:`remove_path` (a link is unlinked, never what it p
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -39,14 +38,18 @@ import stat
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..cache import file_sha256
 from ..errors import QzoError
 
-__all__ = ["lora_values", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "atomic_write_text",
+if TYPE_CHECKING:  # the type only: targets/ is read lazily, where a run names its starting values
+    from ..targets.lora import InitialValues
+
+__all__ = ["lora_values", "swap_in", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "atomic_write_text",
            "verify_checkpoint", "CheckpointError", "find_checkpoint", "best_step", "record_best", "CHOICES_HELP",
            "remove_partial_writes", "RunDirError", "check_writable", "write_error", "open_run_file", "run_folder",
            "remove_path"]
@@ -218,14 +221,6 @@ def remove_path(path) -> None:
             pass
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     """Flush a file (or a folder's entries) to the disk, so a rename cannot outlive its contents."""
     fd = os.open(path, os.O_RDONLY)
@@ -286,19 +281,12 @@ def save_checkpoint(run_dir: Path, step: int, trainables: dict, optimizer_state:
         for name in ("trainables.safetensors", "optimizer.safetensors"):
             if (tmp / name).is_file():
                 _fsync(tmp / name)
-                files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _digest(tmp / name)}
+                files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
         meta = {"step": step, "optimizer": tree, "qzo_version": __version__, **(extra or {}), "files": files}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         _fsync(tmp / "meta.json")
         _fsync(tmp)
-        if os.path.lexists(final):  # an identical step re-saved (e.g. after a resume): replace it whole
-            old = root / f".old-step-{step:06d}"
-            remove_path(old)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            remove_path(old)
-        else:
-            os.replace(tmp, final)
+        swap_in(tmp, final)  # an identical step re-saved (e.g. after a resume) is replaced whole
         _fsync(root)
     except Exception as exc:
         error = write_error(final, exc)
@@ -348,7 +336,7 @@ def verify_checkpoint(path: Path) -> dict:
         size = file.stat().st_size
         if size != want["bytes"]:
             raise CheckpointError(f"{file} has {size} bytes, its checkpoint recorded {want['bytes']} (truncated?)")
-        if _digest(file) != want["sha256"]:
+        if file_sha256(file) != want["sha256"]:
             raise CheckpointError(f"{file} does not match the SHA-256 its checkpoint recorded (altered)")
     return meta
 
@@ -488,3 +476,16 @@ def lora_values(path: Path) -> "InitialValues":
         r0, alpha0 = cfg.get("lora", {}).get("r"), cfg.get("lora", {}).get("alpha")
         base = cfg.get("model", {}).get("source")
     return InitialValues(f"{ckpt.name} of the qzo run {run_dir}", tensors, r0, alpha0, base)
+
+
+def swap_in(src: Path, dest: Path) -> None:
+    """Move ``src`` (a file or folder) to ``dest``, replacing a folder there whole (renames only: nothing is copied;
+    a link at ``dest`` is replaced, never followed)."""
+    if src.is_dir() and os.path.lexists(dest):
+        old = dest.parent / f".{dest.name}-old"
+        remove_path(old)
+        os.replace(dest, old)
+        os.replace(src, dest)
+        remove_path(old)
+    else:
+        os.replace(src, dest)

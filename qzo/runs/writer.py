@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import (RunDirError, atomic_write_text, best_step, latest_checkpoint, open_run_file, prune_checkpoints,
+from .checkpoint import (RunDirError, swap_in, atomic_write_text, best_step, latest_checkpoint, open_run_file, prune_checkpoints,
                          record_best, remove_path, save_checkpoint, write_error)
 from .lock import RunLock
 from ..errors import QzoError
@@ -33,7 +33,7 @@ from ..zo.params import ParamSet
 from ..targets.base import save_parts
 
 __all__ = ["RunWriter", "new_run_dir", "write_final_values", "append_jsonl", "truncate_jsonl", "write_into",
-           "swap_in", "disk_full", "claim_run_dir"]
+           "disk_full", "claim_run_dir"]
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -81,19 +81,6 @@ def write_into(tmp: Path, write, what: str) -> None:
         if error is not None:
             raise error from None
         raise
-
-
-def swap_in(src: Path, dest: Path) -> None:
-    """Move ``src`` (a file or folder) to ``dest``, replacing a folder there whole (renames only: nothing is copied;
-    a link at ``dest`` is replaced, never followed)."""
-    if src.is_dir() and os.path.lexists(dest):
-        old = dest.parent / f".{dest.name}-old"
-        remove_path(old)
-        os.replace(dest, old)
-        os.replace(src, dest)
-        remove_path(old)
-    else:
-        os.replace(src, dest)
 
 
 def write_final_values(parts: dict[str, ParamSet], run_dir: Path) -> None:

@@ -17,8 +17,11 @@ touch of bitsandbytes' internals is :mod:`qzo.models.bnb`.
 
 from ..errors import TargetError
 from .base import (FILE_NAMES, ModuleTargets, Targets, clean_path, combine, is_quantized, kind_of, read_checkpoint,
-                   select_modules, unwrap_peft)
+                   select_modules, target_kind, unwrap_peft)
 from .files import load, save
 
+# the kinds, in the order a run builds them (and a saved folder lists them): each registers itself on import
+from . import lora, scales, dense  # noqa: E402,F401  # isort: skip
+
 __all__ = ["TargetError", "ModuleTargets", "Targets", "combine", "is_quantized", "clean_path", "unwrap_peft",
-           "select_modules", "read_checkpoint", "save", "load", "kind_of", "FILE_NAMES"]
+           "select_modules", "read_checkpoint", "save", "load", "kind_of", "FILE_NAMES", "target_kind"]

@@ -181,8 +181,17 @@ class Targets(ParamSet):
         return save_parts(self.parts, folder)
 
 
-#: the file or folder each kind is saved as inside a combined set's folder (and a run's)
-FILE_NAMES = {"lora": "adapter", "scales": "scales.safetensors", "dense": "dense.safetensors"}
+#: the file or folder each kind is saved as inside a combined set's folder (and a run's), filled by
+#: :func:`target_kind` where each kind is defined, in the order a run builds them (lora, scales, dense)
+FILE_NAMES: dict[str, str] = {}
+
+
+def target_kind(cls):
+    """Class decorator: register a kind of trainables qzo saves and loads, under its ``kind`` and ``file_name``."""
+    if cls.kind in FILE_NAMES:
+        raise TypeError(f"target kind {cls.kind!r} is registered twice")
+    FILE_NAMES[cls.kind] = cls.file_name
+    return cls
 
 
 def save_parts(parts: Iterable[ParamSet], folder) -> Path:

@@ -28,7 +28,7 @@ from ..models.bnb import dequantized_weight
 from ..noise.contract import stream_id
 from ..zo.params import Trainable
 from .base import (ModuleTargets, TargetError, _parent, clean_path, is_quantized, read_checkpoint, select_modules,
-                   unwrap_peft)
+                   target_kind, unwrap_peft)
 
 __all__ = ["dense", "DenseParams", "load_dense"]
 
@@ -99,6 +99,7 @@ def _eligible(path: str, module) -> bool:
     return is_quantized(module) or any(True for _ in module.parameters(recurse=False))
 
 
+@target_kind
 class DenseParams(ModuleTargets):
     """Float32 dense slices of a model, as ZO trainables (a ``ParamSet``).
 
@@ -107,6 +108,7 @@ class DenseParams(ModuleTargets):
     """
 
     kind = "dense"
+    file_name = "dense.safetensors"
 
     @classmethod
     def build(cls, model, modules=None, clip=None) -> "DenseParams":

@@ -38,6 +38,7 @@ import torch
 from ..errors import QzoError
 from ..noise.contract import stream_id
 from ..zo.params import ParamSet, Trainable
+from .base import target_kind
 
 __all__ = ["lora", "LoraParams", "InitialValues", "INIT_HELP", "linear_module_names", "all_linear_names", "ALL_LINEAR",
            "load_initial_values", "from_adapter"]
@@ -104,6 +105,7 @@ def _offloaded_weights_as_stand_ins(model, targets: list[str]):
             module._parameters["weight"] = weight
 
 
+@target_kind
 class LoraParams(ParamSet):
     """The LoRA tensors of a model (a :class:`~qzo.zo.params.ParamSet`) plus what saving needs.
 
@@ -114,6 +116,7 @@ class LoraParams(ParamSet):
 
     #: the kind's name in saved files (:mod:`qzo.targets.files`)
     kind = "lora"
+    file_name = "adapter"  # a PEFT adapter folder
 
     def __init__(self, items, peft_model, model):
         super().__init__(items)

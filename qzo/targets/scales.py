@@ -34,7 +34,7 @@ from ..models.bnb import float32_absmax, int8_row_scales, is_4bit
 from ..noise.contract import stream_id
 from ..zo.normalize import clip_grad  # the clip is the optimizer's (qzo.ZO(clip=)); importable here as before
 from ..zo.params import Trainable
-from .base import ModuleTargets, TargetError, is_quantized, read_checkpoint, select_modules, unwrap_peft
+from .base import ModuleTargets, TargetError, target_kind, is_quantized, read_checkpoint, select_modules, unwrap_peft
 
 __all__ = ["scales", "ScaleParams", "load_scales", "clip_grad"]
 
@@ -45,6 +45,7 @@ def _offloaded(module) -> bool:
     return module.weight.device.type == "meta"
 
 
+@target_kind
 class ScaleParams(ModuleTargets):
     """The quantization scales of chosen layers, as ZO trainables (a ``ParamSet``).
 
@@ -54,6 +55,7 @@ class ScaleParams(ModuleTargets):
     """
 
     kind = "scales"
+    file_name = "scales.safetensors"
 
     @classmethod
     def build(cls, model, modules=None, clip=None) -> "ScaleParams":

@@ -121,7 +121,8 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
         check_budget(cfg)  # what cannot fit is refused before the model loads (qzo.train.budget)
         log(f"qzo: loading {cfg['model']['source']} ({cfg['model']['quant']})")
         local = _load_config(cfg, dist, run_dir if resume else None)
-        model, tok, params, parts = load_model_and_targets(local, initial_lora=_initial_lora(local["lora"]["init_from"]))
+        start_values = _initial_lora(local["lora"]["init_from"])
+        model, tok, params, parts = load_model_and_targets(local, initial_lora=start_values)
         train_ds, eval_ds = datasets_from_config(cfg, tok)
         check_budget(cfg, train_ds, eval_ds)  # and the batches' widths, once the data is tokenized
         dropped = f", {train_ds.dropped} dropped: no assistant token within train.max_len" if train_ds.dropped else ""
@@ -145,7 +146,7 @@ def setup(config_path=None, overrides=None, resume=None, log=print) -> Session:
             search = _auto_lr(session, resume is not None, log)
             lr, session.spent_forwards = search.lr, search.forwards
         opt = session.opt = build_optimizer(cfg, params, dist, lr=lr, spent_forwards=session.spent_forwards)
-        opt.forwards = session.spent_forwards  # the range test's forwards count in the run's (a checkpoint's replace them)
+        opt.forwards = session.spent_forwards  # the range test's count in the run's (a checkpoint's replace them)
         session.guard = DivergenceGuard.from_config(t, opt)
         if resume is not None:
             ckpt = None
