@@ -20,7 +20,7 @@ class PlainZO:
     def __init__(self, named, strategy: str, rule: str, lr: float, eps: float, seed: int, *, pool=4, split=0.5,
                  candidates=4, sigma=1.0, lr_mu=4e-2, beta=0.9, betas=(0.9, 0.999), adam_eps=1e-8, wd=0.0,
                  probes=4, baseline="theta", normalize=None, norm_beta=0.99, clip=None, theta=1.35,
-                 cone_beta=0.99, noise_scale=None, noise_scale_steps=None, memory=False, unit=False):
+                 cone_beta=0.99, noise_scale=None, noise_scale_steps=None, memory=False, unit=False, subsample=None):
         self.named, self.strategy, self.rule = named, strategy, rule
         self.lr, self.eps, self.seed, self.wd = lr, eps, seed, wd
         self.pool, self.split, self.k, self.sigma, self.lr_mu = pool, split, candidates, sigma, lr_mu
@@ -36,15 +36,23 @@ class PlainZO:
         self.noise_scale, self.noise_scale_steps = noise_scale or {}, noise_scale_steps
         self.scales = {n: 1.0 for n in self.theta}
         self.memory, self.unit, self.kept = memory, unit, None  # GV's seed memory and unit-norm v
+        self.subsample = subsample  # the share of tensors a step perturbs (qzo.noise.subsample_keys picks them)
 
     def _scales_at(self, step):
         """Each tensor's noise scale at ``step``: the first matching pattern's, for the first steps only."""
         import fnmatch
 
         if self.noise_scale_steps is not None and step > self.noise_scale_steps:
-            return {n: 1.0 for n in self.theta}
-        return {n: next((float(v) for p, v in self.noise_scale.items() if fnmatch.fnmatchcase(n, p)), 1.0)
-                for n in self.theta}
+            scales = {n: 1.0 for n in self.theta}
+        else:
+            scales = {n: next((float(v) for p, v in self.noise_scale.items() if fnmatch.fnmatchcase(n, p)), 1.0)
+                      for n in self.theta}
+        if self.subsample is not None:
+            live = [n for n in self.theta if scales[n]]
+            keys = dict(zip(live, noise.subsample_keys(self.seed, step, [noise.stream_id(n) for n in live])))
+            kept = {n for n in live if keys[n] < self.subsample} or {min(live, key=keys.get)}
+            scales = {n: (s if n in kept else 0.0) for n, s in scales.items()}
+        return scales
 
     def _z(self, s):
         return {n: self.scales[n] * noise.randn(s, noise.stream_id(n), v.numel()).view_as(v)

@@ -68,7 +68,8 @@ def build_optimizer(cfg: dict, params, distributed: Distributed | None = None, l
     try:  # noise_scale's patterns are checked against the trainables, which the config alone does not know
         return ZO(params, strategy=build_strategy(cfg), rule=build_rule(cfg, lr), eps=o["eps"],
                   seed=cfg["train"]["seed"], schedule=schedule, clip=o["clip"], normalize=normalize,
-                  distributed=distributed, noise_scale=o["noise_scale"], noise_scale_steps=o["noise_scale_steps"])
+                  distributed=distributed, noise_scale=o["noise_scale"], noise_scale_steps=o["noise_scale_steps"],
+                  subsample=o["subsample"])
     except TargetError as exc:  # only ParamSet.with_noise raises it while building ZO
         raise ConfigError(f"config key 'optim.noise_scale': {exc}") from None
 

@@ -96,6 +96,7 @@ DEFAULTS: dict = {
         # or {"*lora_A*": 0.5} (A explored at half of B's scale); null: plain noise everywhere (MeZO)
         "noise_scale": None,
         "noise_scale_steps": None,  # noise_scale for the first this many steps only, then plain (null: always)
+        "subsample": None,  # a share in (0, 1]: each step perturbs only that share of the tensors (null: all of them)
     },
     "train": {
         "steps": 200,
@@ -148,7 +149,7 @@ _NULLABLE_BY_TYPE = {
              "lora.init_from", "out_dir", "optim.normalize", "objective.reward"),
     (str, dict): ("model.device_map",),
     (dict,): ("model.max_memory", "data.fields", "optim.noise_scale"),
-    (float, int): ("optim.clip", "train.early_stop_factor", "train.divergence_factor"),
+    (float, int): ("optim.clip", "train.early_stop_factor", "train.divergence_factor", "optim.subsample"),
     (int,): ("optim.noise_scale_steps", "train.forwards", "train.eval_every_forwards", "train.early_stop_patience"),
     (str, list): ("targets.scales", "targets.norms"),
     (list,): ("targets.dense",),
@@ -526,6 +527,9 @@ def validate(cfg: dict) -> dict:
     for key in ("forwards", "eval_every_forwards"):
         if cfg["train"][key] is not None and cfg["train"][key] < 1:
             raise ConfigError(f"config key 'train.{key}' must be >= 1 or null, got {_brief(cfg['train'][key])}")
+    if o["subsample"] is not None and not 0 < o["subsample"] <= 1:
+        raise ConfigError(f"config key 'optim.subsample' must be in (0, 1] (a share of the tensors) or null, got "
+                          f"{short_repr(o['subsample'])}")
     if o["clip"] is not None and not o["clip"] > 0:
         raise ConfigError(f"config key 'optim.clip' must be > 0 or null, got {_brief(o['clip'])}")
     for pattern, scale in (o["noise_scale"] or {}).items():

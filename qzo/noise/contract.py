@@ -36,7 +36,7 @@ import torch
 from . import native as noise_native
 
 __all__ = ["randn", "randn_reference", "derive_seed", "derive_seeds", "stream_id", "philox4x32", "step_seed",
-           "sampling_seed", "holdout_seed", "epoch_seed"]
+           "sampling_seed", "holdout_seed", "epoch_seed", "subsample_keys"]
 
 _MASK32 = 0xFFFFFFFF
 _KEY_A = 0x9E3779B9
@@ -82,6 +82,13 @@ _LOW63 = 0x7FFFFFFFFFFFFFFF
 def step_seed(base_seed: int, step: int, index: int) -> int:
     """The ``index``-th noise seed of step ``step`` for a run seeded with ``base_seed`` (< 2**63)."""
     return _mix64(_mix64(_mix64(base_seed) ^ step) ^ (index + 1)) & _LOW63
+
+
+def subsample_keys(seed: int, step: int, streams: list[int]) -> list[float]:
+    """A uniform number in [0, 1) per stream for step ``step``: which tensors a subsampled step perturbs
+    (``qzo.ZO(subsample=p)`` keeps those below ``p``). A pure function of (seed, step, stream), like the noise."""
+    key = _mix64(_mix64(seed ^ 0x5B5A4D50) ^ step)
+    return [(derive_seed(key & _LOW63, s) >> 10) / float(1 << 53) for s in streams]
 
 
 def sampling_seed(seed: int, step: int) -> int:

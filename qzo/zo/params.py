@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 import torch
 
 from ..errors import TargetError
-from ..noise.contract import stream_id
+from ..noise.contract import stream_id, subsample_keys
 
 __all__ = ["Trainable", "ParamSet"]
 
@@ -127,6 +127,22 @@ class ParamSet:
         if not scaled:
             raise TargetError(f"noise scales {scales} leave no trainable with noise: nothing would train")
         return ParamSet(scaled)
+
+    def subsample(self, fraction: float, seed: int, step: int) -> "ParamSet":
+        """The tensors step ``step`` perturbs when each is kept with probability ``fraction`` (at least one).
+
+        Which ones is a pure function of ``(seed, step, stream)`` (:func:`qzo.noise.subsample_keys`), so a
+        resumed run and its replay pick the same. The others keep their values and draw no noise this
+        step: block-coordinate ZO, as LDSD's code touches about 10% of the tensors a step, and Sparse
+        MeZO a subset of the values.
+        """
+        if not 0 < fraction <= 1:
+            raise ValueError(f"subsample must be in (0, 1], got {fraction}")
+        if fraction == 1:
+            return self
+        keys = subsample_keys(seed, step, [t.stream for t in self.items])
+        kept = [t for t, u in zip(self.items, keys) if u < fraction]
+        return ParamSet(kept or [self.items[min(range(len(keys)), key=keys.__getitem__)]])
 
     @property
     def numel(self) -> int:

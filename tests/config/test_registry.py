@@ -110,3 +110,15 @@ def test_a_constructor_refusal_is_reported_by_its_config_keys(monkeypatch):
     merge_config(cfg, {"optim": {"strategy": "fzoo"}})
     with pytest.raises(ConfigError, match=r"config key 'optim.strategy' \(fzoo\): probes 4 is not to my liking"):
         validate(cfg)
+
+
+def test_optim_subsample_reaches_the_optimizer_and_is_checked():
+    import qzo
+    from qzo.config.build import build_optimizer
+    from qzo.config.schema import load_config
+
+    cfg = load_config(None, ["optim.subsample=0.25", "optim.noise_scale=null"])
+    opt = build_optimizer(cfg, qzo.ParamSet([("w", __import__("torch").zeros(3))]))
+    assert opt.subsample == 0.25
+    with pytest.raises(ConfigError, match="optim.subsample"):
+        load_config(None, ["optim.subsample=1.5"])

@@ -70,12 +70,15 @@ def _sets(model_dir, data, out, **extra):
                                                   **extra})
 
 
-def test_a_norms_run_resumes_bit_exactly(tiny_model_dir, code_chats, tmp_path):
+@pytest.mark.parametrize("subsample", [None, 0.3])
+def test_a_norms_run_resumes_bit_exactly(subsample, tiny_model_dir, code_chats, tmp_path):
+    """Also with optim.subsample: the tensors a step perturbs are a function of the seed and the step."""
     from qzo.train.loop import train
 
     full, half = tmp_path / "full", tmp_path / "half"
-    train(None, _sets(tiny_model_dir, code_chats, full))
-    train(None, _sets(tiny_model_dir, code_chats, half, **{"train.steps": 2}))
+    extra = {"optim.subsample": "null" if subsample is None else subsample}
+    train(None, _sets(tiny_model_dir, code_chats, full, **extra))
+    train(None, _sets(tiny_model_dir, code_chats, half, **{"train.steps": 2, **extra}))
     train(None, ["train.steps=4"], resume=half)
     for name in ("trainables.safetensors", "meta.json"):
         a, b = (run / "checkpoints/step-000004" / name for run in (full, half))

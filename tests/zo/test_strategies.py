@@ -486,3 +486,33 @@ def test_gv_memory_resumes_bit_exactly(tiny_llama_pair, tiny_batch):
         assert torch.equal(v, want[k])
     assert full.strategy.kept is not None
     params.load_state_dict(init)
+
+
+@pytest.mark.parametrize("strategy", ["spsa", "gv"])
+def test_subsampled_steps_equal_the_plain_reference(strategy, tiny_llama_pair, tiny_batch):
+    """optim.subsample: each step perturbs and updates a seeded share of the tensors; the rest stay put."""
+    (model_a, params_a), (model_b, params_b) = tiny_llama_pair
+    init = params_a.state_dict()
+    params_b.load_state_dict(init)
+    opt = qzo.ZO(params_a, strategy=qzo.GV(pool=2) if strategy == "gv" else qzo.SPSA(),
+                 rule=qzo.SGD(lr=1e-2), eps=1e-2, seed=5, subsample=0.3)
+    plain = PlainZO([(t.name, t.tensor) for t in params_b], strategy, "sgd", lr=1e-2, eps=1e-2, seed=5, pool=2,
+                    subsample=0.3)
+    touched = set()
+    for step in range(1, 6):
+        before = params_a.state_dict()
+        picked = {t.name for t in opt.params_at(step)}
+        assert 0 < len(picked) < len(params_a)
+        opt.step(lambda: model_a(**tiny_batch).loss)
+        plain.step(lambda: model_b(**tiny_batch).loss, step)
+        assert opt.last_record.losses == pytest.approx(plain.log[-1][1], rel=1e-4, abs=1e-5)
+        after = params_a.state_dict()
+        assert all(torch.equal(before[n], after[n]) for n in before if n not in picked)  # the others stay put
+        touched |= picked
+    assert len(touched) > len(picked)  # another share each step
+    for ta, tb in zip(params_a, params_b):
+        moved = (tb.tensor - init[tb.name]).abs().max().item()
+        assert (moved > 1e-4) == (ta.name in touched)
+        torch.testing.assert_close(ta.tensor, tb.tensor, rtol=0, atol=max(moved, 1e-6) * 3e-2)
+    params_a.load_state_dict(init)
+    params_b.load_state_dict(init)
