@@ -63,7 +63,7 @@ from .zo.distributed import Distributed  # noqa: E402
 from .zo.normalize import Normalize  # noqa: E402
 from .zo.optim import ZO  # noqa: E402
 from .zo.params import ParamSet, Trainable  # noqa: E402
-from .zo.rules import SGD, Adam, Momentum, Rule, Sign  # noqa: E402
+from .zo.rules import SGD, Adam, Momentum, Rule, Sign, SignMomentum  # noqa: E402
 from .zo.schedule import Schedule  # noqa: E402
 from .zo.strategies import FZOO, GV, LDSD, SPSA, ConMeZO, Greedy, PerExample, Strategy  # noqa: E402
 from .zo.types import Estimate, StepRecord  # noqa: E402
@@ -71,7 +71,7 @@ from .zo.types import Estimate, StepRecord  # noqa: E402
 __all__ = [
     "load", "lora", "scales", "dense", "norms", "combine", "ZO", "StepRecord",
     "SPSA", "GV", "Greedy", "LDSD", "FZOO", "ConMeZO", "PerExample", "Normalize",
-    "SGD", "Momentum", "Adam", "Sign", "Schedule", "clip_grad",
+    "SGD", "Momentum", "Adam", "Sign", "SignMomentum", "Schedule", "clip_grad",
     "CausalLMLoss", "Strategy", "Rule", "Estimate", "ParamSet", "Trainable",
     "ScaleParams", "DenseParams", "load_scales", "load_dense", "targets", "noise",
     "set_backend", "get_backend", "objectives", "replay", "plan", "distributed", "Distributed",

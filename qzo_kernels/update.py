@@ -1,4 +1,4 @@
-"""Fused restore + update for the rules with dense state (Momentum, ZO-Adam, sign-SGD).
+"""Fused restore + update for the rules with dense state (Momentum, ZO-Adam, sign-SGD, sign of a momentum).
 
 The Triton twin of :meth:`qzo.zo.rules.dense_grad.DenseRule.apply` (its reference). After a
 strategy's last evaluation the trainables sit at ``theta + leftover``; one pass per element
@@ -7,7 +7,7 @@ regenerates each seed's noise once (in registers), forms the leftover and the di
 
     theta  = (x - leftover) * decay          decay = 1 - lr * weight_decay
     g      = grad * d                        the projected gradient
-    state, theta' = rule(theta, g, state)    momentum / Adam moments / sign
+    state, theta' = rule(theta, g, state)    momentum / Adam moments / sign / sign of a momentum
 
 so undoing the perturbation, updating the moments and moving theta cost one read and one
 write of ``x`` and of each state tensor. Many tensors go in one launch through a
@@ -30,7 +30,7 @@ from .table import step_vectors, table_for
 __all__ = ["dense_update_many", "RULES"]
 
 #: rule name -> the kernel's RULE constant, and the state tensors it reads and writes
-RULES = {"momentum": (0, ("m",)), "adam": (1, ("m", "v")), "sign": (2, ())}
+RULES = {"momentum": (0, ("m",)), "adam": (1, ("m", "v")), "sign": (2, ()), "sign_momentum": (3, ("m",))}
 
 
 @triton.jit
@@ -72,8 +72,13 @@ def _dense_update_kernel(x_table, mu_table, m_table, v_table, numels, block_tens
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
         theta = theta - step_size * m / (tl.sqrt(v / bias2) + adam_eps)
-    else:  # sign-SGD
+    elif RULE == 2:  # sign-SGD
         theta = theta - lr * tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))
+    else:  # sign of a momentum (LDSD's code): m = beta m + (1 - beta) g; theta -= lr sign(m)
+        m_ptr = tl.load(m_table + t).to(tl.pointer_type(tl.float32))
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0) * beta1 + (1.0 - beta1) * g
+        tl.store(m_ptr + offs, m, mask=mask)
+        theta = theta - lr * tl.where(m > 0, 1.0, tl.where(m < 0, -1.0, 0.0))
     tl.store(x_ptr + offs, theta.to(DTYPE), mask=mask)
 
 
@@ -85,7 +90,7 @@ def dense_update_many(rule: str, xs: list[torch.Tensor], keys, undo, direction,
     """One fused restore+update launch over tensors ``xs`` (one dtype and device).
 
     Args:
-        rule: ``"momentum"``, ``"adam"`` or ``"sign"``.
+        rule: ``"momentum"``, ``"adam"``, ``"sign"`` or ``"sign_momentum"``.
         xs: the trainables.
         keys: ``[len(xs), seeds]`` Philox keys (``qzo.noise.derive_seeds``) of the union of the
             leftover's and the direction's seeds; ``undo`` and ``direction`` their coefficients
@@ -94,7 +99,7 @@ def dense_update_many(rule: str, xs: list[torch.Tensor], keys, undo, direction,
         grad, lr, decay: projected gradient, learning rate, ``1 - lr * weight_decay``.
         mus, undo_mu, dir_mu: the strategy's mean (LDSD) and its coefficients.
         beta1, beta2, step_size, bias2, adam_eps: the rule's constants (momentum's beta is
-            ``beta1``; Adam's ``step_size = lr / (1 - beta1**t)`` and ``bias2 = 1 - beta2**t``).
+            ``beta1``, and sign_momentum's; Adam's ``step_size = lr / (1 - beta1**t)`` and ``bias2 = 1 - beta2**t``).
     """
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; kernels exist for {list(RULES)}")

@@ -195,6 +195,9 @@ class PlainZO:
                 self.theta[k] = decay * self.theta[k] - lr * mhat / (vhat.sqrt() + self.adam_eps)
             elif self.rule == "sign":
                 self.theta[k] = decay * self.theta[k] - lr * torch.sign(gd)
+            elif self.rule == "sign_momentum":
+                self.m[k] = self.beta * self.m[k] + (1 - self.beta) * gd
+                self.theta[k] = decay * self.theta[k] - lr * torch.sign(self.m[k])
             else:
                 raise ValueError(self.rule)
         assert all(math.isfinite(float(v.abs().max())) for v in self.theta.values())

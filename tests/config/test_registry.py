@@ -31,7 +31,7 @@ def test_every_rule_is_a_config_value_and_planned_with_its_state(name):
     assert cfg["optim"]["rule"] == {"name": name}  # the name alone is the mapping with the name
     base, with_rule = plan("llama-2-7b"), plan("llama-2-7b", rule=name)
     assert with_rule.state == base.trainables * state_copies(name)
-    assert state_copies(name) == {"sgd": 0, "sign": 0, "momentum": 1, "adam": 2}[name]
+    assert state_copies(name) == {"sgd": 0, "sign": 0, "momentum": 1, "adam": 2, "sign_momentum": 1}[name]
 
 
 def test_an_unregistered_rule_is_refused_by_key():

@@ -140,6 +140,7 @@ RULES = {
     "momentum": lambda: qzo.Momentum(lr=1e-2, beta=0.9, weight_decay=0.1),
     "adam": lambda: qzo.Adam(lr=1e-2, weight_decay=0.1),
     "sign": lambda: qzo.Sign(lr=1e-2, weight_decay=0.1),
+    "sign_momentum": lambda: qzo.SignMomentum(lr=1e-2, beta=0.9, weight_decay=0.1),
 }
 
 

@@ -3,9 +3,9 @@
 from .base import Rule
 
 from .sgd import SGD  # isort: skip  (first: the order configs, the CLI and errors list the rules in)
-from .dense_grad import Momentum, Adam, Sign, DenseRule  # isort: skip
+from .dense_grad import Momentum, Adam, Sign, SignMomentum, DenseRule  # isort: skip
 
-__all__ = ["Rule", "DenseRule", "SGD", "Momentum", "Adam", "Sign", "RULES", "state_copies"]
+__all__ = ["Rule", "DenseRule", "SGD", "Momentum", "Adam", "Sign", "SignMomentum", "RULES", "state_copies"]
 
 #: the rules by config name (``optim.rule.name``): each class registers itself where it is defined
 RULES: dict[str, type[Rule]] = Rule.registry
