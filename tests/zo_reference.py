@@ -20,7 +20,8 @@ class PlainZO:
     def __init__(self, named, strategy: str, rule: str, lr: float, eps: float, seed: int, *, pool=4, split=0.5,
                  candidates=4, sigma=1.0, lr_mu=4e-2, beta=0.9, betas=(0.9, 0.999), adam_eps=1e-8, wd=0.0,
                  probes=4, baseline="theta", normalize=None, norm_beta=0.99, clip=None, theta=1.35,
-                 cone_beta=0.99, noise_scale=None, noise_scale_steps=None, memory=False, unit=False, subsample=None):
+                 cone_beta=0.99, noise_scale=None, noise_scale_steps=None, memory=False, unit=False, subsample=None,
+                 mu_init="zero"):
         self.named, self.strategy, self.rule = named, strategy, rule
         self.lr, self.eps, self.seed, self.wd = lr, eps, seed, wd
         self.pool, self.split, self.k, self.sigma, self.lr_mu = pool, split, candidates, sigma, lr_mu
@@ -31,6 +32,12 @@ class PlainZO:
         self.theta = {n: t.detach().clone().float() for n, t in named}
         zeros = lambda: {n: torch.zeros_like(v) for n, v in self.theta.items()}
         self.mu, self.m, self.v = zeros(), zeros(), zeros()
+        if mu_init == "unit":  # LDSD's mean starts as a seeded direction of norm 1 (qzo.zo.strategies.ldsd.MU_SEED)
+            from qzo.zo.strategies.ldsd import MU_SEED
+
+            raw = {n: noise.randn(MU_SEED, noise.stream_id(n), v.numel()).view_as(v).double() for n, v in self.theta.items()}
+            norm = math.sqrt(sum(float(r.pow(2).sum()) for r in raw.values()))
+            self.mu = {n: (r / norm).float() for n, r in raw.items()}
         self.t = 0
         self.log = []  # per step: (seeds, losses)
         self.noise_scale, self.noise_scale_steps = noise_scale or {}, noise_scale_steps

@@ -520,3 +520,26 @@ def test_subsampled_steps_equal_the_plain_reference(strategy, tiny_llama_pair, t
         torch.testing.assert_close(ta.tensor, tb.tensor, rtol=0, atol=max(moved, 1e-6) * 3e-2)
     params_a.load_state_dict(init)
     params_b.load_state_dict(init)
+
+
+def test_ldsd_with_a_unit_mean_and_a_small_sigma_equals_the_plain_reference(tiny_llama_pair, tiny_batch):
+    """The authors' LDSD start: mu a random direction of norm 1, sigma 1e-3 (candidates mostly along mu)."""
+    (model_a, params_a), (model_b, params_b) = tiny_llama_pair
+    init = params_a.state_dict()
+    params_b.load_state_dict(init)
+    # a unit direction is sqrt(values) times shorter than a plain z: a larger lr moves the trainables as much
+    opt = qzo.ZO(params_a, strategy=qzo.LDSD(candidates=4, sigma=1e-3, lr_mu=0.5, mu_init="unit"),
+                 rule=qzo.SGD(lr=1.0), eps=1e-2, seed=5)
+    norm = sum(float(m.double().pow(2).sum()) for m in opt.strategy.mu.values()) ** 0.5
+    assert norm == pytest.approx(1.0, rel=1e-6)
+    plain = PlainZO([(t.name, t.tensor) for t in params_b], "ldsd", "sgd", lr=1.0, eps=1e-2, seed=5, candidates=4,
+                    sigma=1e-3, lr_mu=0.5, mu_init="unit")
+    for step in range(1, 6):
+        opt.step(lambda: model_a(**tiny_batch).loss)
+        plain.step(lambda: model_b(**tiny_batch).loss, step)
+        assert opt.last_record.losses == pytest.approx(plain.log[-1][1], rel=1e-4, abs=1e-5)
+    # mu's REINFORCE step divides the losses' differences by sigma: their float rounding (1e-7 of a loss of 6)
+    # moves mu by ~1e-3 x lr_mu / sigma per step in either implementation, so mu agrees to that, not to 1e-6
+    for name, mu in opt.strategy.mu.items():
+        torch.testing.assert_close(mu, plain.mu[name], rtol=0, atol=5 * 6e-7 * 0.5 / 1e-3)
+    _assert_moved_alike_and_reset(params_a, params_b, init, rel=3e-2)

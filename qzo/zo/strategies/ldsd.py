@@ -18,16 +18,21 @@ are replayed (tested on a hand-worked example).
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
+from ...noise.contract import randn
 from ...noise.passes import perturb_params_
 from ..params import Trainable
 from ..types import Estimate, Probe
 from .base import Strategy
 
-__all__ = ["LDSD", "leave_one_out"]
+__all__ = ["LDSD", "leave_one_out", "MU_SEED"]
+
+#: the seed of mu's random start (``mu_init="unit"``): fixed, so a run and its replay start alike
+MU_SEED = 0x4C445344
 
 
 def leave_one_out(losses: list[float]) -> list[float]:
@@ -46,6 +51,10 @@ class LDSD(Strategy):
         candidates: k, candidates per step (the paper uses 5-10).
         sigma: standard deviation of the candidates around mu.
         lr_mu: learning rate of mu's REINFORCE step (the paper uses 4e-2).
+        mu_init: ``"zero"`` (mu starts at 0: the first steps are plain sampling), or ``"unit"``: mu
+            starts as a random direction of norm 1 over all the trainables (seeded, :data:`MU_SEED`),
+            as the authors' code (``zo_rl_jaguar``) starts it; with ``sigma`` small (their 1e-3) a
+            candidate is then mostly mu itself, of norm about 1 instead of sqrt(values).
         batched: evaluate the candidates in one stacked forward (LoRA trainables and a
             ``qzo.CausalLMLoss`` closure); ``opt.forwards`` still counts ``candidates`` evaluations.
     """
@@ -55,21 +64,30 @@ class LDSD(Strategy):
 
     dense_state_copies = 1  # mu
 
-    def __init__(self, candidates: int = 8, sigma: float = 1.0, lr_mu: float = 4e-2, batched: bool = False):
+    def __init__(self, candidates: int = 8, sigma: float = 1.0, lr_mu: float = 4e-2, mu_init: str = "zero",
+                 batched: bool = False):
         if candidates < 2:
             raise ValueError(f"LDSD needs candidates >= 2 (the baseline leaves one out), got {candidates}")
         if not sigma > 0 or lr_mu < 0:
             raise ValueError(f"need sigma > 0 and lr_mu >= 0, got sigma={sigma}, lr_mu={lr_mu}")
-        self.candidates, self.sigma, self.lr_mu = int(candidates), float(sigma), float(lr_mu)
+        if mu_init not in ("zero", "unit"):
+            raise ValueError(f"mu_init must be 'zero' or 'unit', got {mu_init!r}")
+        self.candidates, self.sigma, self.lr_mu, self.mu_init = int(candidates), float(sigma), float(lr_mu), mu_init
         self.batched = bool(batched)
         self.forwards_per_step = self.candidates + 1
         self.mu: dict[str, torch.Tensor] = {}
         self._pending: tuple[list[int], list[float]] | None = None
 
     def bind(self, params) -> None:
-        for t in params:
-            if t.name not in self.mu:
-                self.mu[t.name] = torch.zeros(t.tensor.shape, dtype=torch.float32, device=t.tensor.device)
+        new = [t for t in params if t.name not in self.mu]
+        for t in new:
+            self.mu[t.name] = torch.zeros(t.tensor.shape, dtype=torch.float32, device=t.tensor.device)
+        if self.mu_init == "unit" and new:  # a direction of norm 1 over all the trainables
+            for t in new:
+                self.mu[t.name].copy_(randn(MU_SEED, t.stream, t.tensor.numel(), device=t.tensor.device).view(t.tensor.shape))
+            norm = math.sqrt(math.fsum(float(self.mu[t.name].double().pow(2).sum()) for t in new))
+            for t in new:
+                self.mu[t.name].div_(norm)
 
     @property
     def mean(self) -> dict[str, torch.Tensor]:
