@@ -9,7 +9,8 @@ on any machine: the Triton kernels run through Triton's interpreter on CPU tenso
     frames to kernel     call frames between ``ZO.step`` and ``qzo_kernels.perturb.perturb_many``
                          (the first fused noise pass of the step)
     top-level files      ``*.py`` files directly in ``qzo/``
-    config lines         lines of the config module(s): ``qzo/config.py`` or ``qzo/config/*.py``
+    config lines         lines of the config schema and builders: ``qzo/config.py`` + ``qzo/components.py``,
+                         or ``qzo/config/*.py`` (which also holds the bounded YAML reader)
 
 Only the public API (``qzo.ZO``, ``qzo.SPSA``, ``qzo.LDSD``, ``qzo.set_backend``) is used, so the
 same script measures an older checkout: ``python benchmarks/house.py --repo OLD_CHECKOUT`` runs
@@ -74,7 +75,9 @@ def measure() -> dict:
             kernels.perturb_many = launch
         out[name] = {"modules_per_step": len(entered), "modules": sorted(entered),
                      "frames_to_kernel": depth.get("frames")}
-    config = [root / "config.py"] if (root / "config.py").is_file() else sorted((root / "config").glob("*.py"))
+    # the schema and the builders: config.py + components.py before the config/ package held both
+    flat = [root / "config.py", root / "components.py"]
+    config = [p for p in flat if p.is_file()] or sorted((root / "config").glob("*.py"))
     out["top_level_files"] = len(list(root.glob("*.py")))
     out["config_lines"] = sum(len(p.read_text().splitlines()) for p in config)
     return out
