@@ -25,6 +25,10 @@ same data order and eps. A first-order step (forward + backward) counts as 3 for
     gv4_spread_cos    steering + a scale-free step
     gv4_b_only_spread_cos  steering + a scale-free step + B only
     conmezo_b_only    ConMeZO on LoRA's B factors only
+    gv2_mem_*, ldsd_jaguar_b_only_cos, greedy4_b_only_cos
+                      issue 31: the steered methods as their authors' code runs them (GV pool 2 with the best
+                      seed kept; LDSD from a unit mean, sigma 1e-3, the sign of a momentum, 10% of the tensors a
+                      step), on B only with a cosine; not yet in the committed table
     first_order       LoRA + AdamW with backprop through the same NF4 model (the QLoRA way)
 
 Fair tuning: per method an lr sweep on seed 0 at a third of the budget over a grid of 4
@@ -89,8 +93,9 @@ class Method:
     """A ZO configuration of the table: a strategy and the options it runs with."""
 
     def __init__(self, strategy, normalize=None, schedule="constant", grid=(5e-4, 1e-3, 2e-3, 4e-3), select=None,
-                 noise_scale=None, noise_scale_steps=None):
+                 noise_scale=None, noise_scale_steps=None, rule=None, subsample=None):
         self.strategy, self.normalize, self.schedule, self.grid = strategy, normalize, schedule, grid
+        self.rule, self.subsample = rule or (lambda lr: qzo.SGD(lr=lr)), subsample  # issue 31's mechanics
         self.select = select  # trainable-name patterns: only these draw noise and move
         self.noise_scale, self.noise_scale_steps = noise_scale, noise_scale_steps  # LoRA-aware directions
 
@@ -101,8 +106,9 @@ class Method:
             params = params.select(*self.select)
         steps = -(-(horizon or budget) // strategy.forwards_per_step)
         schedule = qzo.Schedule(self.schedule, total_steps=steps) if self.schedule != "constant" else None
-        return qzo.ZO(params, strategy=strategy, rule=qzo.SGD(lr=lr), eps=EPS, seed=seed, schedule=schedule,
-                      normalize=self.normalize, noise_scale=self.noise_scale, noise_scale_steps=self.noise_scale_steps)
+        return qzo.ZO(params, strategy=strategy, rule=self.rule(lr), eps=EPS, seed=seed, schedule=schedule,
+                      normalize=self.normalize, noise_scale=self.noise_scale, noise_scale_steps=self.noise_scale_steps,
+                      subsample=self.subsample)
 
 
 # A normalized step is lr * O(1) per unit slope where a plain one is lr * g: measured |g| ~ 1.7
@@ -147,12 +153,24 @@ METHODS = {
                                     select=("*lora_B*",), grid=(5e-3, 1e-2, 2e-2, 4e-2, 8e-2)),
     "conmezo_b_only": Method(lambda: qzo.ConMeZO(theta=1.35, beta=0.99), select=("*lora_B*",),
                              grid=(4e-3, 8e-3, 1.6e-2, 3.2e-2)),  # the steered family's best on B only
+    # issue 31: the steered methods with the mechanics of their authors' code (not yet run: see the note on 31)
+    "gv2_mem_b_only_cos": Method(lambda: qzo.GV(pool=2, memory=True), select=("*lora_B*",), schedule="cosine",
+                                 grid=(2e-3, 4e-3, 8e-3, 1.6e-2)),  # MeZO-GV's trainer.py: 1 new seed vs the kept one
+    "gv2_mem_unit_b_only_cos": Method(lambda: qzo.GV(pool=2, memory=True, unit=True), select=("*lora_B*",),
+                                      schedule="cosine", grid=(4e-3, 8e-3, 1.6e-2, 3.2e-2)),
+    "ldsd_jaguar_b_only_cos": Method(lambda: qzo.LDSD(candidates=5, sigma=1e-3, lr_mu=4e-2, mu_init="unit"),
+                                     select=("*lora_B*",), schedule="cosine", subsample=0.1,
+                                     rule=lambda lr: qzo.SignMomentum(lr=lr, beta=0.9),
+                                     grid=(2.5e-5, 5e-5, 1e-4, 2e-4)),  # zo_rl_jaguar: sign of a momentum, 10% a step
+    "greedy4_b_only_cos": Method(lambda: qzo.Greedy(pool=4), select=("*lora_B*",), schedule="cosine",
+                                 grid=(2e-3, 4e-3, 8e-3, 1.6e-2)),
     "first_order": None,
 }
 # the steered family: methods that rank a pool (GV, Greedy) or learn the direction they sample around (LDSD's
 # mean; ConMeZO's momentum, which is what LDSD's learned mean tries to be)
 STEERED = ("gv4", "greedy", "ldsd", "gv4_cos", "ldsd_cos", "gv4_spread_cos", "gv4_b_only_spread_cos", "conmezo",
-           "conmezo_b_only")
+           "conmezo_b_only", "gv2_mem_b_only_cos", "gv2_mem_unit_b_only_cos", "ldsd_jaguar_b_only_cos",
+           "greedy4_b_only_cos")
 FO_GRID = (3e-4, 1e-3)
 EPS = 1e-2
 FO_FORWARDS_PER_STEP = 3  # forward + backward, in forward-equivalents
