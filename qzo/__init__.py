@@ -40,10 +40,7 @@ from .models.bnb import quiet_hub_kernel_warning  # noqa: E402
 
 quiet_hub_kernel_warning()  # before anything imports bitsandbytes, which logs it at import
 
-from . import (
-    noise,  # noqa: E402  (qzo.noise.randn: the noise contract)
-    targets,  # noqa: E402
-)
+from . import noise, targets  # noqa: E402  (qzo.noise.randn: the noise contract; qzo.targets.save/load)
 from .data import objectives  # noqa: E402  (qzo.objectives.RewardLoss: train on a reward)
 from .data.loss import CausalLMLoss  # noqa: E402
 from .errors import ConfigError, DataError, ModelSourceError, NonFiniteLossError, QzoError  # noqa: E402
@@ -55,9 +52,7 @@ from .targets.dense import DenseParams, dense, load_dense  # noqa: E402
 from .targets.norms import norms  # noqa: E402
 from .targets.lora import lora  # noqa: E402
 from .targets.scales import ScaleParams, clip_grad, load_scales, scales  # noqa: E402
-
-# qzo.plan(...): a ZO step's planned peak memory
-from .train.plan import plan  # noqa: E402
+from .train.plan import plan  # noqa: E402  (qzo.plan(...): a ZO step's planned peak memory)
 from .zo import distributed  # noqa: E402  (qzo.distributed.init_from_env: a ZO run over torchrun ranks)
 from .zo.distributed import Distributed  # noqa: E402
 from .zo.normalize import Normalize  # noqa: E402
