@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS  # noqa: E402
+from _common import RESULTS, device_name  # noqa: E402
 
 B_ONLY = ['optim.noise_scale={"*lora_A*": 0}']
 NO_LORA = ["targets.lora=false", "optim.noise_scale=null"]
@@ -94,19 +94,12 @@ def main() -> None:
             print(json.dumps({k: row.get(k) for k in ("config", "lr", "values", "wall_s", "error")}),
                   row.get("curve", [])[-1:], flush=True)
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"machine": _machine(), "rows": done}, indent=1))
+            tmp.write_text(json.dumps({"machine": device_name(), "rows": done}, indent=1))
             tmp.replace(path)
     print(f"{'config':<20} {'lr':>8} {'values':>9}  held-out by forwards")
     for r in done:
         pts = "  ".join(f"{p['forwards']}:{p['eval_loss']:.2f}" for p in r.get("curve", []))
         print(f"{r['config']:<20} {r['lr']:>8.1e} {str(r.get('values')):>9}  {pts or r.get('error')}")
-
-
-def _machine() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS  # noqa: E402
+from _common import RESULTS, device_name  # noqa: E402
 
 CASES = {
     "lora_b": ([], [2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2]),
@@ -92,7 +92,7 @@ def main() -> None:
             print(json.dumps({k: rows[-1].get(k) for k in ("case", "lr", "held_out", "error")}), flush=True)
             table = summarize(rows)
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"machine": _machine(), "forwards": args.forwards, "table": table,
+            tmp.write_text(json.dumps({"machine": device_name(), "forwards": args.forwards, "table": table,
                                        "rows": rows}, indent=1))
             tmp.replace(path)
     print(f"{'case':<8} {'auto lr':>9} {'blow-up':>9} {'test fwd':>8} {'auto final':>10} {'best lr':>9} "
@@ -103,13 +103,6 @@ def main() -> None:
         print(f"{case:<8} {fmt(r['chosen_lr'], '9.2e')} {fmt(r['blowup_lr'], '9.2e')} {fmt(r['test_forwards'], '8d')} "
               f"{fmt(r['auto_final'], '10.3f')} {fmt(r['swept_best_lr'], '9.2e')} {fmt(r['swept_best_final'], '10.3f')} "
               f"{fmt(r['ratio'], '9.2f')}")
-
-
-def _machine() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    return "unknown"
 
 
 if __name__ == "__main__":

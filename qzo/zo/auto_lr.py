@@ -38,8 +38,8 @@ class LrSearch:
     forwards: int = 0  # loss evaluations the test ran
 
     def to_json(self) -> dict:
-        return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in asdict(self).items()} | {
-            "losses": [v if math.isfinite(v) else None for v in self.losses]}
+        """JSON has no inf: a loss that was not finite is written as null."""
+        return {**asdict(self), "losses": [v if math.isfinite(v) else None for v in self.losses]}
 
     @classmethod
     def from_json(cls, data: dict) -> "LrSearch":

@@ -190,13 +190,13 @@ class Sign(DenseRule):
         return theta - lr * torch.sign(g)
 
 
-class SignMomentum(DenseRule):
+class SignMomentum(Momentum):
     """The sign of a momentum of the ZO estimate (LDSD's code, ``zo_rl_jaguar``):
     m <- beta m + (1 - beta) grad d; theta <- theta - lr sign(m).
 
     Every value moves by exactly lr a step, in the direction the recent estimates agree on:
     a large or noisy projected gradient cannot throw the trainables further than lr. ``beta``
-    0 is :class:`Sign`.
+    0 is :class:`Sign`. Its settings and state are :class:`Momentum`'s; only the step differs.
 
     Args:
         lr: learning rate (each value's step).
@@ -205,18 +205,7 @@ class SignMomentum(DenseRule):
     """
 
     name = "sign_momentum"
-
-    state_names = ("momentum",)
     kernel_rule = "sign_momentum"
-
-    def __init__(self, lr: float, beta: float = 0.9, weight_decay: float = 0.0):
-        if not 0 <= beta < 1:
-            raise ValueError(f"beta must be in [0, 1), got {beta}")
-        self.beta = float(beta)
-        super().__init__(lr, weight_decay)
-
-    def kernel_constants(self, lr):
-        return {"beta1": self.beta}
 
     def chunk_update(self, theta, g, state, lr):
         m = state["momentum"]
